@@ -1,0 +1,143 @@
+// CPU row kernels for token log-probs and entropy (see r1kernels/kernels/__init__.py for the contract).
+// One row per task under at::parallel_for; a row is read in cache-sized blocks whose
+// statistics merge through the shared SoftmaxStats, so each element is loaded once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "r1k/softmax_stats.h"
+
+namespace r1k {
+namespace {
+
+constexpr int64_t kBlock = 512;  // elements per block: the block's z values stay in L1
+
+template <typename scalar_t, typename acc_t>
+SoftmaxStats<acc_t> row_stats(const scalar_t* row, int64_t vocab, acc_t inv_t) {
+  SoftmaxStats<acc_t> stats = SoftmaxStats<acc_t>::empty();
+  acc_t z[kBlock];
+  for (int64_t start = 0; start < vocab; start += kBlock) {
+    const int64_t n = std::min(kBlock, vocab - start);
+    acc_t block_max = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      z[j] = static_cast<acc_t>(row[start + j]) * inv_t;
+      block_max = std::max(block_max, z[j]);
+    }
+    if (block_max == -INFINITY) continue;
+    SoftmaxStats<acc_t> block{block_max, acc_t(0), acc_t(0)};
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t d = z[j] - block_max;
+      const acc_t e = exp_(d);
+      block.sum += e;
+      block.tilted += e > acc_t(0) ? e * d : acc_t(0);
+    }
+    stats.merge(block);
+  }
+  return stats;
+}
+
+template <typename index_t>
+int64_t target_at(const at::Tensor& targets, int64_t i) {
+  return static_cast<int64_t>(targets.data_ptr<index_t>()[i]);
+}
+
+int64_t load_target(const at::Tensor& targets, int64_t i) {
+  return targets.scalar_type() == at::kInt ? target_at<int32_t>(targets, i) : target_at<int64_t>(targets, i);
+}
+
+void check_rows(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "logits must be [rows, vocab] with unit vocab stride");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0) && targets.is_contiguous(),
+              "targets must be a contiguous [rows] tensor");
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, "targets must be int64/int32");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forward_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, double inv_temperature) {
+  check_rows(logits, targets);
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = logits.options().dtype(acc_type);
+  at::Tensor logp = at::empty({rows}, opts), entropy = at::empty({rows}, opts);
+  at::Tensor row_max = at::empty({rows}, opts), row_log_sum = at::empty({rows}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* base = logits.data_ptr<scalar_t>();
+    const int64_t stride = logits.stride(0);
+    acc_t* out_logp = logp.data_ptr<acc_t>();
+    acc_t* out_ent = entropy.data_ptr<acc_t>();
+    acc_t* out_max = row_max.data_ptr<acc_t>();
+    acc_t* out_log_sum = row_log_sum.data_ptr<acc_t>();
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = base + i * stride;
+        const SoftmaxStats<acc_t> stats = row_stats<scalar_t, acc_t>(row, vocab, inv_t);
+        const acc_t log_sum = stats.log_sum();
+        const int64_t t = load_target(targets, i);
+        const bool valid = t != kIgnoreIndex;
+        out_max[i] = stats.max;
+        out_log_sum[i] = log_sum;
+        out_logp[i] = valid ? (static_cast<acc_t>(row[t]) * inv_t - stats.max) - log_sum : acc_t(0);
+        out_ent[i] = valid ? stats.entropy() : acc_t(0);
+      }
+    });
+  });
+  return {logp, entropy, row_max, row_log_sum};
+}
+
+void token_logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_max,
+                                 const at::Tensor& row_log_sum, const at::Tensor& entropy,
+                                 const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                                 double inv_temperature, at::Tensor out) {
+  check_rows(logits, targets);
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.strides() == logits.strides() &&
+                  out.scalar_type() == logits.scalar_type(),
+              "out must match logits in shape, strides and dtype");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto stats_t = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    TORCH_CHECK(row_max.scalar_type() == stats_t && grad_logp.scalar_type() == stats_t && grad_logp.is_contiguous(),
+                "row statistics and grad_logp must be contiguous accumulation-dtype vectors");
+    const scalar_t* in = logits.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();  // may alias `in`: each element is read before it is written
+    const int64_t stride = logits.stride(0);
+    const acc_t* maxes = row_max.data_ptr<acc_t>();
+    const acc_t* log_sums = row_log_sum.data_ptr<acc_t>();
+    const acc_t* ents = entropy.data_ptr<acc_t>();
+    const acc_t* g_logp = grad_logp.data_ptr<acc_t>();
+    const acc_t* g_ent = grad_entropy.has_value() ? grad_entropy->data_ptr<acc_t>() : nullptr;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = in + i * stride;
+        scalar_t* drow = dst + i * stride;
+        const int64_t t = load_target(targets, i);
+        if (t == kIgnoreIndex) {
+          std::fill(drow, drow + vocab, scalar_t(0));
+          continue;
+        }
+        const acc_t m = maxes[i], ls = log_sums[i], h = ents[i];
+        const acc_t gl = g_logp[i], ge = g_ent ? g_ent[i] : acc_t(0);
+        for (int64_t v = 0; v < vocab; ++v) {
+          const acc_t z_minus_max = static_cast<acc_t>(row[v]) * inv_t - m;
+          drow[v] = static_cast<scalar_t>(logit_grad<acc_t>(z_minus_max, ls, h, v == t, gl, ge) * inv_t);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(r1k_C, CPU, m) {
+  m.impl("token_logprobs_forward", &token_logprobs_forward_cpu);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+}
+
+}  // namespace r1k

@@ -1,0 +1,34 @@
+// Plain-C++ entry points of the CUDA kernels in csrc/cuda/. No torch and no CUDA headers here:
+// the torch binding (bindings.cpp) calls these with raw pointers and the current stream.
+#pragma once
+
+#include <cstdint>
+
+namespace r1k {
+namespace cuda {
+
+enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct RowsView {
+  const void* logits;      // [rows, vocab], unit stride along vocab
+  int64_t row_stride;      // elements between rows
+  Dtype dtype;
+  const void* targets;     // [rows]
+  bool targets_int32;      // else int64
+  int64_t rows;
+  int64_t vocab;
+  float inv_temperature;
+};
+
+// logp, entropy, row_max, row_log_sum: fp32 [rows]. Returns a cudaError_t as int (0 = success).
+int token_logprobs_forward(const RowsView& in, float* logp, float* entropy, float* row_max,
+                           float* row_log_sum, void* stream);
+
+// Writes d logits (same dtype and row stride as the logits) to grad_logits, which may alias
+// in.logits. grad_entropy may be null.
+int token_logprobs_backward(const RowsView& in, const float* row_max, const float* row_log_sum,
+                            const float* entropy, const float* grad_logp, const float* grad_entropy,
+                            void* grad_logits, void* stream);
+
+}  // namespace cuda
+}  // namespace r1k

@@ -1,0 +1,6 @@
+"""r1kernels: fused GPU kernels for GRPO training (public API)."""
+from r1kernels.backends import use_backend
+from r1kernels.logprobs import linear_token_logprobs, token_logprobs
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "use_backend"]
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""Argument checks shared by the public ops: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def floating(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {value.dtype}")
+    return value
+
+
+def integer_ids(name: str, value) -> torch.Tensor:
+    tensor(name, value)
+    if value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32 token ids, got {value.dtype}")
+    return value
+
+
+def positive(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors must share one device, got {devices}")
+
+
+def target_ids_in_range(targets: torch.Tensor, vocab: int) -> None:
+    """Every id lies in [0, vocab) or equals IGNORE_INDEX. One fused reduction, one sync."""
+    if targets.numel() == 0:
+        return
+    bad = ((targets < 0) & (targets != IGNORE_INDEX)) | (targets >= vocab)
+    if bool(bad.any()):
+        first = targets[bad][0].item()
+        raise ValueError(f"targets holds id {first} outside [0, {vocab}) (use {IGNORE_INDEX} for a masked token)")
+
+
+def backend_dtype(backend: str, name: str, value: torch.Tensor) -> None:
+    """float64 runs on the exact backends only (cpu, torch): GPU kernels are fp32-accumulating."""
+    if value.dtype == torch.float64 and backend not in ("cpu", "torch"):
+        raise TypeError(f"{name} is float64, which the {backend!r} backend does not run; use cpu or torch")

@@ -1,0 +1,260 @@
+"""Per-token log-probs and entropy over the vocabulary, from logits or fused with lm_head.
+
+    logp_i = log softmax(logits_i / T)[t_i]        H_i = -sum_v p_iv log p_iv
+
+Both are fp32 (fp64 for fp64 inputs) whatever the input dtype, and differentiable.
+This module owns validation, backend dispatch and autograd; the kernels live in
+``r1kernels.kernels`` (torch, C++ CPU/CUDA) and ``r1kernels.triton``. Each kernel call is
+a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` traces through.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from r1kernels import _checks, backends
+
+_ACC = {torch.float64: torch.float64}
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _ACC.get(dtype, torch.float32)
+
+
+def _row_kernel(backend: str):
+    """The module that implements the row-kernel contract of ``r1kernels.kernels`` for a backend."""
+    if backend == "torch":
+        from r1kernels.kernels import torch_rows as rows
+    elif backend in ("cpu", "cuda"):
+        from r1kernels.kernels import cpp_rows as rows
+    elif backend == "triton":
+        from r1kernels.triton import logprobs as rows
+    else:
+        raise AssertionError(backend)
+    return rows
+
+
+def _row_stats_like(rows: int, like: Tensor):
+    return tuple(like.new_empty(rows, dtype=_accumulation_dtype(like.dtype)) for _ in range(4))
+
+
+# ---------------------------------------------------------------- logits op: custom ops
+
+
+@torch.library.custom_op("r1kernels::token_logprobs_forward", mutates_args=())
+def _token_logprobs_forward(logits: Tensor, targets: Tensor, inv_temperature: float,
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _checks.target_ids_in_range(targets, logits.shape[1])
+    return _row_kernel(backend).forward(logits, targets, inv_temperature)
+
+
+@_token_logprobs_forward.register_fake
+def _(logits, targets, inv_temperature, backend):
+    return _row_stats_like(logits.shape[0], logits)
+
+
+@torch.library.custom_op("r1kernels::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward(logits: Tensor, targets: Tensor, row_max: Tensor, row_log_sum: Tensor,
+                             entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                             inv_temperature: float, backend: str) -> Tensor:
+    return _row_kernel(backend).backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
+                                         inv_temperature, out=torch.empty_like(logits))
+
+
+@_token_logprobs_backward.register_fake
+def _(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature, backend):
+    return torch.empty_like(logits)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temperature, backend, inplace_backward):
+        logp, entropy, row_max, row_log_sum = _token_logprobs_forward(logits, targets, inv_temperature, backend)
+        ctx.save_for_backward(logits, targets, row_max, row_log_sum, entropy)
+        ctx.inv_temperature, ctx.backend, ctx.inplace_backward = inv_temperature, backend, inplace_backward
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, targets, row_max, row_log_sum, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(entropy)
+        args = (logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, ctx.inv_temperature)
+        if ctx.inplace_backward and not torch.compiler.is_compiling():
+            # Eager only: d logits overwrite the saved logits, saving one [N, V] buffer.
+            grad_logits = _row_kernel(ctx.backend).backward(*args, out=logits)
+        else:
+            grad_logits = _token_logprobs_backward(*args, ctx.backend)
+        return grad_logits, None, None, None, None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, return_entropy: bool = False, *,
+                   inplace_backward: bool = False):
+    """Log-prob of each target id under ``softmax(logits / temperature)``, and optionally the entropy.
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16, float16 (float64 on the cpu and torch backends).
+        targets: ``[...]`` int64/int32 ids in ``[0, V)``; -100 marks a masked token (0 out, no gradient).
+        temperature: > 0; logits are divided by it before the softmax.
+        return_entropy: also return the entropy ``-sum_v p_v log p_v`` of each token's softmax.
+        inplace_backward: in eager mode, write d logits into ``logits``' storage during backward
+            (saves one logits-sized buffer; ``logits`` must not be used after backward).
+
+    Returns:
+        ``logp`` (shape of ``targets``), or ``(logp, entropy)``; fp32 (fp64 for fp64 logits).
+    """
+    _checks.floating("logits", logits)
+    _checks.integer_ids("targets", targets)
+    inv_temperature = 1.0 / _checks.positive("temperature", temperature)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    _checks.same_device(logits=logits, targets=targets)
+    backend = backends.resolve(logits.device)
+    _checks.backend_dtype(backend, "logits", logits)
+    vocab = logits.shape[-1]
+    logits_2d = logits.reshape(-1, vocab)
+    if logits_2d.stride(-1) != 1:
+        logits_2d = logits_2d.contiguous()
+    logp, entropy = _TokenLogprobs.apply(logits_2d, targets.reshape(-1), inv_temperature, backend,
+                                         inplace_backward)
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+
+
+# ---------------------------------------------------------------- fused-linear op: custom ops
+
+
+def _linear_kernel(backend: str):
+    """Module with ``forward``/``backward`` of the fused lm_head op for a backend."""
+    if backend == "triton":
+        from r1kernels.triton import linear_logprobs as kernel
+        return kernel
+    from r1kernels.kernels import chunked_linear
+
+    rows = _row_kernel(backend)
+
+    class _Chunked:
+        @staticmethod
+        def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
+            return chunked_linear.forward(rows, hidden, weight, bias, targets, inv_temperature)
+
+        @staticmethod
+        def backward(*args, deterministic, needs_grad):
+            return chunked_linear.backward(rows, *args, needs_grad=needs_grad)
+
+    return _Chunked
+
+
+@torch.library.custom_op("r1kernels::linear_token_logprobs_forward", mutates_args=())
+def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                    inv_temperature: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _checks.target_ids_in_range(targets, weight.shape[0])
+    return _linear_kernel(backend).forward(hidden, weight, bias, targets, inv_temperature, deterministic)
+
+
+@_linear_forward.register_fake
+def _(hidden, weight, bias, targets, inv_temperature, backend, deterministic):
+    return _row_stats_like(hidden.shape[0], hidden)
+
+
+@torch.library.custom_op("r1kernels::linear_token_logprobs_backward", mutates_args=())
+def _linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, row_max: Tensor,
+                     row_log_sum: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
+                     inv_temperature: float, backend: str, deterministic: bool,
+                     needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    grads = _linear_kernel(backend).backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy,
+                                             grad_logp, grad_entropy, inv_temperature,
+                                             deterministic=deterministic, needs_grad=tuple(needs_grad))
+    # custom ops return tensors only: an empty tensor stands for "not needed"
+    return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
+
+
+@_linear_backward.register_fake
+def _(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature,
+      backend, deterministic, needs_grad):
+    likes = (hidden, weight, bias)
+    return tuple(torch.empty_like(like) if need else hidden.new_empty(0) for like, need in zip(likes, needs_grad))
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, deterministic):
+        logp, entropy, row_max, row_log_sum = _linear_forward(hidden, weight, bias, targets, inv_temperature,
+                                                              backend, deterministic)
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy)
+        ctx.inv_temperature, ctx.backend, ctx.deterministic = inv_temperature, backend, deterministic
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, row_max, row_log_sum, entropy = ctx.saved_tensors
+        needs_grad = [bool(n) for n in ctx.needs_input_grad[:3]]
+        if (grad_logp is None and grad_entropy is None) or not any(needs_grad):
+            return (None,) * 7
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(entropy)
+        grads = _linear_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp,
+                                 grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad)
+        grads = tuple(g if need else None for g, need in zip(grads, needs_grad))
+        return (*grads, None, None, None, None)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                          temperature: float = 1.0, return_entropy: bool = False, *,
+                          deterministic: Optional[bool] = None):
+    """``token_logprobs(hidden @ weight.T + bias, targets)`` without ever holding the [tokens, V] logits.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (float32, bfloat16, float16; float64 on cpu/torch).
+        weight: ``[V, H]`` lm_head weight, same dtype as ``hidden``. bias: ``[V]`` or None.
+        targets: ``[...]`` ids in ``[0, V)`` or -100 (masked: 0 out, no gradient).
+        temperature: > 0. return_entropy: also return the per-token entropy.
+        deterministic: no atomics in the gradient accumulation, and per-token results that are
+            bitwise independent of the other tokens in the batch. Defaults to
+            ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend has a
+            non-deterministic mode.
+
+    Returns:
+        ``logp`` (shape of ``targets``) or ``(logp, entropy)``, fp32 (fp64 for fp64 inputs).
+    """
+    _checks.floating("hidden", hidden)
+    _checks.floating("weight", weight)
+    _checks.integer_ids("targets", targets)
+    inv_temperature = 1.0 / _checks.positive("temperature", temperature)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H]")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        _checks.floating("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    backend = backends.resolve(hidden.device)
+    _checks.backend_dtype(backend, "hidden", hidden)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden_2d.stride(-1) != 1:
+        hidden_2d = hidden_2d.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets.reshape(-1), inv_temperature,
+                                               backend, bool(deterministic))
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp

@@ -1,0 +1,8 @@
+"""Plain PyTorch references: the executable spec of every op, float64-capable.
+
+They materialise everything and favour obviousness over speed; tests compare every
+backend against them in float64.
+"""
+from r1kernels.reference.logprobs import linear_token_logprobs_ref, token_logprobs_ref
+
+__all__ = ["token_logprobs_ref", "linear_token_logprobs_ref"]
