@@ -1,0 +1,1 @@
+"""Triton kernels (the main GPU path). Under TRITON_INTERPRET=1 they run on CPU tensors."""
