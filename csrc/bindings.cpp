@@ -60,15 +60,14 @@ void token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& ta
                                   const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                   double inv_temperature, at::Tensor out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.strides() == logits.strides() &&
-                  out.scalar_type() == logits.scalar_type(),
-              "out must match logits in shape, strides and dtype");
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.stride(1) == 1 && out.scalar_type() == logits.scalar_type(),
+              "out must match logits in shape and dtype, with unit vocab stride");
   TORCH_CHECK(grad_logp.is_contiguous() && grad_logp.scalar_type() == at::kFloat, "grad_logp must be contiguous fp32");
   const auto view = rows_view(logits, targets, inv_temperature);
   check_launch(cuda::token_logprobs_backward(view, row_max.data_ptr<float>(), row_log_sum.data_ptr<float>(),
                                              entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
                                              grad_entropy.has_value() ? grad_entropy->data_ptr<float>() : nullptr,
-                                             out.data_ptr(), at::cuda::getCurrentCUDAStream().stream()),
+                                             out.data_ptr(), out.stride(0), at::cuda::getCurrentCUDAStream().stream()),
                "token_logprobs_backward");
 }
 

@@ -95,9 +95,8 @@ void token_logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& tar
                                  const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
                                  double inv_temperature, at::Tensor out) {
   check_rows(logits, targets);
-  TORCH_CHECK(out.sizes() == logits.sizes() && out.strides() == logits.strides() &&
-                  out.scalar_type() == logits.scalar_type(),
-              "out must match logits in shape, strides and dtype");
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.stride(1) == 1 && out.scalar_type() == logits.scalar_type(),
+              "out must match logits in shape and dtype, with unit vocab stride");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -106,7 +105,7 @@ void token_logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& tar
                 "row statistics and grad_logp must be contiguous accumulation-dtype vectors");
     const scalar_t* in = logits.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();  // may alias `in`: each element is read before it is written
-    const int64_t stride = logits.stride(0);
+    const int64_t stride = logits.stride(0), out_stride = out.stride(0);
     const acc_t* maxes = row_max.data_ptr<acc_t>();
     const acc_t* log_sums = row_log_sum.data_ptr<acc_t>();
     const acc_t* ents = entropy.data_ptr<acc_t>();
@@ -116,7 +115,7 @@ void token_logprobs_backward_cpu(const at::Tensor& logits, const at::Tensor& tar
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row = in + i * stride;
-        scalar_t* drow = dst + i * stride;
+        scalar_t* drow = dst + i * out_stride;
         const int64_t t = load_target(targets, i);
         if (t == kIgnoreIndex) {
           std::fill(drow, drow + vocab, scalar_t(0));

@@ -42,7 +42,7 @@ def _forward_kernel(logits_ptr, row_stride, targets_ptr, logp_ptr, entropy_ptr, 
 
 @triton.jit
 def _backward_kernel(logits_ptr, row_stride, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_logp_ptr,
-                     grad_entropy_ptr, out_ptr, vocab, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
+                     grad_entropy_ptr, out_ptr, out_row_stride, vocab, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
                      BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     one = row + tl.arange(0, 1)
@@ -61,7 +61,7 @@ def _backward_kernel(logits_ptr, row_stride, targets_ptr, max_ptr, log_sum_ptr, 
         z = tl.load(logits_ptr + row * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dz = logit_grad(z * inv_temperature - row_max[:, None], log_sum, entropy, cols[None, :] == target[:, None],
                         grad_logp, grad_entropy)
-        tl.store(out_ptr + row * row_stride + cols[None, :], (dz * inv_temperature).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row * out_row_stride + cols[None, :], (dz * inv_temperature).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
 
@@ -81,13 +81,11 @@ def forward(logits, targets, inv_temperature):
 
 def backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature, out):
     rows, vocab = logits.shape
-    if out.stride() != logits.stride():
-        raise ValueError("out must have the logits' strides")
     if rows:
         grad_logp = grad_logp.float().contiguous()
         has_grad_entropy = grad_entropy is not None
         grad_entropy = grad_entropy.float().contiguous() if has_grad_entropy else grad_logp
         _backward_kernel[(rows,)](logits, logits.stride(0), targets.contiguous(), row_max, row_log_sum, entropy,
-                                  grad_logp, grad_entropy, out, vocab, inv_temperature,
+                                  grad_logp, grad_entropy, out, out.stride(0), vocab, inv_temperature,
                                   HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab), num_warps=8)
     return out

@@ -24,11 +24,11 @@ struct RowsView {
 int token_logprobs_forward(const RowsView& in, float* logp, float* entropy, float* row_max,
                            float* row_log_sum, void* stream);
 
-// Writes d logits (same dtype and row stride as the logits) to grad_logits, which may alias
-// in.logits. grad_entropy may be null.
+// Writes d logits (the logits' dtype, unit stride along vocab, out_row_stride between rows) to
+// grad_logits, which may alias in.logits. grad_entropy may be null.
 int token_logprobs_backward(const RowsView& in, const float* row_max, const float* row_log_sum,
                             const float* entropy, const float* grad_logp, const float* grad_entropy,
-                            void* grad_logits, void* stream);
+                            void* grad_logits, int64_t out_row_stride, void* stream);
 
 }  // namespace cuda
 }  // namespace r1k

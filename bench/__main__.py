@@ -1,0 +1,32 @@
+"""``python -m bench [logprobs ...] [--device cpu|cuda]``: run benchmarks (all by default)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+BENCHMARKS = ["logprobs"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", choices=BENCHMARKS + ["all"], default=["all"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    # CPU peak memory is read from the resident high-water mark, which follows live tensors only
+    # when every large allocation is its own mapping: re-exec once with a fixed mmap threshold.
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = BENCHMARKS if "all" in args.names else args.names
+    for name in names:
+        importlib.import_module(f"bench.{name}").run(device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""token_logprobs on every CPU-runnable backend against the float64 reference."""
+import pytest
+import torch
+from conftest import TOL, assert_close_scaled, cpu_backends, exact_backends
+
+import r1kernels
+from r1kernels.reference import token_logprobs_ref
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _check(backend, logits, targets, temperature=1.0, inplace=False):
+    """Forward and both gradients (log-prob and entropy, random upstream grads) against float64."""
+    dtype = logits.dtype
+    x = logits.detach().clone().requires_grad_()
+    with r1kernels.use_backend(backend):
+        logp, ent = r1kernels.token_logprobs(x, targets, temperature, return_entropy=True, inplace_backward=inplace)
+    ref_x = logits.detach().double().requires_grad_()
+    ref_logp, ref_ent = token_logprobs_ref(ref_x, targets, temperature)
+    assert logp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert logp.shape == targets.shape and ent.shape == targets.shape
+    tol = TOL[dtype]
+    assert_close_scaled(logp, ref_logp, max(tol, 1e-5) if dtype != torch.float64 else tol, "logp")
+    assert_close_scaled(ent, ref_ent, max(tol, 1e-5) if dtype != torch.float64 else tol, "entropy")
+    g_logp, g_ent = torch.randn_like(ref_logp), torch.randn_like(ref_ent)
+    (grad,) = torch.autograd.grad((logp * g_logp.to(logp.dtype)).sum() + (ent * g_ent.to(ent.dtype)).sum(), x)
+    (ref_grad,) = torch.autograd.grad((ref_logp * g_logp).sum() + (ref_ent * g_ent).sum(), ref_x)
+    assert grad.dtype == dtype
+    assert_close_scaled(grad, ref_grad, tol, "d logits")
+    masked = targets == -100
+    assert (logp[masked] == 0).all() and (ent[masked] == 0).all()
+    assert (grad[masked] == 0).all(), "masked tokens must get no gradient"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1000, 32003, 7])
+def test_matches_float64_reference(backend, dtype, vocab):
+    rows = 13 if vocab > 10000 else 37
+    logits = (torch.randn(rows, vocab) * 3).to(dtype)
+    targets = torch.randint(0, vocab, (rows,))
+    targets[::5] = -100
+    _check(backend, logits, targets, temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_three_d_noncontiguous_int32_targets(backend):
+    base = torch.randn(6, 4, 515)
+    logits = base.transpose(0, 1)[..., :500]          # [4, 6, 500], non-contiguous both ways
+    targets = torch.randint(0, 500, (4, 6), dtype=torch.int32)
+    _check(backend, logits, targets, temperature=1.3)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_row_strided_view_keeps_its_storage(backend):
+    """A [N, V] view with row stride > V is read in place (no copy) and gives the same result."""
+    padded = torch.randn(9, 300)
+    view = padded[:, :257]
+    targets = torch.randint(0, 257, (9,))
+    _check(backend, view, targets)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(backend, dtype):
+    vocab = 300
+    logits = torch.full((6, vocab), -1e4)
+    logits[:, 17] = 1e4                     # one huge logit per row
+    logits[1, 20] = 1e4                      # a tie
+    logits[2] = torch.linspace(-1e4, 1e4, vocab)
+    logits[3, ::2] = 1e4                    # many at the top
+    logits[4] = 0.0                          # uniform
+    logits = logits.to(dtype)
+    targets = torch.tensor([17, 20, 0, 4, 5, 16])
+    _check(backend, logits, targets)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_minus_infinity_logits_are_excluded_from_the_softmax(backend):
+    logits = torch.randn(4, 50)
+    logits[:, 25:] = float("-inf")          # e.g. padded vocabulary entries
+    targets = torch.tensor([0, 3, 24, 10])
+    with r1kernels.use_backend(backend):
+        logp, ent = r1kernels.token_logprobs(logits, targets, return_entropy=True)
+    ref_logp, ref_ent = token_logprobs_ref(logits[:, :25], targets)
+    assert_close_scaled(logp, ref_logp, 1e-5, "logp")
+    assert_close_scaled(ent, ref_ent, 1e-5, "entropy")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_all_masked_and_single_token_and_empty(backend):
+    _check(backend, torch.randn(5, 64), torch.full((5,), -100))
+    _check(backend, torch.randn(1, 64), torch.tensor([63]))
+    with r1kernels.use_backend(backend):
+        x = torch.randn(0, 64, requires_grad=True)
+        logp = r1kernels.token_logprobs(x, torch.zeros(0, dtype=torch.long))
+        logp.sum().backward()
+    assert logp.shape == (0,) and x.grad.shape == (0, 64)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_inplace_backward_writes_into_the_logits(backend):
+    logits = torch.randn(8, 333)
+    targets = torch.randint(0, 333, (8,))
+    _check(backend, logits, targets, inplace=True)
+    x = logits.clone().requires_grad_()
+    leaf_data = x.detach()
+    with r1kernels.use_backend(backend):
+        y = x * 1.0                                  # non-leaf, so its storage may be reused
+        r1kernels.token_logprobs(y, targets, inplace_backward=True).sum().backward()
+    assert torch.equal(leaf_data, logits), "the leaf's own data must stay untouched"
+
+
+@pytest.mark.parametrize("backend", exact_backends())
+def test_gradcheck_float64(backend):
+    logits = torch.randn(3, 4, 29, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 29, (3, 4))
+    targets[0, 1] = -100
+    with r1kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x: r1kernels.token_logprobs(x, targets, 0.6, True), (logits,))
+
+
+def test_entropy_only_gradient():
+    """Only the entropy feeds the loss: grad_logp is absent and must count as zero."""
+    for backend in cpu_backends():
+        logits = torch.randn(5, 40, dtype=torch.float32)
+        targets = torch.randint(0, 40, (5,))
+        x = logits.clone().requires_grad_()
+        with r1kernels.use_backend(backend):
+            _, ent = r1kernels.token_logprobs(x, targets, return_entropy=True)
+        ent.sum().backward()
+        ref_x = logits.double().requires_grad_()
+        token_logprobs_ref(ref_x, targets)[1].sum().backward()
+        assert_close_scaled(x.grad, ref_x.grad, 2e-5, backend)
+
+
+def test_backends_agree_bitwise_where_they_should():
+    """Same backend, same input: identical outputs run to run (no races, no uninitialised reads)."""
+    logits = torch.randn(17, 999)
+    targets = torch.randint(0, 999, (17,))
+    for backend in cpu_backends():
+        with r1kernels.use_backend(backend):
+            a = r1kernels.token_logprobs(logits, targets, return_entropy=True)
+            b = r1kernels.token_logprobs(logits, targets, return_entropy=True)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), backend

@@ -1,0 +1,88 @@
+"""Bad input raises a clear error naming the argument; backend forcing never falls back silently."""
+import pytest
+import torch
+
+import r1kernels
+from r1kernels import backends
+
+
+def _ok():
+    return torch.randn(4, 10), torch.randint(0, 10, (4,))
+
+
+@pytest.mark.parametrize("mutate, error, words", [
+    (lambda x, t: (x.long(), t), TypeError, "logits"),
+    (lambda x, t: ([1.0], t), TypeError, "logits"),
+    (lambda x, t: (x, t.float()), TypeError, "targets"),
+    (lambda x, t: (x, t[:3]), ValueError, "targets must have shape"),
+    (lambda x, t: (x.unsqueeze(0), t), ValueError, "targets must have shape"),
+    (lambda x, t: (x, torch.tensor([0, 1, 10, 2])), ValueError, "outside [0, 10)"),
+    (lambda x, t: (x, torch.tensor([0, -1, 3, 2])), ValueError, "outside [0, 10)"),
+])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_token_logprobs_rejects(mutate, error, words, backend):
+    if backend == "cpu" and not backends.extension_available():
+        pytest.skip("extension not built")
+    x, t = mutate(*_ok())
+    with r1kernels.use_backend(backend), pytest.raises(error, match=words.replace("[", r"\[").replace(")", r"\)")):
+        r1kernels.token_logprobs(x, t)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_bad_temperature(temperature):
+    x, t = _ok()
+    with pytest.raises(ValueError, match="temperature"):
+        r1kernels.token_logprobs(x, t, temperature=temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        r1kernels.linear_token_logprobs(torch.randn(4, 3), torch.randn(10, 3), t, temperature=temperature)
+
+
+def test_linear_rejects():
+    h, w, t = torch.randn(4, 3), torch.randn(10, 3), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        r1kernels.linear_token_logprobs(h, torch.randn(10, 4), t)
+    with pytest.raises(TypeError, match="weight dtype"):
+        r1kernels.linear_token_logprobs(h, w.double(), t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        r1kernels.linear_token_logprobs(h, w, t, bias=torch.randn(9))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        r1kernels.linear_token_logprobs(h, w, torch.tensor([0, 1, 2, 11]))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        r1kernels.linear_token_logprobs(h, w, t[:2])
+    with pytest.raises(TypeError, match="hidden"):
+        r1kernels.linear_token_logprobs(h.int(), w, t)
+
+
+def test_unknown_backend_and_forced_backend_that_cannot_run(monkeypatch):
+    x, t = _ok()
+    with pytest.raises(ValueError, match="unknown backend"):
+        with r1kernels.use_backend("nope"):
+            pass
+    monkeypatch.setenv("R1K_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="R1K_BACKEND"):
+        r1kernels.token_logprobs(x, t)
+    monkeypatch.setenv("R1K_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        r1kernels.token_logprobs(x, t)
+    monkeypatch.delenv("R1K_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with r1kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        r1kernels.token_logprobs(x, t)
+
+
+def test_auto_on_cpu_prefers_the_extension(monkeypatch):
+    monkeypatch.delenv("R1K_BACKEND", raising=False)
+    expected = "cpu" if backends.extension_available() else "torch"
+    assert backends.resolve(torch.device("cpu")) == expected
+    with r1kernels.use_backend("torch"):
+        assert backends.resolve(torch.device("cpu")) == "torch"
+        with r1kernels.use_backend("cpu" if backends.extension_available() else "torch"):
+            assert backends.resolve(torch.device("cpu")) == expected
+        assert backends.resolve(torch.device("cpu")) == "torch"
+
+
+def test_float64_on_triton_is_refused():
+    if not backends.triton_interpreting():
+        pytest.skip("needs the Triton interpreter")
+    with r1kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        r1kernels.token_logprobs(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]))
