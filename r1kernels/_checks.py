@@ -55,3 +55,19 @@ def backend_dtype(backend: str, name: str, value: torch.Tensor) -> None:
     """float64 runs on the exact backends only (cpu, torch): GPU kernels are fp32-accumulating."""
     if value.dtype == torch.float64 and backend not in ("cpu", "torch"):
         raise TypeError(f"{name} is float64, which the {backend!r} backend does not run; use cpu or torch")
+
+
+def cu_seqlens(name: str, value: torch.Tensor, total: int) -> None:
+    """[S+1] int32/int64 offsets: starts at 0, never decreases, ends at ``total``."""
+    if value.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (flash-attn convention) or int64, got {value.dtype}")
+    if value.dim() != 1 or value.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D [S+1], got shape {tuple(value.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    if int(value[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(value[0])}")
+    if value.shape[0] > 1 and bool((value[1:] < value[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    if int(value[-1]) != total:
+        raise ValueError(f"{name} must end at the number of tokens {total}, got {int(value[-1])}")

@@ -1,0 +1,323 @@
+"""GRPO-family policy losses: one exact PyTorch implementation on per-token vectors.
+
+``policy_loss`` holds all the loss math (TRL GRPOTrainer semantics, plus verl's dual-clip
+and KL estimators). ``grpo_loss`` and ``linear_grpo_loss`` only put the vocabulary kernels
+(``token_logprobs`` / ``linear_token_logprobs``) under it; no backend has its own copy.
+
+Per token, with r = exp(logp - old) (GSPO: the masked sequence mean of logp - old, exponentiated):
+    grpo, bnpo, dr_grpo, dapo:  l = -min(r' A, clip(r, 1-eps_low, 1+eps_high) A),  r' = min(r, delta) if delta
+                                dual-clip (clip_ratio_c): for A < 0, l = min(l, -clip_ratio_c A)
+    cispo:                      l = -sg(min(r, eps_high)) A logp
+    sapo:                       l = -sigmoid(tau (r - 1)) 4 / tau A,  tau = tau_pos if A > 0 else tau_neg
+then l *= is_ratio (vLLM importance-sampling correction), l += beta KL(ref || policy) and
+l -= entropy_coef H. Normalisers (m = mask): grpo, sapo: mean over sequences of
+sum(l m) / max(sum m, 1); bnpo: sum(l m) / max(sum m, 1); dr_grpo: sum(l m) / (B max_completion_length);
+dapo, cispo: sum(l m) / (num_items_in_batch / num_processes), local max(sum m, 1) when not given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from r1kernels import _checks
+from r1kernels.logprobs import linear_token_logprobs, token_logprobs
+
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = CLIPPED + ("cispo", "sapo")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3_clamped")
+IS_LEVELS = ("token", "sequence")
+
+
+@dataclasses.dataclass
+class GRPOLossOutput:
+    loss: Tensor                  # scalar, differentiable
+    logprobs: Tensor              # fp32 per-token log-probs, detached (next step's old_logprobs)
+    metrics: dict                 # 0-d detached tensors: kl_mean, clip ratios, entropy_mean, ratio stats
+    entropy: Optional[Tensor] = None  # per-token entropy, detached, when computed
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Every layout flattened to tokens: values [N], mask [N], and the sequence of each token."""
+    shape: tuple          # the logprobs' own shape, to reshape inputs given in it
+    mask: Tensor          # [N] float
+    seq_ids: Tensor       # [N] long
+    num_seqs: int
+
+    def seq_sum(self, x: Tensor) -> Tensor:
+        return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add(0, self.seq_ids, x)
+
+    def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False) -> Optional[Tensor]:
+        """A per-token input flattened to [N]; per-sequence ([S]) inputs broadcast when allowed."""
+        if x is None:
+            return None
+        _checks.tensor(name, x)
+        if tuple(x.shape) == self.shape:
+            return x.reshape(-1)
+        if allow_per_seq and tuple(x.shape) == (self.num_seqs,):
+            return x[self.seq_ids]
+        expected = f"{self.shape}" + (f" or ({self.num_seqs},)" if allow_per_seq else "")
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+def _layout(logprobs: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> _Layout:
+    device = logprobs.device
+    if cu_seqlens is None:
+        if logprobs.dim() != 2:
+            raise ValueError(f"logprobs must be [B, T] (padded) or [N] with cu_seqlens (packed), "
+                             f"got shape {tuple(logprobs.shape)}")
+        batch, length = logprobs.shape
+        seq_ids = torch.arange(batch, device=device).repeat_interleave(length)
+        num_seqs = batch
+    else:
+        _checks.tensor("cu_seqlens", cu_seqlens)
+        if logprobs.dim() != 1:
+            raise ValueError(f"with cu_seqlens, logprobs must be packed [N], got shape {tuple(logprobs.shape)}")
+        _checks.cu_seqlens("cu_seqlens", cu_seqlens, logprobs.shape[0])
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        num_seqs = lengths.shape[0]
+        seq_ids = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths,
+                                          output_size=logprobs.shape[0])
+    if mask is None:
+        flat_mask = torch.ones(logprobs.numel(), dtype=torch.float32, device=device)
+    else:
+        _checks.tensor("mask", mask)
+        if tuple(mask.shape) != tuple(logprobs.shape):
+            raise ValueError(f"mask must have the logprobs' shape {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
+        flat_mask = mask.reshape(-1).to(torch.float32)
+    return _Layout(tuple(logprobs.shape), flat_mask, seq_ids, num_seqs)
+
+
+def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
+    """Per-token estimate of KL(policy || ref) from samples of the policy."""
+    if estimator == "k1":
+        return logp - ref
+    if estimator == "k2":
+        return 0.5 * (logp - ref) ** 2
+    k3 = torch.exp(ref - logp) - (ref - logp) - 1
+    return k3.clamp(-10.0, 10.0) if estimator == "k3_clamped" else k3
+
+
+def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
+                      num_items_in_batch, max_completion_length, clip_ratio_c, kl_estimator, entropy_coef,
+                      sapo_temperature_pos, sapo_temperature_neg, ref_logprobs):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+
+    def only_for(name, value, types):
+        if value is not None and loss_type not in types:
+            raise ValueError(f"{name} applies to loss_type in {types}, not {loss_type!r}")
+
+    only_for("delta", delta, CLIPPED)
+    only_for("clip_ratio_c", clip_ratio_c, CLIPPED)
+    only_for("epsilon_low", epsilon_low, CLIPPED)
+    only_for("epsilon_high", epsilon_high, CLIPPED + ("cispo",))
+    only_for("num_items_in_batch", num_items_in_batch, ("dapo", "cispo"))
+    only_for("max_completion_length", max_completion_length, ("dr_grpo",))
+    only_for("sapo_temperature_pos", sapo_temperature_pos, ("sapo",))
+    only_for("sapo_temperature_neg", sapo_temperature_neg, ("sapo",))
+    if epsilon_low is not None and not 0 <= epsilon_low < 1:
+        raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}")
+    if epsilon_high is not None and not epsilon_high >= 0:
+        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
+    if loss_type == "cispo" and epsilon_high is None:
+        raise ValueError("cispo needs epsilon_high: the cap on the importance ratio (e.g. 5.0)")
+    if delta is not None and not delta > 1:
+        raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {delta}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("beta > 0 needs ref_logprobs")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("dr_grpo needs max_completion_length (its normaliser is B * max_completion_length)")
+    if max_completion_length is not None and not max_completion_length >= 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        if tau is not None and not tau > 0:
+            raise ValueError(f"{name} must be > 0, got {tau}")
+    if not entropy_coef >= 0:
+        raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
+
+
+def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
+                old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
+                entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, loss_type: str = "grpo",
+                importance_sampling_level: str = "token", epsilon_low: Optional[float] = None,
+                epsilon_high: Optional[float] = None, delta: Optional[float] = None, beta: float = 0.0,
+                num_items_in_batch=None, num_processes: int = 1, max_completion_length: Optional[int] = None,
+                is_ratio: Optional[Tensor] = None, clip_ratio_c: Optional[float] = None, kl_estimator: str = "k3",
+                entropy_coef: float = 0.0, sapo_temperature_pos: Optional[float] = None,
+                sapo_temperature_neg: Optional[float] = None) -> GRPOLossOutput:
+    """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
+
+    Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
+    or packed ``logprobs [N]`` with ``cu_seqlens [S+1]`` (int32, flash-attn convention; zero-length
+    sequences allowed), optional ``mask [N]``, ``advantages [S]`` or ``[N]``. ``old_logprobs``,
+    ``ref_logprobs``, ``entropy`` take the logprobs' shape; ``is_ratio`` that shape or one per sequence.
+
+    ``old_logprobs=None`` is on-policy (ratio 1, gradient still flows). ``epsilon_low`` defaults
+    to 0.2 and ``epsilon_high`` to ``epsilon_low`` for the clipped types; cispo needs ``epsilon_high``
+    (a raw cap, e.g. 5.0); sapo's temperatures default to 1.0 (A > 0) and 1.05 (A < 0).
+    An option that does not apply to ``loss_type`` raises rather than being ignored.
+    """
+    _checks.floating("logprobs", logprobs)
+    _checks.floating("advantages", advantages)
+    _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
+                      num_items_in_batch, max_completion_length, clip_ratio_c, kl_estimator, entropy_coef,
+                      sapo_temperature_pos, sapo_temperature_neg, ref_logprobs)
+    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32  # fp64 in, fp64 math (tests)
+    layout = _layout(logprobs, mask, cu_seqlens)
+    logp = logprobs.reshape(-1).to(acc)
+    m = layout.mask.to(acc)
+    adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
+    old = layout.per_token("old_logprobs", old_logprobs)
+    old = logp.detach() if old is None else old.to(acc)
+    ref = layout.per_token("ref_logprobs", ref_logprobs)
+    ent = layout.per_token("entropy", entropy)
+    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
+    tokens_per_seq = layout.seq_sum(m)
+
+    log_ratio = logp - old
+    if importance_sampling_level == "sequence":
+        seq_log_ratio = layout.seq_sum(log_ratio * m) / tokens_per_seq.clamp(min=1.0)
+        log_ratio = seq_log_ratio[layout.seq_ids]
+    ratio = torch.exp(log_ratio)
+
+    eps_low = 0.2 if epsilon_low is None else epsilon_low
+    eps_high = eps_low if epsilon_high is None else epsilon_high
+    if loss_type in CLIPPED:
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.min(capped * adv, clipped * adv)
+        if clip_ratio_c is not None:
+            per_token = torch.where(adv < 0, torch.min(per_token, -clip_ratio_c * adv), per_token)
+        low = (ratio < 1 - eps_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+    elif loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logp
+        low = torch.zeros_like(m, dtype=torch.bool)
+        high = ratio > eps_high
+    else:  # sapo
+        tau_pos = 1.0 if sapo_temperature_pos is None else sapo_temperature_pos
+        tau_neg = 1.05 if sapo_temperature_neg is None else sapo_temperature_neg
+        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
+        low = high = torch.zeros_like(m, dtype=torch.bool)
+    if is_ratio is not None:
+        per_token = per_token * is_ratio.to(acc)
+    kl = None if ref is None else _kl(kl_estimator, logp, ref.to(acc))
+    if beta > 0:
+        per_token = per_token + beta * kl
+    if entropy_coef > 0:
+        if ent is None:
+            raise ValueError("entropy_coef > 0 needs entropy")
+        per_token = per_token - entropy_coef * ent.to(acc)
+
+    masked = per_token * m
+    active = m.sum()
+    if loss_type in ("grpo", "sapo"):
+        loss = (layout.seq_sum(masked) / tokens_per_seq.clamp(min=1.0)).sum() / max(layout.num_seqs, 1)
+    elif loss_type == "bnpo":
+        loss = masked.sum() / active.clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (layout.num_seqs * max_completion_length)
+    else:  # dapo, cispo
+        if num_items_in_batch is None:
+            normaliser = active.clamp(min=1.0)
+        else:
+            normaliser = torch.as_tensor(num_items_in_batch, dtype=acc, device=logp.device) / num_processes
+        loss = masked.sum() / normaliser
+
+    metrics = _metrics(m, active, ratio, low, high, kl, ent)
+    return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach())
+
+
+@torch.no_grad()
+def _metrics(m, active, ratio, low, high, kl, ent) -> dict:
+    """Masked token means (0-d tensors, no host sync)."""
+    denom = active.clamp(min=1.0)
+
+    def mean(x):
+        return (x.float() * m).sum() / denom
+
+    big = torch.finfo(ratio.dtype).max
+    on = m > 0
+    metrics = dict(
+        clip_ratio_low=mean(low), clip_ratio_high=mean(high), clip_ratio_region=mean(low | high),
+        ratio_mean=mean(ratio),
+        ratio_min=torch.where(on, ratio, big).min() if ratio.numel() else ratio.new_zeros(()),
+        ratio_max=torch.where(on, ratio, -big).max() if ratio.numel() else ratio.new_zeros(()),
+    )
+    if kl is not None:
+        metrics["kl_mean"] = mean(kl)
+    if ent is not None:
+        metrics["entropy_mean"] = mean(ent)
+    return metrics
+
+
+def _mask_from_targets(targets: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Tokens with target -100 are masked too, whatever ``mask`` says."""
+    valid = targets != _checks.IGNORE_INDEX
+    return valid if mask is None else mask.to(torch.bool) & valid
+
+
+def grpo_loss(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
+              temperature: float = 1.0, **options) -> GRPOLossOutput:
+    """``policy_loss`` on ``token_logprobs(logits, targets, temperature)``; ``options`` as policy_loss.
+
+    ``logits [B, T, V]`` / ``targets [B, T]`` (padded) or ``[N, V]`` / ``[N]`` with ``cu_seqlens``.
+    Entropy is computed alongside (free in the same pass) for ``entropy_mean`` and ``entropy_coef``.
+    """
+    if "entropy" in options:
+        raise ValueError("grpo_loss computes the entropy itself; do not pass entropy")
+    logp, ent = token_logprobs(logits, targets, temperature, return_entropy=True)
+    if not options.get("entropy_coef"):
+        ent = ent.detach()
+    return policy_loss(logp, advantages, _mask_from_targets(targets, mask), entropy=ent, **options)
+
+
+def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
+                     mask: Optional[Tensor] = None, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                     deterministic: Optional[bool] = None, **options) -> GRPOLossOutput:
+    """``policy_loss`` on ``linear_token_logprobs(hidden, weight, targets, bias)``: the [tokens, V]
+    logits never exist, forward or backward. ``options`` as policy_loss."""
+    if "entropy" in options:
+        raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
+    logp, ent = linear_token_logprobs(hidden, weight, targets, bias, temperature, return_entropy=True,
+                                      deterministic=deterministic)
+    if not options.get("entropy_coef"):
+        ent = ent.detach()
+    return policy_loss(logp, advantages, _mask_from_targets(targets, mask), entropy=ent, **options)
+
+
+class GRPOLoss(torch.nn.Module):
+    """``grpo_loss`` with its options held: ``GRPOLoss(loss_type="dapo", beta=0.04)(logits, targets, adv, mask)``."""
+
+    def __init__(self, temperature: float = 1.0, **options):
+        super().__init__()
+        self.temperature, self.options = temperature, options
+
+    def forward(self, logits, targets, advantages, mask=None, **per_call) -> GRPOLossOutput:
+        return grpo_loss(logits, targets, advantages, mask, temperature=self.temperature,
+                         **{**self.options, **per_call})
+
+
+class LinearGRPOLoss(torch.nn.Module):
+    """``linear_grpo_loss`` with its options held; call with (hidden, weight, targets, advantages, mask)."""
+
+    def __init__(self, temperature: float = 1.0, **options):
+        super().__init__()
+        self.temperature, self.options = temperature, options
+
+    def forward(self, hidden, weight, targets, advantages, mask=None, bias=None, **per_call) -> GRPOLossOutput:
+        return linear_grpo_loss(hidden, weight, targets, advantages, mask, bias=bias, temperature=self.temperature,
+                                **{**self.options, **per_call})

@@ -1,0 +1,66 @@
+"""Spec of the GRPO-family losses, written straight from TRL's formulas (and verl's dual-clip
+and KL estimators) with one explicit loop per sequence, independently of ``r1kernels.grpo``.
+Padded layout only: logp, old, ref, entropy [B, T], mask [B, T], advantages [B] or [B, T]."""
+from __future__ import annotations
+
+import torch
+
+
+def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, loss_type="grpo",
+                  importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, delta=None, beta=0.0,
+                  num_items_in_batch=None, max_completion_length=None, is_ratio=None, clip_ratio_c=None,
+                  kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05):
+    """Scalar loss in the inputs' dtype (use float64)."""
+    batch, _ = logp.shape
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    old = logp.detach() if old is None else old
+    seq_totals, seq_counts = [], []
+    for b in range(batch):
+        m = mask[b].to(logp.dtype)
+        a = advantages[b]  # a scalar ([B] advantages) or a row ([B, T])
+        lr = logp[b] - old[b]
+        if importance_sampling_level == "sequence":
+            lr = ((lr * m).sum() / max(m.sum().item(), 1.0)).expand_as(lr)
+        r = torch.exp(lr)
+        if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            unclipped = (r if delta is None else torch.clamp(r, max=delta)) * a
+            clipped = torch.clamp(r, 1 - epsilon_low, 1 + eps_high) * a
+            loss = -torch.minimum(unclipped, clipped)
+            if clip_ratio_c is not None:
+                a_full = a * torch.ones_like(loss)
+                loss = torch.where(a_full < 0, torch.minimum(loss, -clip_ratio_c * a_full), loss)
+        elif loss_type == "cispo":
+            loss = -torch.clamp(r, max=eps_high).detach() * a * logp[b]
+        elif loss_type == "sapo":
+            a_full = a * torch.ones_like(r)
+            tau = torch.where(a_full > 0, torch.full_like(r, tau_pos), torch.full_like(r, tau_neg))
+            loss = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a_full
+        else:
+            raise ValueError(loss_type)
+        if is_ratio is not None:
+            loss = loss * is_ratio[b]
+        if beta:
+            d = ref[b] - logp[b]
+            if kl_estimator == "k1":
+                kl = logp[b] - ref[b]
+            elif kl_estimator == "k2":
+                kl = 0.5 * (logp[b] - ref[b]) ** 2
+            else:
+                kl = torch.exp(d) - d - 1
+                if kl_estimator == "k3_clamped":
+                    kl = torch.clamp(kl, -10, 10)
+            loss = loss + beta * kl
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy[b]
+        seq_totals.append((loss * m).sum())
+        seq_counts.append(m.sum())
+    total = torch.stack(seq_totals).sum()
+    count = torch.stack(seq_counts).sum()
+    if loss_type in ("grpo", "sapo"):
+        return sum(t / max(c.item(), 1.0) for t, c in zip(seq_totals, seq_counts)) / batch
+    if loss_type == "bnpo":
+        return total / max(count.item(), 1.0)
+    if loss_type == "dr_grpo":
+        return total / (batch * max_completion_length)
+    normaliser = max(count.item(), 1.0) if num_items_in_batch is None else num_items_in_batch
+    return total / normaliser

@@ -1,0 +1,298 @@
+"""policy_loss / grpo_loss / linear_grpo_loss against the independent float64 reference."""
+import itertools
+
+import pytest
+import torch
+from conftest import assert_close_scaled, cpu_backends, exact_backends
+
+import r1kernels
+from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref, token_logprobs_ref
+
+B, T = 6, 9
+
+
+def _batch(dtype=torch.float64, spread=0.6):
+    """Padded batch: varied lengths, one fully masked row, mixed-sign and zero advantages,
+    ratios far outside the clip range both ways."""
+    lengths = torch.tensor([9, 4, 0, 1, 7, 9])
+    mask = (torch.arange(T)[None, :] < lengths[:, None])
+    logp = -torch.rand(B, T, dtype=dtype) * 3
+    old = logp + torch.randn(B, T, dtype=dtype) * spread
+    ref = logp + torch.randn(B, T, dtype=dtype) * 0.3
+    entropy = torch.rand(B, T, dtype=dtype) * 2
+    adv = torch.randn(B, dtype=dtype)
+    adv[4] = 0.0
+    return dict(logp=logp, old=old, ref=ref, entropy=entropy, adv=adv, mask=mask, lengths=lengths)
+
+
+def _cases():
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"):
+        clipped = loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
+        for level, beta in itertools.product(("token", "sequence"), (0.0, 0.04)):
+            for delta, clip_c in ([(None, None), (1.5, None), (None, 3.0), (1.5, 3.0)] if clipped else [(None, None)]):
+                yield loss_type, level, beta, delta, clip_c
+
+
+def _options(loss_type, level, beta, delta, clip_c):
+    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        opts.update(epsilon_low=0.2, epsilon_high=0.28, delta=delta, clip_ratio_c=clip_c)
+    if loss_type == "cispo":
+        opts.update(epsilon_high=1.5)
+    if loss_type == "dr_grpo":
+        opts.update(max_completion_length=12)
+    if loss_type in ("dapo", "cispo"):
+        opts.update(num_items_in_batch=37.0)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _ref_options(opts):
+    ref = dict(opts)
+    ref.setdefault("epsilon_low", 0.2)
+    return ref
+
+
+def _to_packed(x, lengths):
+    return torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])
+
+
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: "-".join(str(x) for x in c))
+def test_policy_loss_matches_reference_padded_and_packed(case):
+    d = _batch()
+    opts = _options(*case)
+    lp = d["logp"].clone().requires_grad_()
+    ent = d["entropy"].clone().requires_grad_()
+    out = r1kernels.policy_loss(lp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], entropy=ent,
+                                entropy_coef=0.01, **opts)
+    out.loss.backward()
+    ref_lp = d["logp"].clone().requires_grad_()
+    ref_ent = d["entropy"].clone().requires_grad_()
+    ref = grpo_loss_ref(ref_lp, d["adv"], d["mask"], d["old"], d["ref"], ref_ent, entropy_coef=0.01,
+                        **_ref_options(opts))
+    ref.backward()
+    assert_close_scaled(out.loss, ref, 1e-12, "loss")
+    assert_close_scaled(lp.grad, ref_lp.grad, 1e-12, "d logprobs")
+    assert_close_scaled(ent.grad, ref_ent.grad, 1e-12, "d entropy")
+    assert (lp.grad[~d["mask"]] == 0).all()
+
+    # packed: the same tokens, cu_seqlens from the lengths (the empty row is a zero-length sequence)
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = d["lengths"].cumsum(0)
+    packed_lp = _to_packed(d["logp"], d["lengths"]).requires_grad_()
+    packed = r1kernels.policy_loss(packed_lp, d["adv"], cu_seqlens=cu,
+                                   old_logprobs=_to_packed(d["old"], d["lengths"]),
+                                   ref_logprobs=_to_packed(d["ref"], d["lengths"]),
+                                   entropy=_to_packed(d["entropy"], d["lengths"]), entropy_coef=0.01, **opts)
+    packed.loss.backward()
+    assert_close_scaled(packed.loss, ref, 1e-12, "packed loss")
+    assert_close_scaled(packed_lp.grad, _to_packed(ref_lp.grad, d["lengths"]), 1e-12, "packed d logprobs")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k3_clamped"])
+def test_kl_estimators_and_per_token_advantages_and_is_ratio(estimator):
+    d = _batch()
+    d["ref"] = d["logp"] + torch.randn(B, T, dtype=torch.float64) * 4   # large gaps: k3 clamp bites
+    adv_tokens = torch.randn(B, T, dtype=torch.float64)
+    is_ratio = torch.rand(B, dtype=torch.float64) + 0.5
+    lp = d["logp"].clone().requires_grad_()
+    out = r1kernels.policy_loss(lp, adv_tokens, d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], beta=0.1,
+                                kl_estimator=estimator, is_ratio=is_ratio, loss_type="bnpo")
+    out.loss.backward()
+    ref_lp = d["logp"].clone().requires_grad_()
+    ref = grpo_loss_ref(ref_lp, adv_tokens, d["mask"], d["old"], d["ref"], loss_type="bnpo", beta=0.1,
+                        kl_estimator=estimator, is_ratio=is_ratio[:, None].expand(B, T))
+    ref.backward()
+    assert_close_scaled(out.loss, ref, 1e-12)
+    assert_close_scaled(lp.grad, ref_lp.grad, 1e-12)
+
+
+def test_on_policy_ratio_is_one_and_gradient_flows():
+    d = _batch()
+    lp = d["logp"].clone().requires_grad_()
+    out = r1kernels.policy_loss(lp, d["adv"], d["mask"])
+    out.loss.backward()
+    assert out.metrics["ratio_mean"].item() == pytest.approx(1.0)
+    assert out.metrics["clip_ratio_region"].item() == 0.0
+    # grpo on-policy: d loss / d logp_bt = -A_b / (B * len_b) on active tokens
+    lengths = d["mask"].sum(1).clamp(min=1).double()
+    expected = -(d["adv"] / (B * lengths))[:, None].expand(B, T) * d["mask"]
+    assert_close_scaled(lp.grad, expected, 1e-12)
+    # old_logprobs equal to the current ones is the same thing
+    lp2 = d["logp"].clone().requires_grad_()
+    r1kernels.policy_loss(lp2, d["adv"], d["mask"], old_logprobs=d["logp"].clone()).loss.backward()
+    assert_close_scaled(lp2.grad, expected, 1e-12)
+
+
+def test_zero_advantages_give_zero_policy_gradient():
+    d = _batch()
+    lp = d["logp"].clone().requires_grad_()
+    r1kernels.policy_loss(lp, torch.zeros(B, dtype=torch.float64), d["mask"], old_logprobs=d["old"]).loss.backward()
+    assert (lp.grad == 0).all()
+
+
+def test_metrics_match_their_definitions():
+    d = _batch(spread=1.0)
+    out = r1kernels.policy_loss(d["logp"], d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                entropy=d["entropy"], epsilon_low=0.2, epsilon_high=0.28)
+    m = d["mask"]
+    r = torch.exp(d["logp"] - d["old"])[m]
+    a = d["adv"][:, None].expand(B, T)[m]
+    low = ((r < 0.8) & (a < 0)).double().mean()
+    high = ((r > 1.28) & (a > 0)).double().mean()
+    assert out.metrics["clip_ratio_low"].item() == pytest.approx(low.item())
+    assert out.metrics["clip_ratio_high"].item() == pytest.approx(high.item())
+    assert out.metrics["clip_ratio_region"].item() == pytest.approx((low + high).item())
+    assert out.metrics["ratio_min"].item() == pytest.approx(r.min().item())
+    assert out.metrics["ratio_max"].item() == pytest.approx(r.max().item())
+    assert out.metrics["entropy_mean"].item() == pytest.approx(d["entropy"][m].mean().item())
+    dd = d["ref"] - d["logp"]
+    assert out.metrics["kl_mean"].item() == pytest.approx((torch.exp(dd) - dd - 1)[m].mean().item())
+    assert low.item() > 0 and high.item() > 0, "the batch must exercise both clip sides"
+
+
+def test_packed_length_one_sequences():
+    n = 7
+    lp = -torch.rand(n, dtype=torch.float64, requires_grad=True)
+    cu = torch.arange(n + 1, dtype=torch.int32)
+    adv = torch.randn(n, dtype=torch.float64)
+    old = lp.detach() + torch.randn(n, dtype=torch.float64)
+    out = r1kernels.policy_loss(lp, adv, cu_seqlens=cu, old_logprobs=old, importance_sampling_level="sequence")
+    ref = grpo_loss_ref(lp[:, None], adv, torch.ones(n, 1, dtype=torch.bool), old[:, None],
+                        importance_sampling_level="sequence")
+    assert_close_scaled(out.loss, ref, 1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_grpo_loss_from_logits_gradients(loss_type, backend):
+    dtype = torch.float64 if backend in exact_backends() else torch.float32
+    d = _batch(dtype=dtype)
+    vocab = 53
+    logits = torch.randn(B, T, vocab, dtype=dtype) * 2
+    targets = torch.randint(0, vocab, (B, T))
+    targets[~d["mask"]] = -100
+    opts = _options(loss_type, "token", 0.04, None, None)
+    x = logits.clone().requires_grad_()
+    with r1kernels.use_backend(backend):
+        out = r1kernels.grpo_loss(x, targets, d["adv"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                  temperature=0.8, entropy_coef=0.01, **opts)
+    out.loss.backward()
+    rx = logits.double().requires_grad_()
+    rlp, rent = token_logprobs_ref(rx, targets, 0.8)
+    ref = grpo_loss_ref(rlp, d["adv"], d["mask"], d["old"].double(), d["ref"].double(), rent, entropy_coef=0.01,
+                        **_ref_options(opts))
+    ref.backward()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_close_scaled(out.loss, ref, tol, "loss")
+    assert_close_scaled(x.grad, rx.grad, tol, "d logits")
+    assert out.logprobs.requires_grad is False
+    assert out.metrics["entropy_mean"].item() == pytest.approx(rent[d["mask"]].mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_linear_grpo_loss_gradients(backend, layout):
+    dtype = torch.float64 if backend in exact_backends() else torch.float32
+    d = _batch(dtype=dtype)
+    hidden_size, vocab = 24, 101
+    hidden = torch.randn(B, T, hidden_size, dtype=dtype)
+    weight = torch.randn(vocab, hidden_size, dtype=dtype) * 0.3
+    bias = torch.randn(vocab, dtype=dtype)
+    targets = torch.randint(0, vocab, (B, T))
+    opts = dict(loss_type="dr_grpo", max_completion_length=T, beta=0.04, importance_sampling_level="sequence",
+                delta=2.0, epsilon_low=0.2, clip_ratio_c=3.0)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    with r1kernels.use_backend(backend):
+        if layout == "padded":
+            out = r1kernels.linear_grpo_loss(leaves[0], leaves[1], targets, d["adv"], d["mask"], bias=leaves[2],
+                                             old_logprobs=d["old"], ref_logprobs=d["ref"], **opts)
+        else:
+            cu = torch.zeros(B + 1, dtype=torch.int32)
+            cu[1:] = d["lengths"].cumsum(0)
+            pack = lambda x: _to_packed(x, d["lengths"])  # noqa: E731
+            out = r1kernels.linear_grpo_loss(pack(leaves[0]), leaves[1], pack(targets), d["adv"], bias=leaves[2],
+                                             cu_seqlens=cu, old_logprobs=pack(d["old"]),
+                                             ref_logprobs=pack(d["ref"]), **opts)
+    out.loss.backward()
+    ref_leaves = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    rlp, _ = linear_token_logprobs_ref(*ref_leaves[:2], targets, ref_leaves[2])
+    ref = grpo_loss_ref(rlp, d["adv"], d["mask"], d["old"].double(), d["ref"].double(), **opts)
+    ref.backward()
+    tol = 1e-10 if dtype == torch.float64 else 3e-5
+    assert_close_scaled(out.loss, ref, tol, "loss")
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), leaves, ref_leaves):
+        assert_close_scaled(g.grad, r.grad, tol, name)
+
+
+def test_modules_hold_options():
+    d = _batch(dtype=torch.float32)
+    logits = torch.randn(B, T, 30)
+    targets = torch.randint(0, 30, (B, T))
+    module = r1kernels.GRPOLoss(temperature=0.7, loss_type="bnpo", beta=0.0)
+    direct = r1kernels.grpo_loss(logits, targets, d["adv"], d["mask"], temperature=0.7, loss_type="bnpo")
+    assert torch.equal(module(logits, targets, d["adv"], d["mask"]).loss, direct.loss)
+    hidden, weight = torch.randn(B, T, 8), torch.randn(30, 8)
+    lin = r1kernels.LinearGRPOLoss(loss_type="sapo")
+    direct = r1kernels.linear_grpo_loss(hidden, weight, targets, d["adv"], d["mask"], loss_type="sapo")
+    assert torch.equal(lin(hidden, weight, targets, d["adv"], d["mask"]).loss, direct.loss)
+
+
+def test_compile_fullgraph_grpo_loss():
+    d = _batch(dtype=torch.float32)
+    logits = torch.randn(B, T, 40)
+    targets = torch.randint(0, 40, (B, T))
+
+    def f(x):
+        return r1kernels.grpo_loss(x, targets, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                   beta=0.04, loss_type="dapo").loss
+
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    eager = f(x1)
+    eager.backward()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x2)
+    compiled.backward()
+    assert torch.allclose(eager, compiled, atol=1e-6)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(loss_type="ppo"), ValueError, "loss_type must be one of"),
+    (dict(beta=-0.1, ref_logprobs=True), ValueError, "beta must be >= 0"),
+    (dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
+    (dict(epsilon_low=1.0), ValueError, "epsilon_low must be in"),
+    (dict(loss_type="sapo", delta=2.0), ValueError, "delta applies to"),
+    (dict(loss_type="sapo", epsilon_low=0.2), ValueError, "epsilon_low applies to"),
+    (dict(loss_type="grpo", num_items_in_batch=10), ValueError, "num_items_in_batch applies to"),
+    (dict(loss_type="bnpo", max_completion_length=10), ValueError, "max_completion_length applies to"),
+    (dict(loss_type="dr_grpo"), ValueError, "dr_grpo needs max_completion_length"),
+    (dict(loss_type="cispo"), ValueError, "cispo needs epsilon_high"),
+    (dict(loss_type="grpo", sapo_temperature_pos=1.0), ValueError, "sapo_temperature_pos applies to"),
+    (dict(delta=0.9), ValueError, "delta must be > 1"),
+    (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level"),
+    (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
+    (dict(old_logprobs=torch.zeros(B, T + 1)), ValueError, "old_logprobs must have shape"),
+    (dict(advantages=torch.zeros(B + 1)), ValueError, "advantages must have shape"),
+    (dict(mask=torch.ones(B, T - 1)), ValueError, "mask must have"),
+    (dict(entropy_coef=0.1), ValueError, "entropy_coef > 0 needs entropy"),
+])
+def test_bad_options_raise(kwargs, error, words):
+    d = _batch()
+    kwargs = dict(kwargs)
+    if kwargs.get("ref_logprobs") is True:
+        kwargs["ref_logprobs"] = d["ref"]
+    adv = kwargs.pop("advantages", d["adv"])
+    mask = kwargs.pop("mask", d["mask"])
+    with pytest.raises(error, match=words):
+        r1kernels.policy_loss(d["logp"], adv, mask, **kwargs)
+
+
+@pytest.mark.parametrize("cu, words", [
+    ([1, 3, 5], "must start at 0"),
+    ([0, 4, 3, 5], "non-decreasing"),
+    ([0, 2, 4], "must end at the number of tokens 5"),
+])
+def test_bad_cu_seqlens(cu, words):
+    with pytest.raises(ValueError, match=words):
+        r1kernels.policy_loss(torch.zeros(5), torch.zeros(len(cu) - 1), cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int32"):
+        r1kernels.policy_loss(torch.zeros(5), torch.zeros(2), cu_seqlens=torch.tensor([0, 2, 5.0]))
