@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["logprobs"]
+BENCHMARKS = ["logprobs", "grpo"]
 
 
 def main(argv=None) -> int:

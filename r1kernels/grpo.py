@@ -46,8 +46,11 @@ class _Layout:
     mask: Tensor          # [N] float
     seq_ids: Tensor       # [N] long
     num_seqs: int
+    padded: bool          # [B, T]: per-sequence sums are row sums
 
     def seq_sum(self, x: Tensor) -> Tensor:
+        if self.padded:
+            return x.view(self.num_seqs, -1).sum(1)
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add(0, self.seq_ids, x)
 
     def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False) -> Optional[Tensor]:
@@ -88,7 +91,7 @@ def _layout(logprobs: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tenso
         if tuple(mask.shape) != tuple(logprobs.shape):
             raise ValueError(f"mask must have the logprobs' shape {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
         flat_mask = mask.reshape(-1).to(torch.float32)
-    return _Layout(tuple(logprobs.shape), flat_mask, seq_ids, num_seqs)
+    return _Layout(tuple(logprobs.shape), flat_mask, seq_ids, num_seqs, padded=cu_seqlens is None)
 
 
 def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:

@@ -1,0 +1,90 @@
+"""``python -m bench grpo``: the GRPO loss forward+backward, ours against its peers.
+
+Work counted: 6NHV FLOPs (forward matmul, d hidden, d weight) for the fused-linear losses,
+against the measured matmul rate. Peak memory is above the inputs (gradients included).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+import r1kernels
+from bench.common import Row, measure_ceilings, median_time, peak_memory, print_table, save, try_case
+from bench.logprobs import _our_backends, naive_logprobs
+
+SHAPES = {
+    "cuda": dict(batch=16, length=1024, hidden=4096, vocab=151936, dtype=torch.bfloat16, repeats=5),
+    "cpu": dict(batch=4, length=1024, hidden=512, vocab=32768, dtype=torch.float32, repeats=3),
+}
+OPTIONS = dict(loss_type="grpo", beta=0.04, epsilon_low=0.2, epsilon_high=0.2)
+
+
+def _liger_linear():
+    try:
+        module = importlib.import_module("liger_kernel.chunked_loss")
+    except ImportError:
+        return None
+    return getattr(module, "LigerFusedLinearGRPOLoss", None)
+
+
+def run(device: torch.device) -> list[Row]:
+    s = SHAPES[device.type]
+    b, t, h, v, dtype = s["batch"], s["length"], s["hidden"], s["vocab"], s["dtype"]
+    ceilings = measure_ceilings(device, dtype)
+    n = b * t
+    g = torch.Generator(device="cpu").manual_seed(0)
+    targets = torch.randint(0, v, (b, t), generator=g).to(device)
+    mask = torch.ones(b, t, device=device)
+    mask[:, t * 3 // 4:] = 0                      # a quarter of the tokens are padding
+    adv = torch.randn(b, generator=g).to(device)
+    old = (-torch.rand(b, t, generator=g) * 5).to(device)
+    ref = old + 0.05 * torch.randn(b, t, generator=g).to(device)
+    hidden = torch.randn(b, t, h, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * h ** -0.5).to(device, dtype).requires_grad_()
+
+    def ours(backend):
+        def loss():
+            with r1kernels.use_backend(backend):
+                return r1kernels.linear_grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old,
+                                                  ref_logprobs=ref, **OPTIONS).loss
+        return loss
+
+    def naive():
+        logp = naive_logprobs((hidden @ weight.T).view(n, v), targets.view(n)).view(b, t)
+        return r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref, **OPTIONS).loss
+
+    impls = {f"ours linear_grpo_loss [{be}]": ours(be) for be in _our_backends(device)}
+    impls["naive: TRL formula on materialised logits"] = naive
+    impls["torch.compile(naive)"] = torch.compile(naive)
+    liger_cls = _liger_linear()
+    if liger_cls is not None:
+        liger = liger_cls(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, compiled=False,
+                          use_ref_model=True)
+        impls["Liger LigerFusedLinearGRPOLoss"] = lambda: liger(hidden, weight, targets, mask, adv,
+                                                                ref_per_token_logps=ref,
+                                                                old_per_token_logps=old)[0]
+        if device.type == "cuda":
+            liger_compiled = liger_cls(beta=0.04, loss_type="grpo", compiled=True, use_ref_model=True)
+            impls["Liger LigerFusedLinearGRPOLoss (compiled)"] = lambda: liger_compiled(
+                hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+
+    rows = []
+    shape = f"B={b} T={t} H={h} V={v} {str(dtype)[6:]}"
+    for name, loss_fn in impls.items():
+        def step(loss_fn=loss_fn):
+            hidden.grad = weight.grad = None
+            loss_fn().backward()
+
+        def case(step=step):
+            seconds = median_time(step, device, warmup=1, repeats=s["repeats"])
+            hidden.grad = weight.grad = None
+            return seconds, peak_memory(step, device)
+
+        result, note = try_case(case)
+        seconds, mem = result or (None, None)
+        rows.append(Row(f"{name} fwd+bwd", shape, seconds, mem, 6 * n * h * v, ceilings.matmul_flops, note))
+    print_table("grpo", rows, ceilings)
+    print("peak memory: above inputs, gradients included; fraction: 6NHV FLOPs vs measured matmul rate")
+    print("wrote", save("grpo", rows, ceilings, device))
+    return rows
