@@ -1,0 +1,78 @@
+"""Drop r1kernels into TRL's GRPOTrainer (TRL >= 1.16, where it is installed).
+
+TRL's GRPOTrainer scores completions through a fused LM head (``trl.trainer.utils.add_fused_lm_head``)
+whose vocabulary work is one autograd function over (hidden, weight, bias, labels). ``patch()``
+swaps that function for ``r1kernels.linear_token_logprobs``: the [tokens, V] logits never exist,
+on any backend (Triton on GPU, C++ on CPU), forward and backward, deterministic on request.
+TRL's own loss math (every loss type, masks, metrics) is left in place: it is the semantics
+``r1kernels.policy_loss`` matches, so TRL keeps all its features and gains our kernels.
+
+Not covered (those calls go to TRL's own kernel, with one warning): final-logit softcapping
+(Gemma-2 style), the extra per-token outputs ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``,
+and hidden states whose dtype differs from the LM head's (autocast without ``cast_lm_head_to_fp32``).
+
+    import r1kernels.integrations.trl as r1k_trl
+    r1k_trl.patch()          # before GRPOTrainer(...) is built; r1k_trl.unpatch() restores TRL
+"""
+from __future__ import annotations
+
+import warnings
+
+
+from r1kernels.logprobs import linear_token_logprobs
+
+_SUPPORTED_OUTPUTS = {"log_probs", "entropy"}
+_original = None
+
+
+class _R1KernelsLogProbs:
+    """Stands in for TRL's chunked log-prob autograd function: same ``apply`` signature and outputs
+    (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)."""
+
+    deterministic = None
+    _warned = False
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
+              outputs=("log_probs",)):
+        unsupported = set(outputs) - _SUPPORTED_OUTPUTS
+        if final_logit_softcapping or unsupported or hidden.dtype != weight.dtype or not logit_scale:
+            if not cls._warned:
+                warnings.warn("r1kernels TRL patch: falling back to TRL's kernel for this call "
+                              f"(softcapping={final_logit_softcapping}, outputs={sorted(unsupported)}, "
+                              f"dtypes={hidden.dtype}/{weight.dtype})", stacklevel=2)
+                cls._warned = True
+            return _original.apply(hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping,
+                                   logit_scale, outputs)
+        # logits * logit_scale / temperature == logits / (temperature / logit_scale)
+        logp, entropy = linear_token_logprobs(hidden, weight, labels, bias, temperature / logit_scale,
+                                              return_entropy=True, deterministic=cls.deterministic)
+        return logp, (entropy if "entropy" in outputs else None), None, None, None
+
+
+def patch(deterministic: bool | None = None) -> None:
+    """Route TRL's fused LM head through r1kernels. Idempotent."""
+    global _original
+    from trl.trainer import utils as trl_utils
+
+    if _original is None:
+        _original = trl_utils._ChunkedLogProbFunction
+    _R1KernelsLogProbs.deterministic = deterministic
+    trl_utils._ChunkedLogProbFunction = _R1KernelsLogProbs
+
+
+def unpatch() -> None:
+    """Restore TRL's own kernel."""
+    global _original
+    if _original is not None:
+        from trl.trainer import utils as trl_utils
+
+        trl_utils._ChunkedLogProbFunction = _original
+        _original = None
+
+
+def is_patched() -> bool:
+    return _original is not None
+
+
+__all__ = ["patch", "unpatch", "is_patched"]
