@@ -71,6 +71,30 @@ void token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& ta
                "token_logprobs_backward");
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda(
+    const at::Tensor& rewards, const at::Tensor& weights, int64_t group_size, const at::Tensor& offsets,
+    const at::Tensor& perm, int64_t estimator, int64_t scale, double eps, const at::Tensor& batch_denominator) {
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  TORCH_CHECK(rewards.dim() == 2 && rewards.stride(1) == 1 && rewards.scalar_type() == at::kFloat,
+              "the cuda backend takes fp32 rewards [B, R] with unit stride along R");
+  const bool segmented = offsets.numel() > 0;
+  const int64_t batch = rewards.size(0);
+  const int64_t groups = segmented ? offsets.numel() - 1 : batch / group_size;
+  auto opts = rewards.options();
+  at::Tensor adv = at::empty({batch}, opts), mean = at::empty({groups}, opts), std = at::empty({groups}, opts);
+  at::Tensor constant = at::empty({groups}, opts.dtype(at::kBool));
+  at::Tensor denominator = batch_denominator.to(opts).contiguous();
+  const cuda::GroupsView view{rewards.data_ptr<float>(), rewards.stride(0), rewards.size(1),
+                              weights.data_ptr<float>(), groups, group_size,
+                              segmented ? offsets.data_ptr<int64_t>() : nullptr,
+                              segmented ? perm.data_ptr<int64_t>() : nullptr, static_cast<int>(estimator),
+                              static_cast<int>(scale), static_cast<float>(eps), denominator.data_ptr<float>()};
+  check_launch(cuda::group_advantages(view, adv.data_ptr<float>(), mean.data_ptr<float>(), std.data_ptr<float>(),
+                                      constant.data_ptr<bool>(), at::cuda::getCurrentCUDAStream().stream()),
+               "group_advantages");
+  return {adv, mean, std, constant};
+}
+
 }  // namespace
 #endif
 
@@ -80,12 +104,15 @@ TORCH_LIBRARY(r1k_C, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("token_logprobs_backward(Tensor logits, Tensor targets, Tensor row_max, Tensor row_log_sum,"
         " Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, float inv_temperature, Tensor(a!) out) -> ()");
+  m.def("group_advantages(Tensor rewards, Tensor weights, int group_size, Tensor offsets, Tensor perm,"
+        " int estimator, int scale, float eps, Tensor batch_denominator) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef R1K_WITH_CUDA
 TORCH_LIBRARY_IMPL(r1k_C, CUDA, m) {
   m.impl("token_logprobs_forward", &token_logprobs_forward_cuda);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("group_advantages", &group_advantages_cuda);
 }
 #endif
 

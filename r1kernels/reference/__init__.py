@@ -3,7 +3,8 @@
 They materialise everything and favour obviousness over speed; tests compare every
 backend against them in float64.
 """
+from r1kernels.reference.advantages import group_advantages_ref
 from r1kernels.reference.grpo import grpo_loss_ref
 from r1kernels.reference.logprobs import linear_token_logprobs_ref, token_logprobs_ref
 
-__all__ = ["token_logprobs_ref", "linear_token_logprobs_ref", "grpo_loss_ref"]
+__all__ = ["token_logprobs_ref", "linear_token_logprobs_ref", "grpo_loss_ref", "group_advantages_ref"]

@@ -30,5 +30,23 @@ int token_logprobs_backward(const RowsView& in, const float* row_max, const floa
                             const float* entropy, const float* grad_logp, const float* grad_entropy,
                             void* grad_logits, int64_t out_row_stride, void* stream);
 
+struct GroupsView {
+  const float* rewards;        // [B, R] fp32, unit stride along R
+  int64_t row_stride;
+  int64_t num_rewards;         // R
+  const float* weights;        // [R]
+  int64_t groups;
+  int64_t group_size;          // contiguous groups when offsets is null
+  const int64_t* offsets;      // [groups + 1] segment starts into perm, or null
+  const int64_t* perm;         // [B] row of each segment position, or null
+  int estimator;               // r1k::GroupEstimator
+  int scale;                   // r1k::GroupScale
+  float eps;
+  const float* batch_denominator;  // device scalar, read when scale is batch
+};
+
+// adv [B], mean/std [groups] fp32, constant [groups] bool.
+int group_advantages(const GroupsView& in, float* adv, float* mean, float* std, bool* constant, void* stream);
+
 }  // namespace cuda
 }  // namespace r1k

@@ -1,0 +1,182 @@
+"""Group-relative advantages from rewards: GRPO, Dr. GRPO and RLOO, in one kernel launch.
+
+For each prompt's group of completions, with NaN rewards (unscorable) left out:
+    grpo:    A_i = (r_i - mean_g) / (std_g + eps)   (scale="group"; "batch": the batch std; "none")
+    dr_grpo: A_i = r_i - mean_g                      (grpo with scale="none")
+    rloo:    A_i = r_i - mean_{g without i} = n/(n-1) (r_i - mean_g)   (then / scale, default none)
+std is Bessel-corrected (as torch.std), from min-shifted two-pass sums in the accumulation
+dtype, never E[x^2] - E[x]^2. A group with fewer than two valid rewards, or all equal, gets
+advantages of exactly 0; NaN rewards get 0. Rewards [B, R] of several reward functions are
+weighted and summed first (TRL), or, with multi_reward="normalize_then_sum" (GDPO), each is
+normalised in its group, the weighted sum is taken, and the result is normalised over the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from r1kernels import _checks, backends
+from r1kernels.kernels import torch_advantages
+
+ESTIMATORS = ("grpo", "rloo", "dr_grpo")
+SCALES = ("group", "batch", "none")
+MULTI_REWARD = ("sum_then_normalize", "normalize_then_sum")
+
+
+@dataclasses.dataclass
+class AdvantageStats:
+    group_mean: Tensor          # [G] (or [G, R] with normalize_then_sum), NaN for groups with no valid reward
+    group_std: Tensor           # [G] (or [G, R]), Bessel-corrected
+    zero_std_fraction: Tensor   # 0-d: share of groups whose advantages are 0 (constant, or < 2 valid rewards)
+
+
+def _kernel(backend: str):
+    if backend == "triton":
+        from r1kernels.triton.advantages import group_normalize
+        return group_normalize
+    if backend in ("cpu", "cuda"):
+        return torch_advantages.group_normalize_cpp
+    return torch_advantages.group_normalize
+
+
+@torch.library.custom_op("r1kernels::group_normalize", mutates_args=())
+def _group_normalize(rewards: Tensor, weights: Tensor, group_size: int, offsets: Optional[Tensor],
+                     perm: Optional[Tensor], longest: int, leave_one_out: bool, scale: str, eps: float,
+                     batch_denominator: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "cuda":  # the CUDA C++ kernel reads fp32
+        rewards, weights = rewards.float(), weights.float()
+    return _kernel(backend)(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
+                            batch_denominator)
+
+
+@_group_normalize.register_fake
+def _(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps, batch_denominator, backend):
+    acc = torch_advantages.accumulation_dtype(rewards.dtype)
+    groups = offsets.shape[0] - 1 if offsets is not None else rewards.shape[0] // group_size
+    return (rewards.new_empty(rewards.shape[0], dtype=acc), rewards.new_empty(groups, dtype=acc),
+            rewards.new_empty(groups, dtype=acc), rewards.new_empty(groups, dtype=torch.bool))
+
+
+def _batch_denominator(values: Tensor, eps: float) -> Tensor:
+    """std (Bessel) of the non-NaN values over the whole batch, plus eps, as a 0-d tensor (no sync)."""
+    x = values.double()
+    ok = ~torch.isnan(x)
+    n = ok.sum()
+    mean = torch.where(ok, x, 0.0).sum() / n.clamp(min=1)
+    var = torch.where(ok, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
+    return (var.sqrt() + eps).to(torch_advantages.accumulation_dtype(values.dtype))
+
+
+def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps):
+    _checks.tensor("rewards", rewards)
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating tensor (NaN marks an unscorable completion), got {rewards.dtype}")
+    if rewards.dim() not in (1, 2) or rewards.shape[0] < 1:
+        raise ValueError(f"rewards must be [B] or [B, R] with B >= 1, got shape {tuple(rewards.shape)}")
+    batch = rewards.shape[0]
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if scale is not None and scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if estimator == "dr_grpo" and scale not in (None, "none"):
+        raise ValueError(f"dr_grpo does not scale advantages (scale='none'), got scale={scale!r}")
+    if multi_reward not in MULTI_REWARD:
+        raise ValueError(f"multi_reward must be one of {MULTI_REWARD}, got {multi_reward!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size (contiguous groups) or group_ids")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if batch % group_size:
+            raise ValueError(f"B = {batch} rewards is not divisible by group_size = {group_size}")
+    else:
+        _checks.tensor("group_ids", group_ids)
+        if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool or group_ids.is_complex():
+            raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+        if tuple(group_ids.shape) != (batch,):
+            raise ValueError(f"group_ids must have shape [B] = ({batch},), got {tuple(group_ids.shape)}")
+    num_rewards = rewards.shape[1] if rewards.dim() == 2 else 1
+    if reward_weights is not None:
+        _checks.tensor("reward_weights", reward_weights)
+        if tuple(reward_weights.shape) != (num_rewards,):
+            raise ValueError(f"reward_weights must have shape [R] = ({num_rewards},), "
+                             f"got {tuple(reward_weights.shape)}")
+    _checks.same_device(rewards=rewards, group_ids=group_ids, reward_weights=reward_weights)
+
+
+def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
+                     estimator: str = "grpo", scale: Optional[str] = None, eps: float = 1e-4,
+                     reward_weights: Optional[Tensor] = None, multi_reward: str = "sum_then_normalize",
+                     return_stats: bool = False):
+    """Advantages [B] (fp32; fp64 for fp64 rewards) from rewards [B] or [B, R].
+
+    Groups: ``group_size=G`` (contiguous runs of G rows, one kernel launch) or ``group_ids`` [B]
+    (any integer ids, groups of any sizes, in any order: a stable sort, then one kernel launch).
+    ``scale`` defaults to "group" for grpo and "none" for rloo and dr_grpo.
+    Returns ``adv``, or ``(adv, AdvantageStats)`` with ``return_stats=True``.
+    """
+    _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps)
+    scale = scale or ("group" if estimator == "grpo" else "none")
+    backend = backends.resolve(rewards.device)
+    rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
+    if rewards_2d.stride(1) != 1:
+        rewards_2d = rewards_2d.contiguous()
+    acc = torch_advantages.accumulation_dtype(rewards.dtype)
+    num_rewards = rewards_2d.shape[1]
+    weights = (torch.ones(num_rewards, dtype=acc, device=rewards.device) if reward_weights is None
+               else reward_weights.to(device=rewards.device, dtype=acc).contiguous())
+    offsets = perm = None
+    longest = group_size or 0
+    if group_ids is not None:
+        ids_sorted, perm = torch.sort(group_ids, stable=True)
+        _, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
+        offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+        longest = int(counts.max())
+
+    def normalise(columns, column_weights):
+        denominator = None
+        if scale == "batch":
+            denominator = _batch_denominator(torch_advantages.combine_rewards(columns, column_weights), eps)
+        return _group_normalize(columns, column_weights, group_size or 0, offsets, perm, longest,
+                                estimator == "rloo", scale, float(eps), denominator, backend)
+
+    if multi_reward == "normalize_then_sum" and num_rewards > 1:
+        one = weights.new_ones(1)
+        per_column = [normalise(rewards_2d[:, k:k + 1], one) for k in range(num_rewards)]
+        summed = sum(w * out[0] for w, out in zip(weights, per_column))
+        unscorable = torch.isnan(rewards_2d).all(1)
+        summed = torch.where(unscorable, torch.nan, summed)
+        adv = torch.where(unscorable, 0.0, (summed - torch.nanmean(summed)) / _batch_denominator(summed, eps))
+        mean, std, constant = (torch.stack([out[i] for out in per_column], 1) for i in (1, 2, 3))
+        constant = constant.all(1)
+    else:
+        adv, mean, std, constant = normalise(rewards_2d, weights)
+    if not return_stats:
+        return adv
+    return adv, AdvantageStats(mean, std, constant.float().mean())
+
+
+def expand_to_tokens(advantages: Tensor, cu_seqlens: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                     total_tokens: Optional[int] = None) -> Tensor:
+    """Sequence advantages [S] to the token layouts: packed [N] (from ``cu_seqlens``) or padded
+    [B, T] (from ``mask``, zeros on masked tokens)."""
+    _checks.tensor("advantages", advantages)
+    if (cu_seqlens is None) == (mask is None):
+        raise ValueError("give exactly one of cu_seqlens (packed) or mask (padded)")
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be [S], got shape {tuple(advantages.shape)}")
+    if mask is not None:
+        if mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
+            raise ValueError(f"mask must be [B, T] with B = {advantages.shape[0]}, got {tuple(mask.shape)}")
+        return advantages[:, None] * mask.to(advantages.dtype)
+    if cu_seqlens.shape != (advantages.shape[0] + 1,):
+        raise ValueError(f"cu_seqlens must have shape [S+1] = ({advantages.shape[0] + 1},), "
+                         f"got {tuple(cu_seqlens.shape)}")
+    total = int(cu_seqlens[-1]) if total_tokens is None else total_tokens
+    _checks.cu_seqlens("cu_seqlens", cu_seqlens, total)
+    return torch.repeat_interleave(advantages, (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total)

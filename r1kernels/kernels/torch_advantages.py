@@ -1,0 +1,74 @@
+"""The ``torch`` backend of group advantage normalisation, and the ``cpu``/``cuda`` call into C++.
+
+Contract shared by every backend's ``group_normalize(rewards [B, R], weights [R], group_size,
+offsets, perm, longest, leave_one_out, scale, eps, batch_denominator)``: groups are contiguous
+runs of ``group_size`` rows, or (``offsets`` given) the segments ``perm[offsets[g]:offsets[g+1]]``.
+Each row's reward is the weighted sum of its R rewards (NaNs skipped, NaN if all are). Per group,
+with min-shifted two-pass statistics: adv = (r - mean) * factor / denom, 0 for NaN rewards and
+for groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; denom
+std + eps, ``batch_denominator``, or 1). Returns (adv [B], mean [G], std [G], constant [G]).
+"""
+from __future__ import annotations
+
+import torch
+
+SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted nansum over the R rewards of each row; NaN where all R are NaN."""
+    x = rewards.to(weights.dtype)
+    ok = ~torch.isnan(x)
+    total = torch.where(ok, x * weights, 0.0).sum(1)
+    return torch.where(ok.any(1), total, torch.nan)
+
+
+def group_normalize(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
+                    batch_denominator):
+    r = combine_rewards(rewards, weights)
+    batch = r.shape[0]
+    if offsets is None:
+        groups = batch // group_size
+        group_of_row = torch.arange(batch, device=r.device) // group_size
+    else:
+        groups = offsets.numel() - 1
+        group_of_row = torch.empty(batch, dtype=torch.long, device=r.device)
+        group_of_row[perm] = torch.repeat_interleave(torch.arange(groups, device=r.device), offsets.diff(),
+                                                     output_size=batch)
+    ok = ~torch.isnan(r)
+    zeros = r.new_zeros(groups)
+    count = zeros.index_add(0, group_of_row, ok.to(r.dtype))
+    lo = r.new_full((groups,), torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, torch.inf), "amin")
+    hi = r.new_full((groups,), -torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, -torch.inf), "amax")
+    shifted = r - lo[group_of_row]
+    shifted_mean = zeros.index_add(0, group_of_row, torch.where(ok, shifted, 0.0)) / count.clamp(min=1)
+    deviation = shifted - shifted_mean[group_of_row]
+    m2 = zeros.index_add(0, group_of_row, torch.where(ok, deviation * deviation, 0.0))
+    std = torch.where(count > 1, (m2 / (count - 1).clamp(min=1)).sqrt(), 0.0)
+    constant = (count <= 1) | (hi == lo)
+    factor = torch.where(count > 1, count / (count - 1).clamp(min=1), 1.0) if leave_one_out else torch.ones_like(std)
+    if scale == "group":
+        factor = factor / (std + eps)
+    elif scale == "batch":
+        factor = factor / batch_denominator.to(r.dtype)
+    adv = torch.where(ok & ~constant[group_of_row], deviation * factor[group_of_row], 0.0)
+    mean = torch.where(count > 0, lo + shifted_mean, torch.nan)
+    return adv, mean, std, constant
+
+
+def group_normalize_cpp(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
+                        batch_denominator):
+    """The ``cpu`` and ``cuda`` backends: the C++ extension (csrc/*/group_advantages*)."""
+    import r1kernels._C  # noqa: F401
+
+    empty = torch.empty(0, dtype=torch.long, device=rewards.device)
+    if batch_denominator is None:
+        batch_denominator = weights.new_ones(())
+    return torch.ops.r1k_C.group_advantages(rewards, weights, group_size or 0,
+                                            empty if offsets is None else offsets,
+                                            empty if perm is None else perm, int(leave_one_out),
+                                            SCALE_CODES[scale], eps, batch_denominator)

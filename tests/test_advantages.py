@@ -1,0 +1,190 @@
+"""group_advantages on every CPU-runnable backend against the float64 reference and TRL's formula."""
+import pytest
+import torch
+from conftest import assert_close_scaled, cpu_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import r1kernels
+from r1kernels.reference import group_advantages_ref
+
+
+def _contiguous(batch, size):
+    return [list(range(i, i + size)) for i in range(0, batch, size)]
+
+
+def _from_ids(ids):
+    groups = {}
+    for i, g in enumerate(ids.tolist()):
+        groups.setdefault(g, []).append(i)
+    return list(groups.values())
+
+
+def _run(backend, rewards, **kw):
+    with r1kernels.use_backend(backend):
+        return r1kernels.group_advantages(rewards, **kw)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
+                                              ("rloo", "none"), ("rloo", "group"), ("dr_grpo", None)])
+@pytest.mark.parametrize("num_rewards", [1, 3])
+def test_contiguous_groups_match_reference(backend, estimator, scale, num_rewards):
+    batch, size = 64, 8
+    rewards = torch.randn(batch, num_rewards) if num_rewards > 1 else torch.randn(batch)
+    rewards[5] = float("nan")                     # an unscorable completion
+    rewards[16:24] = 0.5                          # a constant group
+    weights = torch.tensor([1.0, 0.5, 2.0]) if num_rewards > 1 else None
+    for multi in (["sum_then_normalize", "normalize_then_sum"] if num_rewards > 1 else ["sum_then_normalize"]):
+        adv = _run(backend, rewards, group_size=size, estimator=estimator, scale=scale, reward_weights=weights,
+                   multi_reward=multi)
+        ref = group_advantages_ref(rewards, _contiguous(batch, size), estimator, scale or "none", 1e-4, weights,
+                                   multi)
+        assert adv.dtype == torch.float32 and adv.shape == (batch,)
+        assert_close_scaled(adv, ref, 1e-5, f"{multi}")
+        if multi == "sum_then_normalize":
+            assert (adv[16:24] == 0).all(), "a constant group must give exactly 0"
+    if num_rewards == 1:
+        assert adv[5] == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_shuffled_ids_mixed_sizes(backend):
+    sizes = [1, 2, 3, 8, 5, 17, 1, 4]
+    ids = torch.cat([torch.full((n,), 100 + 7 * g) for g, n in enumerate(sizes)])
+    ids = ids[torch.randperm(ids.numel())]
+    rewards = torch.randn(ids.numel()) * 3 + 1
+    rewards[torch.randint(0, ids.numel(), (3,))] = float("nan")
+    for estimator in ("grpo", "rloo"):
+        adv, stats = _run(backend, rewards, group_ids=ids, estimator=estimator, return_stats=True)
+        ref = group_advantages_ref(rewards, _from_ids(ids), estimator, "group" if estimator == "grpo" else "none")
+        assert_close_scaled(adv, ref, 1e-5, estimator)
+        assert stats.group_mean.shape == (len(sizes),)
+    # the two groups of one give exactly 0
+    singles = [i for i, g in enumerate(ids.tolist()) if g in (100, 100 + 7 * 6)]
+    assert (adv[singles] == 0).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_huge_offsets_keep_their_spread(backend):
+    """Rewards near 1e6 with spread 1e-2: E[x^2] - E[x]^2 in fp32 returns noise (or a negative
+    variance) here; the shifted two-pass std stays exact."""
+    for dtype in (torch.float64, torch.float32):
+        rewards = (1e6 + torch.randn(256, dtype=torch.float64) * 1e-2).to(dtype)
+        adv = _run(backend, rewards, group_size=8)
+        ref = group_advantages_ref(rewards, _contiguous(256, 8))
+        # the float64 reference averages unshifted values near 1e6 itself: its own error is ~1e-8
+        assert_close_scaled(adv, ref, 1e-4 if dtype == torch.float32 else 1e-7, str(dtype))
+        assert adv.abs().max() > 0.5, "the spread must survive"
+    x = rewards.view(-1, 8).float()
+    naive_var = (x * x).mean(1) - x.mean(1) ** 2
+    true_var = x.double().var(1, unbiased=False)
+    assert ((naive_var.double() - true_var).abs() > true_var).any(), "the naive formula should fail here"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equals_trl_formula(backend, scale):
+    size = 4
+    rewards = torch.randn(32)
+    grouped = rewards.view(-1, size)
+    adv_trl = rewards - grouped.mean(1).repeat_interleave(size)
+    if scale == "group":
+        adv_trl = adv_trl / (grouped.std(1).repeat_interleave(size) + 1e-4)
+    elif scale == "batch":
+        adv_trl = adv_trl / (rewards.std() + 1e-4)
+    adv = _run(backend, rewards, group_size=size, scale=scale)
+    torch.testing.assert_close(adv, adv_trl, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_equals_verl_grpo_and_rloo_by_uid(backend):
+    """verl's per-uid loops (groups of two or more; verl gives a lone completion mean 0, std 1)."""
+    ids = torch.tensor([3, 9, 3, 9, 9, 4, 4, 3, 4, 4])
+    rewards = torch.randn(10, dtype=torch.float64)
+    groups = _from_ids(ids)
+    verl_grpo = torch.empty(10, dtype=torch.float64)
+    verl_rloo = torch.empty(10, dtype=torch.float64)
+    for idx in groups:
+        vals = rewards[idx]
+        n = len(idx)
+        verl_grpo[idx] = (vals - vals.mean()) / (vals.std() + 1e-6)
+        verl_rloo[idx] = vals * n / (n - 1) - vals.mean() * n / (n - 1)
+    torch.testing.assert_close(_run(backend, rewards, group_ids=ids, eps=1e-6), verl_grpo)
+    torch.testing.assert_close(_run(backend, rewards, group_ids=ids, estimator="rloo"), verl_rloo)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_extreme_group_sizes_and_stats(backend):
+    rewards = torch.randn(48)
+    assert (_run(backend, rewards, group_size=1) == 0).all()
+    whole = _run(backend, rewards, group_size=48)
+    assert_close_scaled(whole, (rewards - rewards.mean()) / (rewards.std() + 1e-4), 1e-5)
+    rewards[:12] = 1.0
+    adv, stats = _run(backend, rewards, group_size=12, return_stats=True)
+    assert stats.zero_std_fraction.item() == pytest.approx(0.25)
+    assert_close_scaled(stats.group_mean, rewards.view(4, 12).mean(1), 1e-6)
+    assert_close_scaled(stats.group_std, rewards.view(4, 12).std(1), 1e-6)
+    nan_group = torch.full((4,), float("nan"))
+    adv, stats = _run(backend, nan_group, group_size=2, return_stats=True)
+    assert (adv == 0).all() and torch.isnan(stats.group_mean).all()
+
+
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+def test_large_batch(backend):
+    rewards = torch.randn(1 << 20, 3)
+    adv = _run(backend, rewards, group_size=64)
+    r = rewards.double().sum(1).view(-1, 64)
+    expected = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert_close_scaled(adv, expected, 1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=10), seed=st.integers(0, 10_000),
+       estimator=st.sampled_from(["grpo", "rloo"]))
+def test_property_random_groups(sizes, seed, estimator):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    rewards = torch.randint(0, 3, (ids.numel(),), generator=gen).double()   # many ties and constant groups
+    ref = group_advantages_ref(rewards, _from_ids(ids), estimator, "group" if estimator == "grpo" else "none")
+    for backend in cpu_backends():
+        adv = _run(backend, rewards, group_ids=ids, estimator=estimator)
+        assert torch.isfinite(adv).all()
+        assert_close_scaled(adv, ref, 1e-9 if backend != "triton" else 1e-6, backend)
+
+
+def test_compile_fullgraph_contiguous():
+    rewards = torch.randn(32)
+    f = torch.compile(lambda r: r1kernels.group_advantages(r, group_size=8), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(rewards), r1kernels.group_advantages(rewards, group_size=8))
+
+
+def test_expand_to_tokens():
+    adv = torch.tensor([1.0, -2.0, 3.0])
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    assert torch.equal(r1kernels.expand_to_tokens(adv, cu_seqlens=cu), torch.tensor([1.0, 1.0, 3.0, 3.0, 3.0]))
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    assert torch.equal(r1kernels.expand_to_tokens(adv, mask=mask),
+                       torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        r1kernels.expand_to_tokens(adv)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(group_size=5), ValueError, "not divisible by group_size"),
+    (dict(group_size=0), ValueError, "group_size must be a positive int"),
+    (dict(), ValueError, "exactly one of group_size"),
+    (dict(group_ids=torch.zeros(7, dtype=torch.long)), ValueError, r"group_ids must have shape \[B\]"),
+    (dict(group_ids=torch.zeros(8)), TypeError, "group_ids must be an integer tensor"),
+    (dict(group_size=4, reward_weights=torch.ones(2)), ValueError, r"reward_weights must have shape \[R\]"),
+    (dict(group_size=4, estimator="ppo"), ValueError, "estimator must be one of"),
+    (dict(group_size=4, scale="global"), ValueError, "scale must be one of"),
+    (dict(group_size=4, estimator="dr_grpo", scale="group"), ValueError, "dr_grpo does not scale"),
+    (dict(group_size=4, multi_reward="max"), ValueError, "multi_reward must be one of"),
+])
+def test_bad_input(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        r1kernels.group_advantages(torch.randn(8), **kwargs)
+    with pytest.raises(TypeError, match="rewards must be a floating tensor"):
+        r1kernels.group_advantages(torch.ones(8, dtype=torch.long), group_size=4)
