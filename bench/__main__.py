@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["logprobs", "grpo"]
+BENCHMARKS = ["logprobs", "grpo", "advantages"]
 
 
 def main(argv=None) -> int:
