@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn")
 
 _local = threading.local()
 
@@ -40,6 +40,15 @@ def cuda_extension_available() -> bool:
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    try:
+        importlib.import_module("flash_attn")
     except ImportError:
         return False
     return True
@@ -93,6 +102,10 @@ def _why_not(name: str, device: torch.device) -> str | None:
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return None
         return f"the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; got {device}"
+    if name == "flash_attn":
+        if not flash_attn_available():
+            return "flash-attn is not installed"
+        return None if device.type == "cuda" else f"flash-attn needs CUDA tensors, got {device}"
     raise AssertionError(name)
 
 
@@ -110,7 +123,8 @@ def _resolve(device_type: str, supported: tuple[str, ...]) -> str:
     device = torch.device(device_type)
     name = requested_backend()
     if name == "auto":
-        order = [b for b in supported if b != "triton" or device.type == "cuda"]
+        # auto never picks flash_attn (ours is the default; flash-attn must be asked for)
+        order = [b for b in supported if (b != "triton" or device.type == "cuda") and b != "flash_attn"]
         for candidate in order:
             if _why_not(candidate, device) is None:
                 return candidate

@@ -1,0 +1,229 @@
+"""Packed-sequence (varlen) attention with flash-attn's calling convention, and packing helpers.
+
+``varlen_attention(q [total_q, Hq, D], k, v [total_k, Hkv, D], cu_seqlens_q, cu_seqlens_k, ...)``
+computes, for each sequence s separately, softmax(q k^T * scale, masked) v with the semantics of
+``flash_attn_varlen_func`` (see ``r1kernels.reference.attention``): bottom-right causal alignment,
+inclusive sliding window, softcap, zeros for queries that see no key, GQA/MQA by head groups.
+Backends: ``triton`` (FA2 forward and backward), ``torch`` (the float32 reference math, one
+sequence at a time; CPU training), ``flash_attn`` (when installed and asked for).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from r1kernels import _checks, backends
+
+SUPPORTED_BACKENDS = ("triton", "flash_attn", "torch")
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be an int or a 0-d tensor, got shape {tuple(value.shape)}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
+    return value
+
+
+def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
+    from r1kernels.reference.attention import varlen_attention_ref
+
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = varlen_attention_ref(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, dtype=compute)
+    return out.to(q.dtype), lse.float()
+
+
+@torch.library.custom_op("r1kernels::varlen_attention_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
+             causal: bool, window_left: int, window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
+    window = (window_left, window_right)
+    if backend == "triton":
+        from r1kernels.triton import attention as triton_attention
+        return triton_attention.forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                             window_size=window, softcap=softcap, return_attn_probs=True)
+        return out, lse
+    return _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window, softcap)
+
+
+@_forward.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+              cu_k: Tensor, max_q: int, max_k: int, scale: float, causal: bool, window_left: int,
+              window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    window = (window_left, window_right)
+    if backend == "triton":
+        from r1kernels.triton import attention as triton_attention
+        return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+                                         window, softcap)
+    # torch and flash_attn: differentiate the reference math (flash-attn's own backward is used
+    # through its autograd function in ``flash_attn_compat``)
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        recomputed, _ = _torch_forward(*leaves, cu_q, cu_k, scale, causal, window, softcap)
+        return torch.autograd.grad(recomputed, leaves, grad_out)
+
+
+@_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap,
+      backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, backend):
+        out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window[0], window[1], softcap, backend)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale, causal, window[0], window[1], softcap, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.floating(name, x)
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be [total, heads, head_dim], got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must share a device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[2]
+    if k.shape[2] != head_dim:
+        raise ValueError(f"q and k head dims differ: {head_dim} and {k.shape[2]}")
+    if not (8 <= head_dim <= 256 and head_dim % 8 == 0):
+        raise ValueError(f"unsupported head_dim {head_dim}: expected a multiple of 8 up to 256")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"Hq = {q.shape[1]} must be a multiple of Hkv = {k.shape[1]}")
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        _checks.tensor(name, cu)
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (flash-attn convention), got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {cu.device}")
+        _checks.cu_seqlens(name, cu, total)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [S+1], got {tuple(cu_seqlens_q.shape)} "
+                         f"and {tuple(cu_seqlens_k.shape)}")
+    max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
+    if not torch.compiler.is_compiling():
+        for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_q), ("max_seqlen_k", cu_seqlens_k, max_k)):
+            longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+            if given < longest:
+                raise ValueError(f"{name} = {given} is smaller than the longest sequence ({longest})")
+    if not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"window_size must be (left, right) with -1 for unbounded, got {window_size}")
+    return max_q, max_k
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q,
+                     max_seqlen_k, *, softmax_scale: Optional[float] = None, causal: bool = False,
+                     window_size=(-1, -1), softcap: float = 0.0, deterministic: bool = False,
+                     return_lse: bool = False):
+    """Attention within each packed sequence; returns ``out [total_q, Hq, D]`` (and fp32 ``lse [Hq, total_q]``).
+
+    Every backend here is deterministic (each output is written by one program), so
+    ``deterministic`` is accepted for flash-attn compatibility and changes nothing.
+    """
+    max_q, max_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size)
+    backend = backends.resolve(q.device, SUPPORTED_BACKENDS)
+    _checks.backend_dtype(backend, "q", q)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    window = (int(window_size[0]), int(window_size[1]))
+    out, lse = _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+                                      max_q, max_k, scale, bool(causal), window, float(softcap), backend)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------ packing
+
+
+@dataclasses.dataclass
+class Packed:
+    input_ids: Tensor      # [N]
+    position_ids: Tensor   # [N], restarting at 0 in each sequence
+    cu_seqlens: Tensor     # [S+1] int32
+    max_seqlen: int
+
+
+def pack(sequences: Sequence[Tensor]) -> Packed:
+    """Concatenate 1-D token sequences into one row, with position ids and cu_seqlens."""
+    if not sequences:
+        raise ValueError("pack needs at least one sequence")
+    lengths = [int(s.shape[0]) for s in sequences]
+    for i, s in enumerate(sequences):
+        if s.dim() != 1:
+            raise ValueError(f"sequences[{i}] must be 1-D, got shape {tuple(s.shape)}")
+    device = sequences[0].device
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+    return Packed(torch.cat(list(sequences)), positions, cu, max(lengths))
+
+
+def unpack(packed_values: Tensor, cu_seqlens: Tensor) -> list[Tensor]:
+    """Split a packed [N, ...] tensor back into its sequences."""
+    bounds = cu_seqlens.tolist()
+    return [packed_values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, num_ranks: int = 1) -> list[list[list[int]]]:
+    """Split sequences into micro-batches of at most ``max_tokens`` tokens, balanced over ranks.
+
+    First-fit decreasing: sequences sorted longest first go to the rank with the fewest tokens,
+    then, within each rank, into the first micro-batch with room (a new one when none has).
+    Returns ``plan[rank][micro_batch] = [sequence indices]``. Balance: the rank loads differ by
+    at most the longest sequence (greedy longest-first, the LPT bound: the heaviest rank carries at
+    most 4/3 of the optimum); each rank uses at most 11/9 OPT + 6/9 micro-batches (FFD's bound).
+    Every rank gets at least one micro-batch (possibly empty) so that ranks step together.
+    """
+    if max_tokens < 1 or num_ranks < 1:
+        raise ValueError("max_tokens and num_ranks must be >= 1")
+    too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        raise ValueError(f"sequences {too_long[:5]} are longer than max_tokens={max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rank_tokens = [0] * num_ranks
+    rank_seqs: list[list[int]] = [[] for _ in range(num_ranks)]
+    for i in order:
+        rank = min(range(num_ranks), key=lambda r: rank_tokens[r])
+        rank_tokens[rank] += lengths[i]
+        rank_seqs[rank].append(i)
+    plan = []
+    for seqs in rank_seqs:
+        bins: list[list[int]] = []
+        loads: list[int] = []
+        for i in seqs:
+            for b, load in enumerate(loads):
+                if load + lengths[i] <= max_tokens:
+                    bins[b].append(i)
+                    loads[b] += lengths[i]
+                    break
+            else:
+                bins.append([i])
+                loads.append(lengths[i])
+        plan.append(bins or [[]])
+    return plan

@@ -1,0 +1,55 @@
+"""Spec of varlen attention (flash-attn's flash_attn_varlen_func semantics), one sequence at a time.
+
+For sequence s with Lq queries and Lk keys, query i sits at key position i + (Lk - Lq)
+(bottom-right alignment). Key j is visible when j <= i + Lk - Lq (causal), and within the
+window: i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1 = unbounded). Scores are
+q.k * softmax_scale, then softcap * tanh(score / softcap) when softcap > 0. A query that sees
+no key outputs 0 (and log-sum-exp -inf). Hq must be a multiple of Hkv (GQA/MQA).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible_keys(q_len: int, k_len: int, causal: bool, window_size, device) -> torch.Tensor:
+    """[q_len, k_len] bool: which keys each query may attend to."""
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=device)[None, :]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if right >= 0:
+        allowed &= j <= i + right
+    if left >= 0:
+        allowed &= j >= i - left
+    return allowed
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         window_size=(-1, -1), softcap=0.0, dtype=torch.float64):
+    """(out [total_q, Hq, D] in ``dtype``, lse [Hq, total_q] in ``dtype``). Differentiable by autograd."""
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    outs, lses = [], []
+    for s in range(cu_seqlens_q.numel() - 1):
+        q0, q1 = int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1])
+        k0, k1 = int(cu_seqlens_k[s]), int(cu_seqlens_k[s + 1])
+        qs = q[q0:q1].to(dtype).transpose(0, 1)                                   # [Hq, Lq, D]
+        ks = k[k0:k1].to(dtype).transpose(0, 1).repeat_interleave(hq // hkv, 0)  # [Hq, Lk, D]
+        vs = v[k0:k1].to(dtype).transpose(0, 1).repeat_interleave(hq // hkv, 0)
+        scores = qs @ ks.transpose(1, 2) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        allowed = visible_keys(q1 - q0, k1 - k0, causal, window_size, q.device)
+        scores = scores.masked_fill(~allowed, -math.inf)
+        lse = torch.logsumexp(scores, -1)                                         # [Hq, Lq]
+        probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append((probs @ vs).transpose(0, 1))
+        lses.append(lse)
+    out = torch.cat(outs, 0) if outs else q.new_zeros(0, hq, d, dtype=dtype)
+    lse = torch.cat(lses, 1) if lses else q.new_zeros(hq, 0, dtype=dtype)
+    return out, lse
