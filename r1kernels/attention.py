@@ -41,53 +41,37 @@ def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
 
 @torch.library.custom_op("r1kernels::varlen_attention_forward", mutates_args=())
 def _forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
-             causal: bool, window_left: int, window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
-    window = (window_left, window_right)
-    if backend == "triton":
-        from r1kernels.triton import attention as triton_attention
-        return triton_attention.forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap)
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
-                                             window_size=window, softcap=softcap, return_attn_probs=True)
-        return out, lse
-    return _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window, softcap)
+             causal: bool, window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+    from r1kernels.triton import attention as triton_attention
+    return triton_attention.forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, (window_left, window_right),
+                                    softcap)
 
 
 @_forward.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap, backend):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
               cu_k: Tensor, max_q: int, max_k: int, scale: float, causal: bool, window_left: int,
-              window_right: int, softcap: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    window = (window_left, window_right)
-    if backend == "triton":
-        from r1kernels.triton import attention as triton_attention
-        return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
-                                         window, softcap)
-    # torch and flash_attn: differentiate the reference math (flash-attn's own backward is used
-    # through its autograd function in ``flash_attn_compat``)
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        recomputed, _ = _torch_forward(*leaves, cu_q, cu_k, scale, causal, window, softcap)
-        return torch.autograd.grad(recomputed, leaves, grad_out)
+              window_right: int, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    from r1kernels.triton import attention as triton_attention
+    return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+                                     (window_left, window_right), softcap)
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap,
-      backend):
+def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, backend):
-        out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window[0], window[1], softcap, backend)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap):
+        out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window[0], window[1], softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale, causal, window[0], window[1], softcap, backend)
+        ctx.args = (max_q, max_k, scale, causal, window[0], window[1], softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -95,7 +79,7 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = _backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size):
@@ -143,18 +127,27 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_k, *, softmax_scale: Optional[float] = None, causal: bool = False,
                      window_size=(-1, -1), softcap: float = 0.0, deterministic: bool = False,
                      return_lse: bool = False):
-    """Attention within each packed sequence; returns ``out [total_q, Hq, D]`` (and fp32 ``lse [Hq, total_q]``).
+    """Attention within each packed sequence; returns ``out [total_q, Hq, D]`` (and fp32 ``lse [Hq, total_q]``,
+    not differentiable).
 
-    Every backend here is deterministic (each output is written by one program), so
-    ``deterministic`` is accepted for flash-attn compatibility and changes nothing.
+    Our backends are deterministic (each Triton output is written by one program), so
+    ``deterministic`` only matters for the flash_attn backend, to which it is passed.
     """
     max_q, max_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size)
     backend = backends.resolve(q.device, SUPPORTED_BACKENDS)
     _checks.backend_dtype(backend, "q", q)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     window = (int(window_size[0]), int(window_size[1]))
-    out, lse = _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-                                      max_q, max_k, scale, bool(causal), window, float(softcap), backend)
+    if backend == "triton":
+        out, lse = _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
+                                          max_q, max_k, scale, bool(causal), window, float(softcap))
+    elif backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale,
+                                             causal=causal, window_size=window, softcap=softcap,
+                                             deterministic=deterministic, return_attn_probs=True)
+    else:  # torch: the reference math in fp32 (autograd differentiates it)
+        out, lse = _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, float(softcap))
     return (out, lse) if return_lse else out
 
 

@@ -1,0 +1,167 @@
+"""varlen_attention against the float64 reference, following flash-attn's own test rule:
+error vs an fp32 reference <= 2x (forward) / 3x (backward) that of plain low-precision PyTorch."""
+import pytest
+import torch
+from conftest import assert_close_scaled, cpu_backends
+
+import r1kernels
+from r1kernels.flash_attn_compat import flash_attn_varlen_func
+from r1kernels.reference import varlen_attention_ref
+
+BACKENDS = [b for b in cpu_backends() if b in ("triton", "torch")]
+
+
+def _cu(lengths):
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    return cu
+
+
+def _inputs(lens_q, lens_k, hq, hkv, d, dtype):
+    q = torch.randn(sum(lens_q), hq, d).to(dtype)
+    k = torch.randn(sum(lens_k), hkv, d).to(dtype)
+    v = torch.randn(sum(lens_k), hkv, d).to(dtype)
+    return q, k, v, _cu(lens_q), _cu(lens_k)
+
+
+def _run(backend, q, k, v, cu_q, cu_k, lens_q, lens_k, grad, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with r1kernels.use_backend(backend):
+        out, lse = r1kernels.varlen_attention(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    return out, lse, grads
+
+
+def _reference(q, k, v, cu_q, cu_k, grad, dtype, **kw):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    out, lse = varlen_attention_ref(*leaves, cu_q, cu_k, kw.get("softmax_scale"), kw.get("causal", False),
+                                    kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), dtype=dtype)
+    return out, lse, torch.autograd.grad(out, leaves, grad.to(dtype))
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+CASES = [
+    # lens_q, lens_k, hq, hkv, d, causal, window, softcap
+    ([113, 1, 40], [113, 1, 40], 4, 4, 64, True, (-1, -1), 0.0),
+    ([17, 0, 33], [29, 0, 45], 4, 2, 64, True, (-1, -1), 0.0),        # q shorter than k: bottom-right
+    ([30, 9], [30, 9], 4, 1, 96, False, (-1, -1), 0.0),                 # MQA, head dim 96
+    ([203], [203], 2, 2, 128, True, (31, -1), 0.0),                     # sliding window
+    ([24, 50], [24, 50], 4, 2, 64, True, (-1, -1), 20.0),               # softcap
+    ([20, 7], [12, 7], 2, 1, 256, False, (5, 3), 0.0),                  # head dim 256, two-sided window
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-c{int(c[5])}")
+def test_fp32_matches_float64(backend, case):
+    lens_q, lens_k, hq, hkv, d, causal, window, softcap = case
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, d, torch.float32)
+    grad = torch.randn(sum(lens_q), hq, d)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    out, lse, grads = _run(backend, q, k, v, cu_q, cu_k, lens_q, lens_k, grad, **kw)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float64, **kw)
+    tol = 2e-5 if softcap == 0 else 5e-5
+    assert_close_scaled(out, ref_out, tol, "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "queries that see no key must have lse -inf"
+    assert_close_scaled(lse[finite], ref_lse[finite], tol, "lse")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_scaled(g, r, tol * 3, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=["causal", "bottom-right-gqa", "softcap"])
+def test_low_precision_flash_attn_rule(dtype, case):
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    lens_q, lens_k, hq, hkv, d, causal, window, softcap = case
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, d, dtype)
+    grad = torch.randn(sum(lens_q), hq, d).to(dtype)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    out, _, grads = _run("triton", q, k, v, cu_q, cu_k, lens_q, lens_k, grad, **kw)
+    ref_out, _, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float32, **kw)
+    low_out, _, low_grads = _reference(q, k, v, cu_q, cu_k, grad, dtype, **kw)
+    assert out.dtype == dtype
+    assert _max_err(out, ref_out) <= 2 * _max_err(low_out, ref_out) + 1e-5
+    for name, g, r, low in zip("qkv", grads, ref_grads, low_grads):
+        assert _max_err(g, r) <= 3 * _max_err(low, r) + 1e-5, f"d{name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_and_batch_invariant(backend):
+    lens = [37, 5, 64]
+    q, k, v, cu, _ = _inputs(lens, lens, 4, 2, 64, torch.float32)
+    grad = torch.randn(sum(lens), 4, 64)
+    first = _run(backend, q, k, v, cu, cu, lens, lens, grad, causal=True, deterministic=True)
+    second = _run(backend, q, k, v, cu, cu, lens, lens, grad, causal=True, deterministic=True)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2])), "gradients must be bitwise reproducible"
+    # the middle sequence alone gives bitwise the same output as inside the pack
+    alone = slice(37, 42)
+    solo = _run(backend, q[alone], k[alone], v[alone], _cu([5]), _cu([5]), [5], [5], grad[alone], causal=True)
+    assert torch.equal(solo[0], first[0][alone])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_without_keys_gives_zero(backend):
+    # q longer than k with causal bottom-right alignment: the first queries see no key
+    q, k, v, cu_q, cu_k = _inputs([6], [2], 2, 2, 64, torch.float32)
+    with r1kernels.use_backend(backend):
+        out, lse = r1kernels.varlen_attention(q, k, v, cu_q, cu_k, torch.tensor(6), torch.tensor(2), causal=True,
+                                              return_lse=True)
+    assert (out[:4] == 0).all() and torch.isinf(lse[:, :4]).all()
+    assert (out[4:].abs() > 0).any()
+
+
+def test_flash_attn_compat_signature_and_errors():
+    q, k, v, cu, _ = _inputs([8, 3], [8, 3], 2, 2, 64, torch.float32)
+    out, lse, probs = flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, causal=True, return_attn_probs=True)
+    ref, ref_lse = varlen_attention_ref(q, k, v, cu, cu, causal=True)
+    assert_close_scaled(out, ref, 2e-5)
+    assert lse.shape == (2, 11) and probs is None
+    for kwargs, words in ((dict(dropout_p=0.1), "dropout_p"), (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+                          (dict(block_table=torch.zeros(1)), "block_table")):
+        with pytest.raises(NotImplementedError, match=words):
+            flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, **kwargs)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: dict(a, cu_seqlens_q=a["cu_seqlens_q"].long()), TypeError, "cu_seqlens_q must be int32"),
+    (lambda a: dict(a, cu_seqlens_q=torch.tensor([1, 8, 11], dtype=torch.int32)), ValueError, "must start at 0"),
+    (lambda a: dict(a, cu_seqlens_k=torch.tensor([0, 9, 8, 11], dtype=torch.int32)), ValueError,
+     "cu_seqlens_k must be non-decreasing"),
+    (lambda a: dict(a, cu_seqlens_q=torch.tensor([0, 8, 10], dtype=torch.int32)), ValueError, "must end at"),
+    (lambda a: dict(a, k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
+     "multiple of Hkv"),
+    (lambda a: dict(a, q=a["q"][..., :60], k=a["k"][..., :60], v=a["v"][..., :60]), ValueError,
+     "unsupported head_dim 60"),
+    (lambda a: dict(a, k=a["k"].double()), TypeError, "share a dtype"),
+    (lambda a: dict(a, max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is smaller than the longest sequence"),
+])
+def test_bad_input(change, error, words):
+    q, k, v, cu, _ = _inputs([8, 3], [8, 3], 2, 2, 64, torch.float32)
+    args = dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=8, max_seqlen_k=8)
+    with pytest.raises(error, match=words):
+        r1kernels.varlen_attention(**change(args))
+
+
+def test_pack_unpack_and_planner():
+    seqs = [torch.arange(5), torch.arange(10, 13), torch.arange(20, 21)]
+    packed = r1kernels.pack(seqs)
+    assert packed.cu_seqlens.tolist() == [0, 5, 8, 9] and packed.cu_seqlens.dtype == torch.int32
+    assert packed.position_ids.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0] and packed.max_seqlen == 5
+    assert all(torch.equal(a, b) for a, b in zip(r1kernels.unpack(packed.input_ids, packed.cu_seqlens), seqs))
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(64, 4096, (64,), generator=gen).tolist()
+    plan = r1kernels.plan_micro_batches(lengths, max_tokens=8192, num_ranks=4)
+    seen = sorted(i for rank in plan for mb in rank for i in mb)
+    assert seen == list(range(64)), "every sequence exactly once"
+    assert all(sum(lengths[i] for i in mb) <= 8192 for rank in plan for mb in rank)
+    loads = [sum(lengths[i] for mb in rank for i in mb) for rank in plan]
+    assert max(loads) - min(loads) <= max(lengths), "ranks balanced within the longest sequence"
+    with pytest.raises(ValueError, match="longer than max_tokens"):
+        r1kernels.plan_micro_batches([10, 20], max_tokens=15)
