@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["logprobs", "grpo", "advantages"]
+BENCHMARKS = ["logprobs", "grpo", "advantages", "attention"]
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,25 @@ def _as_int(name: str, value) -> int:
     return value
 
 
-def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
+def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal):
+    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap)."""
+    outs = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        if b == a:
+            continue
+        seq = [x[a:b].transpose(0, 1) for x in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*seq, is_causal=causal, scale=scale,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out.transpose(0, 1))
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, need_lse=True):
+    """(out, lse or None). SDPA per sequence where its semantics are exactly ours, else the
+    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, lse)."""
+    if not need_lse and softcap == 0 and window_size == (-1, -1) and q.dtype != torch.float64 and (
+            not causal or torch.equal(cu_q, cu_k)):
+        return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal), None
     from r1kernels.reference.attention import varlen_attention_ref
 
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -147,7 +165,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                              causal=causal, window_size=window, softcap=softcap,
                                              deterministic=deterministic, return_attn_probs=True)
     else:  # torch: the reference math in fp32 (autograd differentiates it)
-        out, lse = _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, float(softcap))
+        out, lse = _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, float(softcap),
+                                  need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
