@@ -1,0 +1,276 @@
+"""One dataclass tree for the whole run, loaded from TOML or YAML, every field overridable on the
+command line as ``--section.field=value``. Unknown keys and values of the wrong type or range
+raise ConfigError naming the key."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Optional
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "builtin-tiny"          # "builtin-tiny" (a small Qwen2 built from a config) or a HF name/path
+    hidden_size: int = 128              # builtin-tiny only
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    dtype: str = "float32"              # float32 | bfloat16 (parameters)
+    reference_model: bool = False       # load a frozen copy (needed when grpo.beta > 0)
+    gradient_checkpointing: bool = False
+    reward_model: str = ""              # optional sequence-classification checkpoint
+
+
+@dataclasses.dataclass
+class DataConfig:
+    task: str = "arithmetic"            # arithmetic | countdown | jsonl
+    train_jsonl: str = ""               # {"prompt", "answer"} records (task = "jsonl")
+    eval_jsonl: str = ""
+    sft_jsonl: str = ""                 # {"prompt", "completion"} worked traces; built-in tasks make their own
+    digits: int = 2                     # arithmetic: operand size
+    operators: str = "+"                # arithmetic: any of + - *
+    countdown_numbers: int = 3
+    eval_size: int = 200
+    seed: int = 1234
+    use_chat_template: bool = True      # when the tokenizer has one
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    steps: int = 250                    # 0 skips the cold start (R1-Zero)
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    steps: int = 200
+    prompts_per_step: int = 32
+    num_generations: int = 8
+    lr: float = 1e-4
+    warmup_steps: int = 30         # long warm-up: a fresh Adam on noisy policy gradients otherwise knocks the SFT model back
+    lr_schedule: str = "cosine"         # cosine | linear | constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    num_iterations: int = 1
+    loss_type: str = "grpo"
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.28
+    importance_sampling_level: str = "token"
+    scale_rewards: str = "group"        # group | batch | none
+    advantage_estimator: str = "grpo"   # grpo | rloo | dr_grpo
+    micro_batch_tokens: int = 4096      # token budget per packed micro-batch
+    packing: bool = True                # packed varlen micro-batches (False: padded batches)
+    kernels: str = "r1kernels"          # r1kernels | naive (materialised logits, for comparison)
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    engine: str = "hf"                  # hf | vllm
+    temperature: float = 0.5
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    eval_max_new_tokens: int = 32
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    accuracy: float = 1.0
+    format_strict: float = 0.0
+    format_lenient: float = 0.1
+    language: float = 0.0
+    repetition: float = 0.0
+    reward_model: float = 0.0
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    fsdp: str = "auto"                  # auto (when world size > 1) | on | off
+    mixed_precision: str = "auto"       # auto (bf16 compute + fp32 reduce on GPU, fp32 on CPU) | bf16 | fp32
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = "runs/default"
+    every: int = 0                      # steps between checkpoints (0: only at the end)
+    resume: bool = False
+    export: bool = True                 # save_pretrained of the final policy
+
+
+@dataclasses.dataclass
+class LogConfig:
+    plot: bool = True
+    progress: bool = True
+    eval_every: int = 0                 # GRPO steps between held-out evaluations (0: before and after only)
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    seed: int = 0
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "data.task": ("arithmetic", "countdown", "jsonl"),
+    "grpo.lr_schedule": ("cosine", "linear", "constant"),
+    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+    "grpo.importance_sampling_level": ("token", "sequence"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.advantage_estimator": ("grpo", "rloo", "dr_grpo"),
+    "grpo.kernels": ("r1kernels", "naive"),
+    "rollout.engine": ("hf", "vllm"),
+    "parallel.fsdp": ("auto", "on", "off"),
+    "parallel.mixed_precision": ("auto", "bf16", "fp32"),
+}
+POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
+            "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
+            "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+            "rollout.temperature", "grpo.lr", "data.countdown_numbers"}
+NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm",
+                "grpo.weight_decay", "sft.lr"}
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value, kind):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str = ""):
+    fields = _fields(type(obj))
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
+        kind = fields[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; give it a table of fields")
+            _apply(getattr(obj, name), value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, kind))
+
+
+def validate(cfg: TrainerConfig) -> TrainerConfig:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
+    for key in POSITIVE | NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if key in POSITIVE and not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.grpo.num_generations < 2:
+        raise ConfigError("grpo.num_generations: GRPO needs at least 2 completions per prompt")
+    if cfg.grpo.beta > 0 and not cfg.model.reference_model:
+        raise ConfigError("grpo.beta > 0 needs model.reference_model = true")
+    if set(cfg.data.operators) - set("+-*") or not cfg.data.operators:
+        raise ConfigError(f"data.operators: any of '+-*', got {cfg.data.operators!r}")
+    if cfg.data.task == "jsonl" and not cfg.data.train_jsonl:
+        raise ConfigError("data.task = 'jsonl' needs data.train_jsonl")
+    return cfg
+
+
+def load_file(path: str) -> dict:
+    with open(path, "rb") as f:
+        if path.endswith(".toml"):
+            import tomllib
+            return tomllib.load(f)
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            return yaml.safe_load(f) or {}
+    raise ConfigError(f"config file must be .toml or .yaml, got {path!r}")
+
+
+def _flat_fields(cls, prefix=""):
+    for name, kind in _fields(cls).items():
+        if dataclasses.is_dataclass(kind):
+            yield from _flat_fields(kind, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", kind
+
+
+def parse_args(argv=None) -> TrainerConfig:
+    defaults = TrainerConfig()
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer", description="GRPO training (DeepSeek-R1 recipe) on r1kernels + FSDP2. "
+        "Defaults: the embedded CPU run (cold-start SFT, then GRPO on built-in arithmetic).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help=f"TOML or YAML file (presets in {CONFIG_DIR})")
+    for key, kind in _flat_fields(TrainerConfig):
+        section = defaults
+        for part in key.split("."):
+            section = getattr(section, part)
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper(),
+                            help=f"(default: {section!r})")
+    args = parser.parse_args(argv)
+    cfg = TrainerConfig()
+    if args.config:
+        _apply(cfg, load_file(args.config))
+    overrides: dict = {}
+    for key, _ in _flat_fields(TrainerConfig):
+        value = getattr(args, key)
+        if value is not None:
+            node = overrides
+            *sections, name = key.split(".")
+            for part in sections:
+                node = node.setdefault(part, {})
+            node[name] = value
+    _apply(cfg, overrides)
+    return validate(cfg)
+
+
+def from_dict(updates: Optional[dict] = None) -> TrainerConfig:
+    cfg = TrainerConfig()
+    _apply(cfg, updates or {})
+    return validate(cfg)

@@ -1,0 +1,90 @@
+"""Metrics: a JSONL log, a progress line per step, and at the end a summary table and a PNG plot."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MetricsLog:
+    def __init__(self, directory: str, enabled: bool, progress: bool):
+        self.enabled, self.progress = enabled, progress
+        self.rows = []
+        self.start = time.time()
+        self.path = os.path.join(directory, "metrics.jsonl")
+        if enabled:
+            os.makedirs(directory, exist_ok=True)
+            open(self.path, "w").close()
+
+    def log(self, row: dict, total: int):
+        row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}
+        row["elapsed_s"] = round(time.time() - self.start, 2)
+        self.rows.append(row)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.progress:
+            done = row["step"] + 1
+            bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
+            shown = " ".join(f"{k}={v:.3g}" for k, v in row.items()
+                             if k in ("loss", "reward", "accuracy", "kl_mean", "entropy_mean", "clip_ratio_region",
+                                      "completion_len", "train_tok_s", "eval_accuracy") and v is not None)
+            print(f"[{bar}] {row['phase']} {done}/{total} {shown}", file=sys.stderr, flush=True)
+
+    def summary(self, before: float, after: float, plot_path: str | None):
+        grpo = [r for r in self.rows if r["phase"] == "grpo"]
+        lines = ["", "== summary ==", f"{'held-out accuracy before GRPO':36s} {before * 100:6.1f}%",
+                 f"{'held-out accuracy after GRPO':36s} {after * 100:6.1f}%",
+                 f"{'change':36s} {(after - before) * 100:+6.1f} points"]
+        if grpo:
+            for key in ("reward", "accuracy", "kl_mean", "entropy_mean", "completion_len", "rollout_tok_s",
+                        "train_tok_s", "peak_mem_mib"):
+                values = [r[key] for r in grpo if r.get(key) is not None]
+                if values:
+                    lines.append(f"{'GRPO ' + key + ' (first -> last)':36s} {values[0]:.4g} -> {values[-1]:.4g}")
+        lines.append(f"{'wall time':36s} {time.time() - self.start:.0f} s")
+        text = "\n".join(lines)
+        print(text)
+        if plot_path and grpo:
+            self._plot(grpo, plot_path)
+        return text
+
+    def _plot(self, rows, path):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("(matplotlib not installed: no plot)")
+            return
+        steps = [r["step"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [r["reward"] for r in rows], label="reward (train batch)")
+        ax.plot(steps, [r["accuracy"] for r in rows], label="accuracy (train batch)")
+        evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="held-out accuracy (greedy)")
+        ax.set_xlabel("GRPO step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"plot: {path}")

@@ -1,0 +1,57 @@
+"""Policy (and reference) models: the embedded tiny Qwen2 built from a config, or any HF causal LM.
+
+``attach_fused_head`` gives the model a forward that stops at the final hidden states and hands
+them, with the LM head's weight and bias, to a callable (our fused log-prob / loss): the model's
+lm_head never produces the [tokens, vocab] logits. It runs inside the model's own forward, so
+FSDP2's hooks have gathered the parameters by then.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+
+import r1kernels.integrations.transformers as r1k_hf
+
+
+def build_model(cfg, tokenizer, dtype: torch.dtype):
+    import transformers
+
+    if cfg.name == "builtin-tiny":
+        config = transformers.Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = transformers.Qwen2ForCausalLM(config).to(dtype)
+    else:
+        # Loaded on the CPU first, never on the meta device: transformers' rotary buffers are not in
+        # the state dict, so a meta-initialised model would keep them uninitialised (silently wrong logits).
+        model = transformers.AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype)
+    r1k_hf.register()
+    model.set_attn_implementation(r1k_hf.NAME)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def attach_fused_head(model) -> None:
+    """``model(..., head=fn)`` returns ``fn(hidden [B, T, H], lm_head.weight, lm_head.bias)``; without
+    ``head`` the original forward runs (generation is unchanged)."""
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, head=None, **kwargs):
+        if head is None:
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
+        lm_head = self.get_output_embeddings()
+        return head(hidden, lm_head.weight, lm_head.bias)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def decoder_layers(model):
+    return getattr(model, model.base_model_prefix).layers

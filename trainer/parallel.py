@@ -1,0 +1,64 @@
+"""Process group and FSDP2 (ZeRO-3) sharding: ``fully_shard`` on each decoder block, then the root."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+
+def init_world() -> World:
+    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU. A plain ``python -m trainer`` is one process."""
+    use_cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ and not dist.is_initialized():
+        return World(0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return World(rank, size, device)
+
+
+def shard_model(model, layers, world: World, fsdp: str, mixed_precision: str):
+    """Apply FSDP2 when asked (or automatically when world size > 1)."""
+    if fsdp == "off" or (fsdp == "auto" and world.size == 1):
+        return model
+    if not world.distributed:
+        raise RuntimeError("parallel.fsdp = 'on' needs a process group: launch with torchrun")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and world.device.type == "cuda")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
+        else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model

@@ -1,0 +1,177 @@
+"""Rule-based rewards (and an optional learned reward model), weighted and summed.
+
+Every function maps (completion text, example) to a float. A function that raises on one
+completion costs that completion that reward (NaN, left out of its group's statistics by
+group_advantages) and is logged; the run goes on.
+"""
+from __future__ import annotations
+
+import ast
+import logging
+import math
+import re
+import unicodedata
+from collections import Counter
+
+log = logging.getLogger(__name__)
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_STRICT = re.compile(r"^<think>((?:(?!<think>|</think>|<answer>|</answer>).)*)</think>"
+                     r"<answer>((?:(?!<think>|</think>|<answer>|</answer>).)*)</answer>$", re.DOTALL)
+_LENIENT = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
+
+
+def extract_answer(text: str):
+    """The content of the last complete <answer>...</answer>, stripped; None when there is none."""
+    found = _ANSWER.findall(text)
+    return found[-1].strip() if found else None
+
+
+def _number(text: str):
+    cleaned = text.replace(",", "").replace(" ", "")
+    if not cleaned or len(cleaned) > 64:      # huge "numbers" are not worth parsing
+        return None
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _safe_eval(expression: str, allowed_numbers):
+    """Value of an expression of + - * / and parentheses over the given numbers, each used at most once."""
+    if len(expression) > 200:
+        raise ValueError("expression too long")
+    tree = ast.parse(expression, mode="eval")
+    used = []
+
+    def walk(node):
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Add):
+                return left + right
+            if isinstance(node.op, ast.Sub):
+                return left - right
+            if isinstance(node.op, ast.Mult):
+                return left * right
+            return left / right
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            used.append(node.value)
+            return node.value
+        raise ValueError(f"disallowed syntax: {type(node).__name__}")
+
+    value = walk(tree)
+    remaining = Counter(allowed_numbers)
+    remaining.subtract(Counter(used))
+    if any(count < 0 for count in remaining.values()):
+        raise ValueError("numbers used that were not given (or more often than given)")
+    return value
+
+
+def accuracy(text: str, example: dict) -> float:
+    answer = extract_answer(text)
+    if answer is None:
+        return 0.0
+    if example.get("task") == "countdown":
+        try:
+            value = _safe_eval(answer, example["numbers"])
+        except (ValueError, SyntaxError, ZeroDivisionError, RecursionError):
+            return 0.0
+        return float(abs(value - float(example["answer"])) < 1e-9)
+    try:
+        from math_verify import parse, verify  # optional, better for free-form maths
+        return float(verify(parse(example["answer"]), parse(answer)))
+    except ImportError:
+        pass
+    got, want = _number(answer), _number(example["answer"])
+    if got is not None and want is not None:
+        return float(abs(got - want) <= 1e-6 * max(1.0, abs(want)))
+    return float(answer == example["answer"].strip())
+
+
+def format_strict(text: str, example: dict) -> float:
+    """Exactly one <think>...</think> then one <answer>...</answer>, nothing around, nothing nested."""
+    return float(_STRICT.match(text.strip()) is not None)
+
+
+def format_lenient(text: str, example: dict) -> float:
+    return float(_LENIENT.search(text) is not None)
+
+
+def _script(ch: str):
+    if not ch.isalpha():
+        return None
+    name = unicodedata.name(ch, "")
+    return name.split(" ")[0] if name else None
+
+
+def language_consistency(text: str, example: dict) -> float:
+    """Share of the reasoning's letters written in its dominant script (1.0 with no letters)."""
+    match = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+    reasoning = match.group(1) if match else text
+    scripts = Counter(s for s in map(_script, reasoning) if s)
+    total = sum(scripts.values())
+    return 1.0 if total == 0 else scripts.most_common(1)[0][1] / total
+
+
+def repetition(text: str, example: dict, n: int = 4) -> float:
+    """Minus the share of repeated character n-grams outside the tags: 0 for none, towards -1 for loops."""
+    text = re.sub(r"</?(think|answer)>", " ", text)
+    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    if len(grams) < 2:
+        return 0.0
+    return -(1.0 - len(set(grams)) / len(grams))
+
+
+class RewardModel:
+    """A sequence-classification checkpoint scoring prompt + completion (logit 0 of the head)."""
+
+    def __init__(self, name: str, device="cpu"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+
+    def __call__(self, text: str, example: dict) -> float:
+        import torch
+
+        batch = self.tokenizer(example["prompt"] + text, return_tensors="pt", truncation=True)
+        with torch.no_grad():
+            return float(self.model(**{k: v.to(self.model.device) for k, v in batch.items()}).logits[0, 0])
+
+
+BUILTIN = {"accuracy": accuracy, "format_strict": format_strict, "format_lenient": format_lenient,
+           "language": language_consistency, "repetition": repetition}
+
+
+class RewardSet:
+    """Named reward functions with weights; ``score`` returns a [B, R] list of floats (NaN on failure)."""
+
+    def __init__(self, weights: dict, reward_model=None):
+        self.functions = {name: fn for name, fn in BUILTIN.items() if weights.get(name, 0.0)}
+        if weights.get("reward_model", 0.0) and reward_model is not None:
+            self.functions["reward_model"] = reward_model
+        if not self.functions:
+            raise ValueError("at least one reward needs a non-zero weight")
+        self.weights = [float(weights[name]) for name in self.functions]
+        self.failures = Counter()
+
+    @property
+    def names(self):
+        return list(self.functions)
+
+    def score(self, texts, examples):
+        rows = []
+        for text, example in zip(texts, examples):
+            row = []
+            for name, fn in self.functions.items():
+                try:
+                    row.append(float(fn(text, example)))
+                except Exception as err:  # noqa: BLE001 - one bad completion must not stop the run
+                    self.failures[name] += 1
+                    log.warning("reward %s failed on a completion: %s: %s", name, type(err).__name__, err)
+                    row.append(math.nan)
+            rows.append(row)
+        return rows

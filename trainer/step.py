@@ -1,0 +1,153 @@
+"""One GRPO update on a batch of rollouts: micro-batches (packed varlen, or padded), per-token
+log-probs through the fused LM head, and the loss normalised for every loss type so that the
+sum over micro-batches and ranks equals the loss of the whole global batch at once.
+
+Normalisation: policy_loss normalises each micro-batch by its own sequences or tokens; we rescale
+by (micro-batch count / global count), the global counts all-reduced over ranks, and multiply by
+the world size because FSDP averages gradients over ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+import r1kernels
+from r1kernels.grpo import CLIPPED
+
+SEQUENCE_NORMALISED = ("grpo", "sapo", "dr_grpo")
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    rows: list                      # indices into the rollout batch
+    input_ids: torch.Tensor         # packed [1, N] or padded [B, T]
+    position_ids: torch.Tensor
+    targets: torch.Tensor           # packed [N] or padded [B, T]; -100 where no loss
+    mask: torch.Tensor              # bool, completion tokens only
+    advantages: torch.Tensor        # [S]
+    cu_seqlens: Optional[torch.Tensor] = None      # packed only
+    attention_mask: Optional[torch.Tensor] = None  # padded only
+    old_logprobs: Optional[torch.Tensor] = None
+    ref_logprobs: Optional[torch.Tensor] = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def _targets_and_mask(ids: list, prompt_len: int):
+    targets = ids[1:] + [-100]
+    mask = [prompt_len - 1 <= i < len(ids) - 1 for i in range(len(ids))]
+    return targets, mask
+
+
+def build_micro_batches(prompt_ids, completion_ids, advantages, max_tokens, packing, pad_id, device, rows=None):
+    """Token-budget micro-batches (first-fit decreasing), packed into one row each or padded."""
+    sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    rows = list(range(len(sequences))) if rows is None else rows
+    lengths = [len(sequences[r]) for r in rows]
+    plan = r1kernels.plan_micro_batches(lengths, max(max_tokens, max(lengths)), num_ranks=1)[0]
+    batches = []
+    for members in plan:
+        members = [rows[i] for i in sorted(members)]
+        if not members:
+            continue
+        ids = [sequences[r] for r in members]
+        tm = [_targets_and_mask(sequences[r], len(prompt_ids[r])) for r in members]
+        adv = torch.tensor([advantages[r] for r in members], dtype=torch.float32, device=device)
+        if packing:
+            packed = r1kernels.pack([torch.tensor(x, device=device) for x in ids])
+            batches.append(MicroBatch(
+                members, packed.input_ids[None], packed.position_ids[None],
+                torch.tensor([t for targets, _ in tm for t in targets], device=device),
+                torch.tensor([m for _, mask in tm for m in mask], device=device), adv, cu_seqlens=packed.cu_seqlens))
+        else:
+            width = max(len(x) for x in ids)
+            right = lambda xs, fill: [x + [fill] * (width - len(x)) for x in xs]  # noqa: E731
+            input_ids = torch.tensor(right(ids, pad_id), device=device)
+            attention = torch.tensor(right([[1] * len(x) for x in ids], 0), device=device)
+            batches.append(MicroBatch(
+                members, input_ids, (attention.cumsum(1) - 1).clamp(min=0),
+                torch.tensor(right([t for t, _ in tm], -100), device=device),
+                torch.tensor(right([m for _, m in tm], False), device=device), adv, attention_mask=attention))
+    return batches
+
+
+def _model_inputs(mb: MicroBatch) -> dict:
+    if mb.cu_seqlens is not None:
+        max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
+        return dict(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seq_lens_q=mb.cu_seqlens,
+                    cu_seq_lens_k=mb.cu_seqlens, max_length_q=max_len, max_length_k=max_len)
+    return dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
+
+
+def _flat_hidden(hidden, mb):
+    return hidden.reshape(-1, hidden.shape[-1]) if mb.cu_seqlens is not None else hidden
+
+
+def naive_logprobs(hidden, weight, bias, targets, temperature):
+    """What a plain trainer computes: materialised logits, fp32 log-softmax, gather."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+
+
+@torch.no_grad()
+def token_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> torch.Tensor:
+    """Per-token log-probs of the micro-batch's targets (old policy or reference), no gradient."""
+    def head(hidden, weight, bias):
+        hidden = _flat_hidden(hidden, mb)
+        if kernels == "naive":
+            return naive_logprobs(hidden, weight, bias, mb.targets, temperature)
+        return r1kernels.linear_token_logprobs(hidden, weight, mb.targets, bias, temperature)
+
+    return model(**_model_inputs(mb), head=head).float()
+
+
+def loss_options(cfg, global_tokens: float) -> dict:
+    lt = cfg.loss_type
+    options = dict(loss_type=lt, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
+    if lt in CLIPPED:
+        options.update(epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high)
+    if lt == "cispo":
+        options.update(epsilon_high=cfg.epsilon_high)
+    if lt in ("dapo", "cispo"):
+        options.update(num_items_in_batch=global_tokens)
+    return options
+
+
+def micro_batch_scale(loss_type: str, mb: MicroBatch, global_seqs: float, global_tokens: float,
+                      world_size: int) -> float:
+    if loss_type in SEQUENCE_NORMALISED:
+        share = mb.num_seqs / global_seqs
+    elif loss_type == "bnpo":
+        share = mb.num_tokens / max(global_tokens, 1.0)
+    else:  # dapo, cispo: already divided by the global token count
+        share = 1.0
+    return share * world_size
+
+
+def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):
+    """The (unscaled) loss output of one micro-batch, gradients attached."""
+    extra = dict(old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs)
+    if cfg.loss_type == "dr_grpo":
+        extra["max_completion_length"] = max_completion_length
+    layout = dict(cu_seqlens=mb.cu_seqlens) if mb.cu_seqlens is not None else {}
+
+    def head(hidden, weight, bias):
+        hidden = _flat_hidden(hidden, mb)
+        if cfg.kernels == "naive":
+            logp = naive_logprobs(hidden, weight, bias, mb.targets, temperature)
+            return r1kernels.policy_loss(logp, mb.advantages, mb.mask, **layout, **extra, **options)
+        return r1kernels.linear_grpo_loss(hidden, weight, mb.targets, mb.advantages, mb.mask, bias=bias,
+                                          temperature=temperature, **layout, **extra, **options)
+
+    return model(**_model_inputs(mb), head=head)

@@ -1,0 +1,264 @@
+"""The R1 pipeline: optional cold-start SFT on worked traces, then GRPO (R1-Zero: sft.steps = 0)."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+
+import torch
+
+import r1kernels
+from trainer import checkpoint, parallel, rewards as reward_fns, step as grpo_step
+from trainer.metrics import MetricsLog, peak_memory_bytes
+from trainer.model import attach_fused_head, build_model, decoder_layers
+from trainer.rollout import HFGenerateEngine, VLLMEngine
+from trainer.tasks import TaskSource
+from trainer.tokenizer import load_tokenizer, prompt_text
+
+PEAK_BF16_FLOPS = 989e12   # H100/H200 dense bf16, for MFU
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.world = parallel.init_world()
+        random.seed(cfg.seed + self.world.rank)
+        torch.manual_seed(cfg.seed + self.world.rank)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        torch.manual_seed(cfg.seed)       # identical initial weights on every rank
+        model = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
+        attach_fused_head(model)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.ref_model = None
+        if cfg.model.reference_model:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            attach_fused_head(self.ref_model)
+            parallel.shard_model(self.ref_model, decoder_layers(self.ref_model), self.world, cfg.parallel.fsdp,
+                                 cfg.parallel.mixed_precision)
+        self.model = parallel.shard_model(model, decoder_layers(model), self.world, cfg.parallel.fsdp,
+                                          cfg.parallel.mixed_precision)
+        torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
+        self.data = TaskSource(cfg.data)
+        reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
+        self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model)
+        if cfg.rollout.engine == "vllm":
+            self.engine = VLLMEngine(cfg.model.name, self.tokenizer, cfg.rollout, self.world)
+        else:
+            self.engine = HFGenerateEngine(self.tokenizer, cfg.rollout, self.world)
+        self.log = MetricsLog(cfg.checkpoint.dir, self.world.is_main, cfg.log.progress)
+
+    # ------------------------------------------------------------------ helpers
+    def _optimizer(self, lr, total_steps, warmup, schedule):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.grpo.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps, schedule))
+        return optimizer, scheduler
+
+    def _shard(self, items):
+        return items[self.world.rank::self.world.size]
+
+    def _global(self, *values):
+        total = self.world.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+        return total.tolist()
+
+    def _clip_and_step(self, optimizer, scheduler):
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grpo.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _maybe_checkpoint(self, phase, step, total, optimizer, scheduler, force=False):
+        every = self.cfg.checkpoint.every
+        if force or (every and (step + 1) % every == 0 and step + 1 < total):
+            checkpoint.save(self.cfg.checkpoint.dir, step + 1, phase, self.model, optimizer, scheduler, self.world)
+
+    # ------------------------------------------------------------------ stages
+    def sft(self, start_step=0, optimizer=None, scheduler=None):
+        cfg = self.cfg.sft
+        if optimizer is None:
+            optimizer, scheduler = self._optimizer(cfg.lr, cfg.steps, min(10, cfg.steps), "cosine")
+        eos = self.tokenizer.eos_token_id
+        for step in range(start_step, cfg.steps):
+            examples = self._shard(self.data.train("sft", step, cfg.batch_size))
+            examples = [e for e in examples if e.get("trace")]
+            prompts = [self.tokenizer(prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template),
+                                      add_special_tokens=False)["input_ids"] for e in examples]
+            completions = [self.tokenizer(e["trace"], add_special_tokens=False)["input_ids"] + [eos] for e in examples]
+            batches = grpo_step.build_micro_batches(prompts, completions, [0.0] * len(prompts),
+                                                    self.cfg.grpo.micro_batch_tokens, self.cfg.grpo.packing,
+                                                    self.tokenizer.pad_token_id, self.world.device)
+            (global_tokens,) = self._global(sum(mb.num_tokens for mb in batches))
+            total_loss = 0.0
+            for mb in batches:
+                logp = self.model(**grpo_step._model_inputs(mb), head=self._logprob_head(mb, 1.0, grad=True))
+                loss = -(logp * mb.mask.reshape(logp.shape)).sum() / max(global_tokens, 1.0) * self.world.size
+                loss.backward()
+                total_loss += loss.item() / self.world.size
+            self._clip_and_step(optimizer, scheduler)
+            self.log.log({"phase": "sft", "step": step, "loss": total_loss}, cfg.steps)
+            self._maybe_checkpoint("sft", step, cfg.steps, optimizer, scheduler)
+        return optimizer, scheduler
+
+    def _logprob_head(self, mb, temperature, grad):
+        def head(hidden, weight, bias):
+            hidden = grpo_step._flat_hidden(hidden, mb)
+            if self.cfg.grpo.kernels == "naive":
+                return grpo_step.naive_logprobs(hidden, weight, bias, mb.targets, temperature)
+            return r1kernels.linear_token_logprobs(hidden, weight, mb.targets, bias, temperature)
+        return head
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        examples = self._shard(self.data.held_out())
+        correct = 0.0
+        for start in range(0, len(examples), 64):
+            chunk = examples[start:start + 64]
+            prompts = [prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template) for e in chunk]
+            out = self.engine.generate(self.model, prompts, 1, greedy=True,
+                                       max_new_tokens=self.cfg.rollout.eval_max_new_tokens)
+            correct += sum(reward_fns.accuracy(text, e) for text, e in zip(out.texts, chunk))
+        total_correct, total = self._global(correct, len(examples))
+        return total_correct / max(total, 1.0)
+
+    def grpo(self, start_step=0, optimizer=None, scheduler=None):
+        cfg, rollout_cfg = self.cfg.grpo, self.cfg.rollout
+        if optimizer is None:
+            optimizer, scheduler = self._optimizer(cfg.lr, cfg.steps * cfg.num_iterations, cfg.warmup_steps,
+                                                   cfg.lr_schedule)
+        weights = torch.tensor(self.rewards.weights)
+        accuracy_column = self.rewards.names.index("accuracy") if "accuracy" in self.rewards.names else None
+        for step in range(start_step, cfg.steps):
+            examples = self._shard(self.data.train("grpo", step, cfg.prompts_per_step))
+            prompts = [prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template) for e in examples]
+            t0 = time.perf_counter()
+            rollouts = self.engine.generate(self.model, prompts, cfg.num_generations)
+            t_rollout = time.perf_counter() - t0
+            scores = torch.tensor(self.rewards.score(rollouts.texts, [examples[g] for g in rollouts.group]),
+                                  dtype=torch.float32)
+            advantages = r1kernels.group_advantages(scores, group_size=cfg.num_generations,
+                                                    estimator=cfg.advantage_estimator,
+                                                    scale=None if cfg.advantage_estimator != "grpo" else cfg.scale_rewards,
+                                                    reward_weights=weights)
+            t1 = time.perf_counter()
+            row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler)
+            t_train = time.perf_counter() - t1
+            self.engine.sync_weights(self.model)
+            generated = sum(len(c) for c in rollouts.completion_ids)
+            g_generated, g_tokens = self._global(generated, row.pop("tokens"))
+            combined = (torch.nan_to_num(scores) * weights).sum(1)
+            row.update(phase="grpo", step=step, reward=float(combined.mean()),
+                       completion_len=sum(len(c) for c in rollouts.completion_ids) / len(rollouts.completion_ids),
+                       rollout_tok_s=g_generated / t_rollout, train_tok_s=g_tokens / t_train,
+                       peak_mem_mib=peak_memory_bytes(self.world.device) / 2**20, lr=scheduler.get_last_lr()[0])
+            for k, name in enumerate(self.rewards.names):
+                row[f"reward_{name}"] = float(torch.nanmean(scores[:, k]))
+            if accuracy_column is not None:
+                row["accuracy"] = float(torch.nanmean(scores[:, accuracy_column]))
+            if self.world.device.type == "cuda":
+                row["mfu"] = 6 * self.n_params * g_tokens / t_train / (PEAK_BF16_FLOPS * self.world.size)
+            every = self.cfg.log.eval_every
+            row["eval_accuracy"] = self.evaluate() if every and (step + 1) % every == 0 else None
+            self.log.log(row, cfg.steps)
+            self._maybe_checkpoint("grpo", step, cfg.steps, optimizer, scheduler)
+        return optimizer, scheduler
+
+    def update(self, prompt_ids, completion_ids, advantages, optimizer, scheduler) -> dict:
+        """num_iterations optimizer steps on one batch of rollouts; returns averaged loss metrics."""
+        cfg = self.cfg.grpo
+        temperature = self.cfg.rollout.temperature
+        batches = grpo_step.build_micro_batches(prompt_ids, completion_ids, advantages, cfg.micro_batch_tokens,
+                                                cfg.packing, self.tokenizer.pad_token_id, self.world.device)
+        global_seqs, global_tokens = self._global(len(prompt_ids), sum(mb.num_tokens for mb in batches))
+        if cfg.num_iterations > 1:
+            for mb in batches:
+                mb.old_logprobs = grpo_step.token_logprobs(self.model, mb, temperature, cfg.kernels)
+        if self.ref_model is not None:
+            for mb in batches:
+                mb.ref_logprobs = grpo_step.token_logprobs(self.ref_model, mb, temperature, cfg.kernels)
+        options = grpo_step.loss_options(cfg, global_tokens)
+        sums, weight_total = {}, 0.0
+        for _ in range(cfg.num_iterations):
+            loss_total = 0.0
+            for mb in batches:
+                out = grpo_step.micro_batch_loss(self.model, mb, cfg, temperature, self.cfg.rollout.max_new_tokens,
+                                                 options)
+                scale = grpo_step.micro_batch_scale(cfg.loss_type, mb, global_seqs, global_tokens, self.world.size)
+                (out.loss * scale).backward()
+                loss_total += float(out.loss) * scale / self.world.size
+                for key, value in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * mb.num_tokens
+                weight_total += mb.num_tokens
+            grad_norm = self._clip_and_step(optimizer, scheduler)
+        (loss_total,) = self._global(loss_total)
+        row = {key: value / max(weight_total, 1.0) for key, value in sums.items()}
+        row.update(loss=loss_total, grad_norm=grad_norm,
+                   tokens=sum(int(mb.input_ids.ne(self.tokenizer.pad_token_id).sum()) for mb in batches)
+                   * cfg.num_iterations)
+        return row
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        phase, start = "sft", 0
+        optimizer = scheduler = None
+        resumed = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+        if resumed:
+            phase, start = self._resume_phase(resumed)
+            optimizer, scheduler = self._optimizer_for(phase)
+            checkpoint.load(resumed, self.model, optimizer, scheduler, self.world)
+            if self.world.is_main:
+                print(f"resumed from {resumed} ({phase} step {start})")
+        if phase == "sft":
+            optimizer, scheduler = self.sft(start, optimizer, scheduler)
+            if cfg.sft.steps and cfg.checkpoint.every and start < cfg.sft.steps:
+                checkpoint.save(cfg.checkpoint.dir, cfg.sft.steps, "sft", self.model, optimizer, scheduler, self.world)
+            phase, start, optimizer, scheduler = "grpo", 0, None, None
+        before = self.evaluate()
+        if self.world.is_main:
+            print(f"held-out accuracy before GRPO: {before * 100:.1f}%")
+        optimizer, scheduler = self.grpo(start, optimizer, scheduler)
+        after = self.evaluate()
+        if self.world.is_main:
+            print(f"held-out accuracy after GRPO: {after * 100:.1f}%")
+        if cfg.checkpoint.every:
+            checkpoint.save(cfg.checkpoint.dir, cfg.grpo.steps, "grpo", self.model, optimizer, scheduler, self.world)
+        summary = self.log.summary(before, after, os.path.join(cfg.checkpoint.dir, "reward.png")
+                                   if cfg.log.plot else None) if self.world.is_main else ""
+        if cfg.checkpoint.export:
+            self.export(os.path.join(cfg.checkpoint.dir, "final"))
+        return {"before": before, "after": after, "summary": summary, "rows": self.log.rows}
+
+    def _resume_phase(self, path):
+        name = os.path.basename(path)
+        phase = name.split("_step_")[0]
+        return phase, int(name.split("_step_")[1])
+
+    def _optimizer_for(self, phase):
+        if phase == "sft":
+            return self._optimizer(self.cfg.sft.lr, self.cfg.sft.steps, min(10, self.cfg.sft.steps), "cosine")
+        g = self.cfg.grpo
+        return self._optimizer(g.lr, g.steps * g.num_iterations, g.warmup_steps, g.lr_schedule)
+
+    def export(self, directory: str):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.world.is_main:
+            self.model.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
+            print(f"exported the policy to {directory}")
+        self.world.barrier()
