@@ -1,0 +1,203 @@
+"""The trainer's pieces: config, rewards, the GRPO step against the float64 reference, packed vs
+padded, save/resume, and two FSDP2 ranks against one process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from trainer_helpers import fixed_rollouts, tiny_config
+
+pytest.importorskip("transformers")
+
+from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref  # noqa: E402
+from trainer import rewards as R  # noqa: E402
+from trainer import step as S  # noqa: E402
+from trainer.config import ConfigError, parse_args  # noqa: E402
+
+
+# ------------------------------------------------------------------ config
+@pytest.mark.parametrize("argv, words", [
+    (["--grpo.loss_type=ppo"], "grpo.loss_type: expected one of"),
+    (["--sft.steps=-1"], "sft.steps: must be >= 0"),
+    (["--grpo.steps=abc"], "grpo.steps: expected an integer"),
+    (["--rollout.top_p=1.5"], "rollout.top_p"),
+    (["--grpo.num_generations=1"], "at least 2 completions"),
+    (["--grpo.beta=0.1"], "needs model.reference_model"),
+    (["--data.operators=/"], "data.operators"),
+    (["--grpo.packing=maybe"], "expected true/false"),
+])
+def test_config_rejects_bad_values(argv, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_args(argv)
+
+
+def test_config_file_and_unknown_keys(tmp_path):
+    good = tmp_path / "c.toml"
+    good.write_text("[grpo]\nlr = 3e-5\n[rollout]\ntemperature = 0.9\n")
+    cfg = parse_args(["--config", str(good), "--grpo.steps=7"])
+    assert (cfg.grpo.lr, cfg.rollout.temperature, cfg.grpo.steps) == (3e-5, 0.9, 7)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown config key 'grpo.learning_rate'"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        parse_args(["--grpo.bogus=1"])
+
+
+# ------------------------------------------------------------------ rewards
+ARITH = {"task": "arithmetic", "prompt": "12+34=", "answer": "46"}
+
+
+@pytest.mark.parametrize("text, acc, strict, lenient", [
+    ("<think>2+4=6,1+3=4</think><answer>46</answer>", 1, 1, 1),
+    ("<answer>46</answer>", 1, 0, 0),                                   # missing think
+    ("<think><think>x</think></think><answer>46</answer>", 1, 0, 1),     # nested
+    ("<think>x</think><answer>46", 0, 0, 0),                           # unclosed
+    ("<think>x</think><answer>" + "9" * 5000 + "</answer>", 0, 1, 1),   # huge number
+    ("<think>数学 and words</think><answer>46</answer>", 1, 1, 1),        # mixed scripts
+    ("", 0, 0, 0),                                                       # empty
+    ("<think>a</think><answer>45</answer><answer>46</answer>", 1, 0, 1),  # the last answer counts
+])
+def test_rewards_on_adversarial_completions(text, acc, strict, lenient):
+    assert R.accuracy(text, ARITH) == acc
+    assert R.format_strict(text, ARITH) == strict
+    assert R.format_lenient(text, ARITH) == lenient
+    assert -1.0 <= R.repetition(text, ARITH) <= 0.0
+    assert 0.0 < R.language_consistency(text, ARITH) <= 1.0
+
+
+def test_language_and_repetition_and_countdown():
+    assert R.language_consistency("<think>abc</think>", ARITH) == 1.0
+    assert R.language_consistency("<think>ab数学</think>", ARITH) == pytest.approx(0.5)
+    assert R.repetition("<think>abababababababab</think>", ARITH) < -0.5
+    cd = {"task": "countdown", "answer": "5", "numbers": [4, 10, 9]}
+    assert R.accuracy("<answer>4+10-9</answer>", cd) == 1
+    assert R.accuracy("<answer>4+10-9+9</answer>", cd) == 0          # a number used twice
+    assert R.accuracy("<answer>__import__('os')</answer>", cd) == 0   # not arithmetic
+    assert R.accuracy("<answer>10/(4-4)</answer>", cd) == 0
+
+
+def test_a_reward_that_raises_costs_only_that_completion():
+    def fragile(text, example):
+        if "boom" in text:
+            raise RuntimeError("bad input")
+        return 1.0
+
+    rs = R.RewardSet({"accuracy": 1.0})
+    rs.functions["fragile"] = fragile
+    rs.weights.append(1.0)
+    rows = rs.score(["<answer>46</answer>", "boom"], [ARITH, ARITH])
+    assert rows[0] == [1.0, 1.0] and rows[1][0] == 0.0 and rows[1][1] != rows[1][1]   # NaN
+    assert rs.failures["fragile"] == 1
+
+
+# ------------------------------------------------------------------ the GRPO step
+def _model(dtype=torch.float32):
+    from trainer.model import attach_fused_head, build_model
+    from trainer.tokenizer import builtin_tokenizer
+    from trainer.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), builtin_tokenizer(), torch.float32).to(dtype)
+    attach_fused_head(model)
+    return model
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_grpo_step_equals_float64_reference(loss_type, tmp_path):
+    cfg = tiny_config(tmp_path, grpo={"loss_type": loss_type, "beta": 0.0}).grpo
+    model = _model(torch.float64)
+    prompts, completions, adv = fixed_rollouts()
+    batches = S.build_micro_batches(prompts, completions, adv, 24, True, 0, torch.device("cpu"))
+    assert len(batches) > 1, "the test needs several micro-batches"
+    tokens = sum(mb.num_tokens for mb in batches)
+    options = S.loss_options(cfg, tokens)
+    total = 0.0
+    for mb in batches:   # auto backends: the C++ CPU kernels (float64) and torch attention
+        out = S.micro_batch_loss(model, mb, cfg, 0.7, 12, options)
+        scaled = out.loss * S.micro_batch_scale(loss_type, mb, len(prompts), tokens, 1)
+        scaled.backward()
+        total += float(scaled)
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # reference: each sequence alone, padded layout, float64 spec of log-probs and loss
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    logps, masks = [], []
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor(p + c)
+        hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
+        targets = torch.cat([ids[1:], torch.tensor([-100])])
+        lp, _ = linear_token_logprobs_ref(hidden, model.lm_head.weight, targets, temperature=0.7)
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(p) - 1:len(ids) - 1] = True
+        logps.append(torch.nn.functional.pad(lp, (0, width - len(ids))))
+        masks.append(torch.nn.functional.pad(mask, (0, width - len(ids))))
+    extra = dict(num_items_in_batch=float(tokens)) if loss_type == "dapo" else {}
+    ref = grpo_loss_ref(torch.stack(logps), torch.tensor(adv, dtype=torch.float64), torch.stack(masks),
+                        loss_type=loss_type, epsilon_high=0.28, max_completion_length=12, **extra)
+    ref.backward()
+    assert total == pytest.approx(float(ref), rel=1e-9, abs=1e-12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_packed_and_padded_steps_give_the_same_gradients(tmp_path):
+    cfg = tiny_config(tmp_path).grpo
+    prompts, completions, adv = fixed_rollouts(seed=3)
+    grads = {}
+    for packing in (True, False):
+        model = _model()
+        batches = S.build_micro_batches(prompts, completions, adv, 30, packing, 0, torch.device("cpu"))
+        for mb in batches:
+            out = S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.loss_options(cfg, 0))
+            (out.loss * S.micro_batch_scale("grpo", mb, len(prompts), 0, 1)).backward()
+        grads[packing] = {n: p.grad for n, p in model.named_parameters()}
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------ checkpoints and ranks
+def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
+    from trainer import checkpoint
+    from trainer.train import Trainer
+
+    full = Trainer(tiny_config(tmp_path / "full", grpo={"steps": 4}, checkpoint={"every": 2})).run()
+
+    real_save = checkpoint.save
+
+    def save_then_crash(directory, step, phase, *args):
+        path = real_save(directory, step, phase, *args)
+        if phase == "grpo" and step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path / "cut", grpo={"steps": 4}, checkpoint={"every": 2})).run()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert checkpoint.latest(str(tmp_path / "cut")).endswith("grpo_step_000002")
+    resumed = Trainer(tiny_config(tmp_path / "cut", grpo={"steps": 4},
+                                  checkpoint={"every": 2, "resume": True})).run()
+    keys = ("loss", "reward", "completion_len", "kl_mean", "grad_norm")
+    tail_full = [{k: r.get(k) for k in keys} for r in full["rows"] if r["phase"] == "grpo" and r["step"] >= 2]
+    tail_resumed = [{k: r.get(k) for k in keys} for r in resumed["rows"] if r["phase"] == "grpo"]
+    assert tail_full == tail_resumed
+    assert full["after"] == resumed["after"]
+
+
+def test_two_fsdp2_ranks_equal_one_process(tmp_path):
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = tmp_path / "one.json"
+    subprocess.run([sys.executable, worker, str(single)], check=True, env=env, timeout=300)
+    double = tmp_path / "two.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                    str(double)], check=True, env=env, timeout=300)
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert two["fsdp"] and not one["fsdp"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
+    for name in one["params"]:
+        torch.testing.assert_close(torch.tensor(two["params"][name]), torch.tensor(one["params"][name]),
+                                   rtol=1e-5, atol=1e-6, msg=name)
