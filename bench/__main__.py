@@ -6,7 +6,7 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["logprobs", "grpo", "advantages", "attention"]
+BENCHMARKS = ["logprobs", "grpo", "advantages", "attention", "train"]
 
 
 def main(argv=None) -> int:

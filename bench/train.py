@@ -1,0 +1,70 @@
+"""``python -m bench train``: the trainer's GRPO update with our kernels (packed varlen attention,
+fused lm_head + loss) against the same trainer with naive PyTorch (materialised logits) on padded
+batches with SDPA. The same fixed rollouts feed both; reports train tokens/s and peak memory
+(MFU on GPU). Rollout speed is the generation engine's and is the same for both."""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from bench.common import Row, measure_ceilings, peak_memory, print_table, save, try_case
+
+SHAPES = {
+    "cuda": dict(model={"name": "builtin-tiny", "hidden_size": 1536, "num_layers": 28, "num_heads": 12,
+                        "num_kv_heads": 2, "intermediate_size": 8960, "dtype": "bfloat16"},
+                 sequences=512, prompt=(64, 256), completion=(64, 1024), vocab=151936),
+    "cpu": dict(model={"name": "builtin-tiny", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+                       "num_kv_heads": 2, "intermediate_size": 512},
+                sequences=64, prompt=(8, 32), completion=(8, 96), vocab=None),
+}
+
+
+def run(device: torch.device) -> list[Row]:
+    from trainer.config import from_dict
+    from trainer.train import Trainer
+
+    s = SHAPES[device.type]
+    ceilings = measure_ceilings(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = []
+    for name, grpo in (("ours: packed varlen + fused linear GRPO loss", {"packing": True, "kernels": "r1kernels"}),
+                       ("naive: padded SDPA + materialised logits", {"packing": False, "kernels": "naive"})):
+        def case(grpo=grpo):
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = from_dict({"model": s["model"], "grpo": dict(grpo, micro_batch_tokens=8192),
+                                 "checkpoint": {"dir": tmp, "export": False}, "log": {"progress": False}})
+                trainer = Trainer(cfg)
+                if not grpo["packing"]:
+                    trainer.model.set_attn_implementation("sdpa")
+                vocab = trainer.model.config.vocab_size
+                gen = torch.Generator().manual_seed(0)          # the same rollouts for both
+                lengths = [(int(torch.randint(*s["prompt"], (1,), generator=gen)),
+                            int(torch.randint(*s["completion"], (1,), generator=gen))) for _ in range(s["sequences"])]
+                prompts = [torch.randint(8, vocab, (p,), generator=gen).tolist() for p, _ in lengths]
+                completions = [torch.randint(8, vocab, (c,), generator=gen).tolist() for _, c in lengths]
+                adv = torch.randn(len(lengths), generator=gen).tolist()
+                optimizer, scheduler = trainer._optimizer(1e-5, 10, 0, "constant")
+                step = lambda: trainer.update(prompts, completions, adv, optimizer, scheduler)  # noqa: E731
+                step()                                       # warm-up
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                seconds = sorted(times)[1]
+                tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))
+                return seconds, peak_memory(step, device), tokens, trainer.n_params
+
+        result, note = try_case(case)
+        seconds, mem, tokens, params = result or (None, None, 0, 0)
+        if seconds:
+            note = note or f"{tokens / seconds:,.0f} train tok/s"
+        rows.append(Row(name, f"{s['sequences']} seqs, {tokens} tok", seconds, mem, 6 * params * tokens,
+                        ceilings.matmul_flops, note))
+    print_table("train (one GRPO update)", rows, ceilings)
+    print("fraction: 6 x params x tokens FLOPs (MFU-style) vs the measured matmul rate")
+    print("wrote", save("train", rows, ceilings, device))
+    return rows
