@@ -33,6 +33,18 @@ def _combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWA
 
 
 @triton.jit
+def _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0, NUM_REWARDS: tl.constexpr,
+                  SEGMENTED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Combined rewards of members c0..c0+BLOCK of each group (NaN past the group's end), their rows, the mask."""
+    j = c0 + tl.arange(0, BLOCK)
+    in_group = j[None, :] < length[:, None]
+    rows = start[:, None] + j[None, :]
+    if SEGMENTED:
+        rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
+    return _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC), rows, in_group
+
+
+@triton.jit
 def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, offsets_ptr, perm_ptr, batch_denominator_ptr,
                              adv_ptr, mean_ptr, std_ptr, constant_ptr, num_groups, group_size, eps,
                              NUM_REWARDS: tl.constexpr, SEGMENTED: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr,
@@ -51,34 +63,22 @@ def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, offsets_ptr, 
     lo = tl.full([GROUPS_PER_PROGRAM], INF, ACC)
     hi = tl.full([GROUPS_PER_PROGRAM], -INF, ACC)
     for c0 in range(0, longest, BLOCK):                       # pass 1: count, min, max
-        j = c0 + tl.arange(0, BLOCK)
-        in_group = j[None, :] < length[:, None]
-        rows = start[:, None] + j[None, :]
-        if SEGMENTED:
-            rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
-        x = _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC)
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
+                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
         ok = x == x
         count += tl.sum(ok.to(ACC), axis=1)
         lo = tl.minimum(lo, tl.min(tl.where(ok, x, INF), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(ok, x, -INF), axis=1))
     shifted_sum = tl.zeros([GROUPS_PER_PROGRAM], ACC)
     for c0 in range(0, longest, BLOCK):                       # pass 2: sum of (r - min)
-        j = c0 + tl.arange(0, BLOCK)
-        in_group = j[None, :] < length[:, None]
-        rows = start[:, None] + j[None, :]
-        if SEGMENTED:
-            rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
-        x = _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC)
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
+                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
         shifted_sum += tl.sum(tl.where(x == x, x - lo[:, None], 0.0), axis=1)
     shifted_mean = tl.where(count > 0, shifted_sum / tl.maximum(count, 1.0), 0.0)
     m2 = tl.zeros([GROUPS_PER_PROGRAM], ACC)
     for c0 in range(0, longest, BLOCK):                       # pass 3: squared deviations
-        j = c0 + tl.arange(0, BLOCK)
-        in_group = j[None, :] < length[:, None]
-        rows = start[:, None] + j[None, :]
-        if SEGMENTED:
-            rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
-        x = _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC)
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
+                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
         d = (x - lo[:, None]) - shifted_mean[:, None]
         m2 += tl.sum(tl.where(x == x, d * d, 0.0), axis=1)
     std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(count - 1, 1.0)), 0.0)
@@ -91,12 +91,8 @@ def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, offsets_ptr, 
     elif SCALE == 2:
         factor = factor / tl.load(batch_denominator_ptr).to(ACC)
     for c0 in range(0, longest, BLOCK):                       # pass 4: advantages
-        j = c0 + tl.arange(0, BLOCK)
-        in_group = j[None, :] < length[:, None]
-        rows = start[:, None] + j[None, :]
-        if SEGMENTED:
-            rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
-        x = _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC)
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
+                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
         adv = ((x - lo[:, None]) - shifted_mean[:, None]) * factor[:, None]
         use = (x == x) & ~constant[:, None]
         tl.store(adv_ptr + rows, tl.where(use, adv, 0.0), mask=in_group)

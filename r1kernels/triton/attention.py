@@ -43,6 +43,27 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS
 
 
 @triton.jit
+def _sequence_bounds(cu_q_ptr, cu_k_ptr, seq):
+    """(q start, q length, k start, k length) of one packed sequence, int64."""
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
+    k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
+    return (q_start, tl.load(cu_q_ptr + seq + 1).to(tl.int64) - q_start, k_start,
+            tl.load(cu_k_ptr + seq + 1).to(tl.int64) - k_start)
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+             stride_vh):
+    """K and V rows offs_n of one sequence and KV head (zeros past its end), and their mask."""
+    kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
+    k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    return k, v, kv_mask
+
+
+@triton.jit
 def _seq_block_head(pid, heads, max_blocks):
     head = pid % heads
     rest = pid // heads
@@ -55,10 +76,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
                     max_m_blocks, scale, softcap, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     seq, m_block, head = _seq_block_head(tl.program_id(0).to(tl.int64), heads, max_m_blocks)
-    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
-    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int64) - q_start
-    k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
-    k_len = tl.load(cu_k_ptr + seq + 1).to(tl.int64) - k_start
+    q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     m_start = m_block * BLOCK_M
     if m_start < q_len:
         kv_head = head // group
@@ -76,11 +94,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
         hi = tl.minimum(m_start + BLOCK_M - 1 + shift + right + 1, k_len)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-            k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh)
             s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS_SOFTCAP, DOT_FP32,
                            PRECISION)
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -120,20 +135,14 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
                         HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     seq, n_block, kv_head = _seq_block_head(tl.program_id(0).to(tl.int64), kv_heads, max_n_blocks)
-    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
-    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int64) - q_start
-    k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
-    k_len = tl.load(cu_k_ptr + seq + 1).to(tl.int64) - k_start
+    q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     n_start = n_block * BLOCK_N
     if n_start < k_len:
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
-        kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-        k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k, v, kv_mask = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                                 stride_vt, stride_vh)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         shift = k_len - q_len
@@ -169,10 +178,7 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     seq, m_block, head = _seq_block_head(tl.program_id(0).to(tl.int64), heads, max_m_blocks)
-    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
-    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int64) - q_start
-    k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
-    k_len = tl.load(cu_k_ptr + seq + 1).to(tl.int64) - k_start
+    q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     m_start = m_block * BLOCK_M
     if m_start < q_len:
         kv_head = head // group
@@ -194,11 +200,8 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
         hi = tl.minimum(m_start + BLOCK_M - 1 + shift + right + 1, k_len)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-            k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh)
             _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap, left,
                                        right, HAS_SOFTCAP, DOT_FP32, PRECISION)
             dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
