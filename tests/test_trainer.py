@@ -201,3 +201,45 @@ def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     for name in one["params"]:
         torch.testing.assert_close(torch.tensor(two["params"][name]), torch.tensor(one["params"][name]),
                                    rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sampler_importance_ratio_is_truncated_and_aligned(tmp_path):
+    prompts, completions, adv = fixed_rollouts(num=4, seed=7)
+    batches = S.build_micro_batches(prompts, completions, adv, 1000, True, 0, torch.device("cpu"))
+    mb = batches[0]
+    mb.old_logprobs = -torch.rand(mb.targets.shape, dtype=torch.float32)
+    sampling = [[-0.5] * len(c) for c in completions]
+    ratio = S.importance_ratio(mb, sampling, cap=1.5)
+    expected = torch.exp(mb.old_logprobs + 0.5).clamp(max=1.5)
+    assert torch.allclose(ratio[mb.mask], expected[mb.mask]) and (ratio[~mb.mask] == 1).all()
+    with pytest.raises(ValueError, match="completion tokens"):
+        S.importance_ratio(mb, [s[:-1] for s in sampling], cap=1.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and vLLM")
+def test_vllm_engine_generates_and_syncs(tmp_path):
+    pytest.importorskip("vllm")
+    from trainer.parallel import World
+    from trainer.rollout import VLLMEngine
+    from trainer.tokenizer import builtin_tokenizer
+
+    model = _model()
+    model.save_pretrained(tmp_path / "m")
+    builtin_tokenizer().save_pretrained(tmp_path / "m")
+    cfg = tiny_config(tmp_path).rollout
+    engine = VLLMEngine(str(tmp_path / "m"), builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda")))
+    out = engine.generate(model, ["12+34="], 4)
+    assert len(out.texts) == 4 and all(len(lp) == len(c) for lp, c in zip(out.sampling_logprobs, out.completion_ids))
+    engine.sync_weights(model.cuda())
+
+
+def test_update_with_sampler_logprobs_runs_the_corrected_loss(tmp_path):
+    from trainer.train import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path))
+    prompts, completions, adv = fixed_rollouts(num=6, seed=9)
+    optimizer, scheduler = trainer._optimizer(1e-4, 10, 0, "constant")
+    sampling = [[-1.0] * len(c) for c in completions]
+    row = trainer.update(prompts, completions, adv, optimizer, scheduler, sampling_logprobs=sampling)
+    assert row["loss"] == row["loss"] and abs(row["loss"]) < 1e3

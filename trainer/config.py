@@ -62,6 +62,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     num_iterations: int = 1
+    is_cap: float = 2.0                 # truncation of the sampler importance ratio (vLLM rollouts)
     loss_type: str = "grpo"
     beta: float = 0.0
     epsilon_low: float = 0.2
@@ -144,7 +145,7 @@ CHOICES = {
 POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-            "rollout.temperature", "grpo.lr", "data.countdown_numbers"}
+            "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers"}
 NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm",
                 "grpo.weight_decay", "sft.lr"}
 

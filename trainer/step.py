@@ -31,6 +31,7 @@ class MicroBatch:
     attention_mask: Optional[torch.Tensor] = None  # padded only
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
+    is_ratio: Optional[torch.Tensor] = None        # sampler/trainer importance ratio per token (vLLM)
 
     @property
     def num_seqs(self) -> int:
@@ -112,6 +113,20 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> t
     return model(**_model_inputs(mb), head=head).float()
 
 
+def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> torch.Tensor:
+    """min(exp(old - sampling), cap) on the micro-batch's completion tokens (1 elsewhere): the
+    truncated importance-sampling correction for a sampler whose numerics differ from training."""
+    sampled = torch.zeros_like(mb.old_logprobs)
+    flat = sampled.view(-1)
+    positions = mb.mask.reshape(-1).nonzero().view(-1)
+    values = torch.tensor([lp for r in mb.rows for lp in sampling_logprobs[r]], dtype=flat.dtype, device=flat.device)
+    if values.numel() != positions.numel():
+        raise ValueError(f"sampler returned {values.numel()} log-probs for {positions.numel()} completion tokens")
+    flat[positions] = values
+    ratio = torch.exp(mb.old_logprobs - sampled).clamp(max=cap)
+    return torch.where(mb.mask.reshape(ratio.shape), ratio, torch.ones_like(ratio))
+
+
 def loss_options(cfg, global_tokens: float) -> dict:
     lt = cfg.loss_type
     options = dict(loss_type=lt, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
@@ -137,7 +152,7 @@ def micro_batch_scale(loss_type: str, mb: MicroBatch, global_seqs: float, global
 
 def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):
     """The (unscaled) loss output of one micro-batch, gradients attached."""
-    extra = dict(old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs)
+    extra = dict(old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio)
     if cfg.loss_type == "dr_grpo":
         extra["max_completion_length"] = max_completion_length
     layout = dict(cu_seqlens=mb.cu_seqlens) if mb.cu_seqlens is not None else {}

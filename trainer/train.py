@@ -154,7 +154,8 @@ class Trainer:
                                                     scale=None if cfg.advantage_estimator != "grpo" else cfg.scale_rewards,
                                                     reward_weights=weights)
             t1 = time.perf_counter()
-            row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler)
+            row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler,
+                              sampling_logprobs=rollouts.sampling_logprobs)
             t_train = time.perf_counter() - t1
             self.engine.sync_weights(self.model)
             generated = sum(len(c) for c in rollouts.completion_ids)
@@ -176,16 +177,25 @@ class Trainer:
             self._maybe_checkpoint("grpo", step, cfg.steps, optimizer, scheduler)
         return optimizer, scheduler
 
-    def update(self, prompt_ids, completion_ids, advantages, optimizer, scheduler) -> dict:
-        """num_iterations optimizer steps on one batch of rollouts; returns averaged loss metrics."""
+    def update(self, prompt_ids, completion_ids, advantages, optimizer, scheduler, sampling_logprobs=None) -> dict:
+        """num_iterations optimizer steps on one batch of rollouts; returns averaged loss metrics.
+
+        With the sampler's per-token log-probs (vLLM), the policy term is multiplied by the truncated
+        importance ratio min(exp(old - sampling), is_cap) that corrects for the sampler/trainer mismatch."""
         cfg = self.cfg.grpo
         temperature = self.cfg.rollout.temperature
         batches = grpo_step.build_micro_batches(prompt_ids, completion_ids, advantages, cfg.micro_batch_tokens,
                                                 cfg.packing, self.tokenizer.pad_token_id, self.world.device)
         global_seqs, global_tokens = self._global(len(prompt_ids), sum(mb.num_tokens for mb in batches))
-        if cfg.num_iterations > 1:
+        if cfg.num_iterations > 1 or sampling_logprobs is not None:
             for mb in batches:
                 mb.old_logprobs = grpo_step.token_logprobs(self.model, mb, temperature, cfg.kernels)
+        if sampling_logprobs is not None:
+            for mb in batches:
+                mb.is_ratio = grpo_step.importance_ratio(mb, sampling_logprobs, cfg.is_cap)
+            if cfg.num_iterations == 1:   # on-policy: the ratio inside the loss stays 1 (old = detached current)
+                for mb in batches:
+                    mb.old_logprobs = None
         if self.ref_model is not None:
             for mb in batches:
                 mb.ref_logprobs = grpo_step.token_logprobs(self.ref_model, mb, temperature, cfg.kernels)
