@@ -208,7 +208,7 @@ class Trainer:
                                                  options)
                 scale = grpo_step.micro_batch_scale(cfg.loss_type, mb, global_seqs, global_tokens, self.world.size)
                 (out.loss * scale).backward()
-                loss_total += float(out.loss) * scale / self.world.size
+                loss_total += out.loss.item() * scale / self.world.size
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * mb.num_tokens
                 weight_total += mb.num_tokens
