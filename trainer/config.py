@@ -112,7 +112,7 @@ class CheckpointConfig:
 class LogConfig:
     plot: bool = True
     progress: bool = True
-    eval_every: int = 0                 # GRPO steps between held-out evaluations (0: before and after only)
+    eval_every: int = 50                # GRPO steps between held-out evaluations (0: before and after only)
 
 
 @dataclasses.dataclass

@@ -63,10 +63,10 @@ class MetricsLog:
         text = "\n".join(lines)
         print(text)
         if plot_path and grpo:
-            self._plot(grpo, plot_path)
+            self._plot(grpo, plot_path, before)
         return text
 
-    def _plot(self, rows, path):
+    def _plot(self, rows, path, before):
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -78,7 +78,8 @@ class MetricsLog:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(steps, [r["reward"] for r in rows], label="reward (train batch)")
         ax.plot(steps, [r["accuracy"] for r in rows], label="accuracy (train batch)")
-        evals = [(r["step"], r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+        evals = [(0, before)] + [(r["step"] + 1, r["eval_accuracy"]) for r in rows
+                                 if r.get("eval_accuracy") is not None]
         if evals:
             ax.plot(*zip(*evals), "o-", label="held-out accuracy (greedy)")
         ax.set_xlabel("GRPO step")
