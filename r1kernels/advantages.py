@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import torch_advantages
+from r1kernels.kernels import accumulation_dtype, torch_advantages
 
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 SCALES = ("group", "batch", "none")
@@ -54,7 +54,7 @@ def _group_normalize(rewards: Tensor, weights: Tensor, group_size: int, offsets:
 
 @_group_normalize.register_fake
 def _(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps, batch_denominator, backend):
-    acc = torch_advantages.accumulation_dtype(rewards.dtype)
+    acc = accumulation_dtype(rewards.dtype)
     groups = offsets.shape[0] - 1 if offsets is not None else rewards.shape[0] // group_size
     return (rewards.new_empty(rewards.shape[0], dtype=acc), rewards.new_empty(groups, dtype=acc),
             rewards.new_empty(groups, dtype=acc), rewards.new_empty(groups, dtype=torch.bool))
@@ -67,7 +67,7 @@ def _batch_denominator(values: Tensor, eps: float) -> Tensor:
     n = ok.sum()
     mean = torch.where(ok, x, 0.0).sum() / n.clamp(min=1)
     var = torch.where(ok, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
-    return (var.sqrt() + eps).to(torch_advantages.accumulation_dtype(values.dtype))
+    return (var.sqrt() + eps).to(accumulation_dtype(values.dtype))
 
 
 def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps):
@@ -126,7 +126,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
     if rewards_2d.stride(1) != 1:
         rewards_2d = rewards_2d.contiguous()
-    acc = torch_advantages.accumulation_dtype(rewards.dtype)
+    acc = accumulation_dtype(rewards.dtype)
     num_rewards = rewards_2d.shape[1]
     weights = (torch.ones(num_rewards, dtype=acc, device=rewards.device) if reward_weights is None
                else reward_weights.to(device=rewards.device, dtype=acc).contiguous())

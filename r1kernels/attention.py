@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
+from r1kernels.kernels import accumulation_dtype
 
 SUPPORTED_BACKENDS = ("triton", "flash_attn", "torch")
 
@@ -52,7 +53,7 @@ def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, nee
         return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal), None
     from r1kernels.reference.attention import varlen_attention_ref
 
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(q.dtype)
     out, lse = varlen_attention_ref(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, dtype=compute)
     return out.to(q.dtype), lse.float()
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks
+from r1kernels.kernels import accumulation_dtype
 from r1kernels.logprobs import linear_token_logprobs, token_logprobs
 
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -177,7 +178,7 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, max_completion_length, clip_ratio_c, kl_estimator, entropy_coef,
                       sapo_temperature_pos, sapo_temperature_neg, ref_logprobs)
-    acc = torch.float64 if logprobs.dtype == torch.float64 else torch.float32  # fp64 in, fp64 math (tests)
+    acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
     layout = _layout(logprobs, mask, cu_seqlens)
     logp = logprobs.reshape(-1).to(acc)
     m = layout.mask.to(acc)

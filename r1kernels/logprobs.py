@@ -15,12 +15,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-
-_ACC = {torch.float64: torch.float64}
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return _ACC.get(dtype, torch.float32)
+from r1kernels.kernels import accumulation_dtype
 
 
 def _row_kernel(backend: str):
@@ -37,7 +32,7 @@ def _row_kernel(backend: str):
 
 
 def _row_stats_like(rows: int, like: Tensor):
-    return tuple(like.new_empty(rows, dtype=_accumulation_dtype(like.dtype)) for _ in range(4))
+    return tuple(like.new_empty(rows, dtype=accumulation_dtype(like.dtype)) for _ in range(4))
 
 
 # ---------------------------------------------------------------- logits op: custom ops

@@ -15,3 +15,10 @@ Every backend's row kernel has the same two calls, which the autograd layer
     ``dz_v = g_logp (1[v = t] - p_v) - g_ent p_v (log p_v + H)``, ``d logits = dz * inv_temperature``.
     ``grad_entropy`` may be None. Rows whose target is -100 get zeros.
 """
+
+import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 inputs accumulate (and return) fp64, for gradcheck; every other dtype uses fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from r1kernels.kernels import accumulation_dtype
+
 # Size of one block's logits buffer; a quarter of the [N, V] fp32 logits at the
 # acceptance shape (N=4096, V=32768) is 128 MiB, so 16 MiB leaves ample room.
 BLOCK_BYTES = 16 << 20
@@ -29,8 +31,7 @@ def _logits_block(hidden, weight, bias, block):
 def forward(rows, hidden, weight, bias, targets, inv_temperature):
     """(logp, entropy, row_max, row_log_sum) per token; ``rows`` is a backend's row-kernel module."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    outputs = tuple(hidden.new_empty(tokens, dtype=acc) for _ in range(4))
+    outputs = tuple(hidden.new_empty(tokens, dtype=accumulation_dtype(hidden.dtype)) for _ in range(4))
     for block in _token_blocks(tokens, vocab, hidden.element_size()):
         block_out = rows.forward(_logits_block(hidden, weight, bias, block), targets[block], inv_temperature)
         for full, part in zip(outputs, block_out):
@@ -45,7 +46,7 @@ def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy,
     tokens, vocab = hidden.shape[0], weight.shape[0]
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     # Low-precision weights accumulate their gradient over blocks in fp32.
-    wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    wide = accumulation_dtype(weight.dtype)
     grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=wide, device=weight.device) if need_bias else None
     for block in _token_blocks(tokens, vocab, hidden.element_size()):
@@ -62,5 +63,8 @@ def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy,
                 grad_weight += dlogits.T @ hidden[block]
         if need_bias:
             grad_bias += dlogits.sum(0, dtype=wide)
-    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-    return grad_hidden, cast(grad_weight, weight), cast(grad_bias, weight if bias is None else bias)
+    return grad_hidden, _cast(grad_weight, weight.dtype), _cast(grad_bias, (weight if bias is None else bias).dtype)
+
+
+def _cast(grad, dtype):
+    return None if grad is None else grad.to(dtype)

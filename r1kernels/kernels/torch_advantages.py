@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from r1kernels.kernels import accumulation_dtype
+
 SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,10 @@ from __future__ import annotations
 import torch
 
 from r1kernels._checks import IGNORE_INDEX
+from r1kernels.kernels import accumulation_dtype
 
 # Each block of rows makes a few fp32 copies of itself; 4 MiB per copy keeps them cache-sized.
 _BLOCK_BYTES = 4 << 20
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_blocks(rows: int, vocab: int):

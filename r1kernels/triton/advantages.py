@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from r1kernels.kernels.torch_advantages import accumulation_dtype
+from r1kernels.kernels import accumulation_dtype
 
 INF: tl.constexpr = float("inf")
 NAN: tl.constexpr = float("nan")
