@@ -64,6 +64,13 @@ def _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stri
 
 
 @triton.jit
+def _head_rows(ptr, seq_start, offs, mask, head, stride_t, stride_h, offs_d, d_mask):
+    """Rows ``offs`` of one sequence and head of a [total, heads, D] tensor (zeros outside the masks)."""
+    return tl.load(ptr + (seq_start + offs)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+                   mask=mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _seq_block_head(pid, heads, max_blocks):
     head = pid % heads
     rest = pid // heads
@@ -83,8 +90,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
         offs_m = m_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
-        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=(offs_m[:, None] < q_len) & d_mask[None, :], other=0.0)
+        q = _head_rows(q_ptr, q_start, offs_m, offs_m < q_len, head, stride_qt, stride_qh, offs_d, d_mask)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -154,11 +160,8 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
             for m_start in range(lo, hi, BLOCK_M):
                 offs_m = m_start + tl.arange(0, BLOCK_M)
                 m_mask = offs_m < q_len
-                rows = (q_start + offs_m)[:, None]
-                q = tl.load(q_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :],
-                            mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-                do = tl.load(do_ptr + rows * stride_dot + head * stride_doh + offs_d[None, :],
-                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+                do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
                 lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("-inf"))
                 delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
                 p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap,
@@ -187,10 +190,8 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
         d_mask = offs_d < head_dim
         m_mask = offs_m < q_len
         rows = (q_start + offs_m)[:, None]
-        q = tl.load(q_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        do = tl.load(do_ptr + rows * stride_dot + head * stride_doh + offs_d[None, :],
-                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+        do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
         lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("-inf"))
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

@@ -27,6 +27,15 @@ IGNORE_INDEX: tl.constexpr = -100
 
 
 @triton.jit
+def _row_tile(ptr, rows, row_mask, stride, ks, k_mask, DOT_FP32: tl.constexpr):
+    """Rows ``rows`` x columns ``ks`` of a row-major matrix (zeros outside the masks), ready for tl.dot."""
+    tile = tl.load(ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    if DOT_FP32:  # the Triton interpreter's low-precision dot is wrong: compute it in fp32
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, hidden_size, stride_hidden,
                  stride_weight, inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
@@ -35,12 +44,10 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
     for k0 in range(0, hidden_size, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
         w = tl.load(weight_ptr + cols[None, :] * stride_weight + ks[:, None],
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if DOT_FP32:  # the Triton interpreter's low-precision dot is wrong: compute it in fp32
-            h = h.to(tl.float32)
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)   # [BLOCK_H, BLOCK_V], W^T
+        if DOT_FP32:
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
@@ -127,17 +134,11 @@ def _backward_atomic_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < hidden_size
         if NEED_HIDDEN:
-            w = tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:
-                w = w.to(tl.float32)
+            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask, DOT_FP32)
             tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :],
                           tl.dot(dz, w, input_precision=PRECISION), mask=row_mask[:, None] & k_mask[None, :])
         if NEED_WEIGHT:
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:
-                h = h.to(tl.float32)
+            h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
             tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
                           tl.dot(tl.trans(dz), h, input_precision=PRECISION), mask=col_mask[:, None] & k_mask[None, :])
     if NEED_BIAS:
@@ -163,10 +164,7 @@ def _backward_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
         for k0 in range(0, hidden_size, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
-            w = tl.load(weight_ptr + cols[:, None] * stride_weight + ks[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT_FP32:
-                w = w.to(tl.float32)
+            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask, DOT_FP32)
             out = grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :]
             out_mask = row_mask[:, None] & k_mask[None, :]
             tl.store(out, tl.load(out, mask=out_mask, other=0.0) + tl.dot(dz, w, input_precision=PRECISION),
@@ -197,10 +195,7 @@ def _backward_weight_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
             for k0 in range(0, hidden_size, BLOCK_H):
                 ks = k0 + tl.arange(0, BLOCK_H)
                 k_mask = ks < hidden_size
-                h = tl.load(hidden_ptr + rows[:, None] * stride_hidden + ks[None, :],
-                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                if DOT_FP32:
-                    h = h.to(tl.float32)
+                h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
                 out = grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :]
                 out_mask = col_mask[:, None] & k_mask[None, :]
                 tl.store(out, tl.load(out, mask=out_mask, other=0.0)
