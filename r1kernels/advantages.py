@@ -33,31 +33,60 @@ class AdvantageStats:
     zero_std_fraction: Tensor   # 0-d: share of groups whose advantages are 0 (constant, or < 2 valid rewards)
 
 
-def _kernel(backend: str):
-    if backend == "triton":
-        from r1kernels.triton.advantages import group_normalize
-        return group_normalize
-    if backend in ("cpu", "cuda"):
-        return torch_advantages.group_normalize_cpp
-    return torch_advantages.group_normalize
+def _segment_kernel(backend: str):
+    """The kernel for contiguous groups and sorted segments (every backend but Triton's id path)."""
+    return torch_advantages.group_normalize_cpp if backend in ("cpu", "cuda") else torch_advantages.group_normalize
+
+
+def _as_cuda_input(rewards, weights):
+    """The CUDA C++ kernel reads fp32 rewards and weights."""
+    return rewards.float(), (weights.float() if weights is not None else None)
 
 
 @torch.library.custom_op("r1kernels::group_normalize", mutates_args=())
-def _group_normalize(rewards: Tensor, weights: Tensor, group_size: int, offsets: Optional[Tensor],
-                     perm: Optional[Tensor], longest: int, leave_one_out: bool, scale: str, eps: float,
-                     batch_denominator: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend == "cuda":  # the CUDA C++ kernel reads fp32
-        rewards, weights = rewards.float(), weights.float()
-    return _kernel(backend)(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
-                            batch_denominator)
+def _group_normalize(rewards: Tensor, weights: Optional[Tensor], group_size: int, leave_one_out: bool, scale: str,
+                     eps: float, batch_denominator: Optional[Tensor], backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Contiguous groups of ``group_size`` rows: (adv [B], mean [G], std [G], constant [G])."""
+    if backend == "triton":
+        from r1kernels.triton.advantages import group_normalize
+        return group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator)
+    if backend == "cuda":
+        rewards, weights = _as_cuda_input(rewards, weights)
+    return _segment_kernel(backend)(rewards, weights, group_size, None, None, leave_one_out, scale, eps,
+                                    batch_denominator)
 
 
 @_group_normalize.register_fake
-def _(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps, batch_denominator, backend):
+def _(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator, backend):
     acc = accumulation_dtype(rewards.dtype)
-    groups = offsets.shape[0] - 1 if offsets is not None else rewards.shape[0] // group_size
+    groups = rewards.shape[0] // group_size
     return (rewards.new_empty(rewards.shape[0], dtype=acc), rewards.new_empty(groups, dtype=acc),
             rewards.new_empty(groups, dtype=acc), rewards.new_empty(groups, dtype=torch.bool))
+
+
+@torch.library.custom_op("r1kernels::group_normalize_by_id", mutates_args=())
+def _group_normalize_by_id(rewards: Tensor, weights: Optional[Tensor], group_ids: Tensor, leave_one_out: bool,
+                           scale: str, eps: float, batch_denominator: Optional[Tensor], with_stats: bool, backend: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Arbitrary ids: (adv [B], and with_stats each row's group mean, std, constant, is_first [B])."""
+    if backend == "triton":
+        from r1kernels.triton.advantages_by_id import group_normalize_by_id
+        return group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
+                                     with_stats)
+    if backend == "cuda":
+        rewards, weights = _as_cuda_input(rewards, weights)
+    return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,
+                                                  batch_denominator, with_stats, _segment_kernel(backend))
+
+
+@_group_normalize_by_id.register_fake
+def _(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats, backend):
+    acc = accumulation_dtype(rewards.dtype)
+    rows = rewards.shape[0] if with_stats else 0
+    return (rewards.new_empty(rewards.shape[0], dtype=acc), rewards.new_empty(rows, dtype=acc),
+            rewards.new_empty(rows, dtype=acc), rewards.new_empty(rows, dtype=torch.bool),
+            rewards.new_empty(rows, dtype=torch.bool))
 
 
 def _batch_denominator(values: Tensor, eps: float) -> Tensor:
@@ -115,49 +144,54 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
                      return_stats: bool = False):
     """Advantages [B] (fp32; fp64 for fp64 rewards) from rewards [B] or [B, R].
 
-    Groups: ``group_size=G`` (contiguous runs of G rows, one kernel launch) or ``group_ids`` [B]
-    (any integer ids, groups of any sizes, in any order: a stable sort, then one kernel launch).
-    ``scale`` defaults to "group" for grpo and "none" for rloo and dr_grpo.
-    Returns ``adv``, or ``(adv, AdvantageStats)`` with ``return_stats=True``.
+    Groups: ``group_size=G`` (contiguous runs of G rows) or ``group_ids`` [B] (any integer ids,
+    groups of any sizes, in any order). Either way the Triton backend is one kernel launch
+    (plus a few ops for ``scale="batch"`` and GDPO). ``scale`` defaults to "group" for grpo and
+    "none" for rloo and dr_grpo.
+    Returns ``adv``, or ``(adv, AdvantageStats)`` with ``return_stats=True``; with ``group_ids``
+    the stats list groups in order of first appearance in the batch.
     """
     _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps)
     scale = scale or ("group" if estimator == "grpo" else "none")
+    leave_one_out = estimator == "rloo"
     backend = backends.resolve(rewards.device)
     rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
     if rewards_2d.stride(1) != 1:
         rewards_2d = rewards_2d.contiguous()
-    acc = accumulation_dtype(rewards.dtype)
     num_rewards = rewards_2d.shape[1]
-    weights = (torch.ones(num_rewards, dtype=acc, device=rewards.device) if reward_weights is None
-               else reward_weights.to(device=rewards.device, dtype=acc).contiguous())
-    offsets = perm = None
-    longest = group_size or 0
+    weights = (None if reward_weights is None
+               else reward_weights.to(device=rewards.device, dtype=accumulation_dtype(rewards.dtype)).contiguous())
     if group_ids is not None:
-        ids_sorted, perm = torch.sort(group_ids, stable=True)
-        _, counts = torch.unique_consecutive(ids_sorted, return_counts=True)
-        offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
-        longest = int(counts.max())
+        group_ids = group_ids.contiguous() if group_ids.dtype in (torch.int32, torch.int64) else group_ids.long()
 
     def normalise(columns, column_weights):
+        """(adv, mean, std, constant, is_first): stats per group (contiguous groups; is_first None)
+        or per row (group ids; is_first marks each group's first row)."""
         denominator = None
         if scale == "batch":
             denominator = _batch_denominator(torch_advantages.combine_rewards(columns, column_weights), eps)
-        return _group_normalize(columns, column_weights, group_size or 0, offsets, perm, longest,
-                                estimator == "rloo", scale, float(eps), denominator, backend)
+        if group_ids is None:
+            return *_group_normalize(columns, column_weights, group_size, leave_one_out, scale, float(eps),
+                                     denominator, backend), None
+        return _group_normalize_by_id(columns, column_weights, group_ids, leave_one_out, scale, float(eps),
+                                      denominator, return_stats, backend)
 
     if multi_reward == "normalize_then_sum" and num_rewards > 1:
-        one = weights.new_ones(1)
-        per_column = [normalise(rewards_2d[:, k:k + 1], one) for k in range(num_rewards)]
-        summed = sum(w * out[0] for w, out in zip(weights, per_column))
+        per_column = [normalise(rewards_2d[:, k:k + 1], None) for k in range(num_rewards)]
+        summed = sum(out[0] if weights is None else weights[k] * out[0] for k, out in enumerate(per_column))
         unscorable = torch.isnan(rewards_2d).all(1)
         summed = torch.where(unscorable, torch.nan, summed)
         adv = torch.where(unscorable, 0.0, (summed - torch.nanmean(summed)) / _batch_denominator(summed, eps))
+        if not return_stats:
+            return adv
         mean, std, constant = (torch.stack([out[i] for out in per_column], 1) for i in (1, 2, 3))
-        constant = constant.all(1)
+        constant, is_first = constant.all(1), per_column[0][4]
     else:
-        adv, mean, std, constant = normalise(rewards_2d, weights)
-    if not return_stats:
-        return adv
+        adv, mean, std, constant, is_first = normalise(rewards_2d, weights)
+        if not return_stats:
+            return adv
+    if is_first is not None:                     # per-row statistics -> per group, by first appearance
+        mean, std, constant = mean[is_first], std[is_first], constant[is_first]
     return adv, AdvantageStats(mean, std, constant.float().mean())
 
 

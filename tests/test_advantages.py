@@ -188,3 +188,91 @@ def test_bad_input(kwargs, error, words):
         r1kernels.group_advantages(torch.randn(8), **kwargs)
     with pytest.raises(TypeError, match="rewards must be a floating tensor"):
         r1kernels.group_advantages(torch.ones(8, dtype=torch.long), group_size=4)
+
+
+# --- arbitrary group ids: the single-launch Triton hash-table kernel and its contract -----------
+
+def _first_appearance_stats(rewards, ids):
+    """Per-group mean / std / constant flag, groups in order of first appearance (float64)."""
+    means, stds, constants = [], [], []
+    for idx in _from_ids(ids):
+        vals = rewards.double()[idx]
+        good = vals[~torch.isnan(vals)]
+        means.append(good.mean() if good.numel() else torch.tensor(float("nan"), dtype=torch.float64))
+        stds.append(good.std() if good.numel() > 1 else torch.tensor(0.0, dtype=torch.float64))
+        constants.append(good.numel() <= 1 or bool((good == good[0]).all()))
+    return torch.stack(means), torch.stack(stds), torch.tensor(constants)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_id_stats_list_groups_by_first_appearance(backend):
+    ids = torch.tensor([42, -7, 42, 5, -7, 5, 5, 9, 42, 2 ** 40])
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan"), 4.0, 4.0, 0.5, 2.0, 7.0])
+    adv, stats = _run(backend, rewards, group_ids=ids, return_stats=True)
+    mean, std, constant = _first_appearance_stats(rewards, ids)      # groups 42, -7, 5, 9, 2^40
+    assert_close_scaled(stats.group_mean, mean, 1e-6)
+    assert_close_scaled(stats.group_std, std, 1e-6)
+    assert stats.zero_std_fraction.item() == pytest.approx(constant.float().mean().item())
+    assert (adv[[1, 3, 4, 5, 6, 7, 9]] == 0).all(), "NaN, constant groups and groups of one give exactly 0"
+
+
+def test_triton_id_kernel_many_programs_match_one_bitwise():
+    """The phases as separate launches with 3 programs (the interpreter cannot run a grid barrier
+    with more than one program) give the same bits as the one-launch, one-program path: the int64
+    fixed-point sums do not depend on which program adds first."""
+    from r1kernels.triton.advantages_by_id import BLOCK, group_normalize_by_id
+    gen = torch.Generator().manual_seed(3)
+    batch = 2 * BLOCK + 37
+    ids = torch.randint(-50, 300, (batch,), generator=gen) * (1 << 20)     # strided ids: one hash bucket apart
+    rewards = torch.randn(batch, 3, generator=gen) * 2 + 5
+    rewards[::17, 0] = float("nan")
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    one = group_normalize_by_id(rewards, weights, ids, False, "group", 1e-4, None, True)
+    many = group_normalize_by_id(rewards, weights, ids, False, "group", 1e-4, None, True, programs=3,
+                                 split_phases=True)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    ref = group_advantages_ref(rewards, _from_ids(ids), reward_weights=weights)
+    assert_close_scaled(one[0], ref, 1e-6)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_ids_shuffle_equivariant_bitwise_and_barrier_reset():
+    from r1kernels.triton.advantages_by_id import _barrier_word
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (700,), generator=gen)
+    rewards = torch.randn(700, generator=gen)
+    perm = torch.randperm(700, generator=gen)
+    with r1kernels.use_backend("triton"):
+        adv = r1kernels.group_advantages(rewards, group_ids=ids, estimator="rloo", scale="group")
+        shuffled = r1kernels.group_advantages(rewards[perm], group_ids=ids[perm], estimator="rloo", scale="group")
+    assert torch.equal(shuffled, adv[perm])
+    assert _barrier_word(rewards.device)[0].item() == 0, "every launch must leave zero arrivals behind"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_ids_at_the_int64_limits_and_small_dtypes(backend):
+    ids = torch.tensor([-2 ** 63, 2 ** 63 - 1, -2 ** 63, 0, 2 ** 63 - 1, 0, -1, -1])
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 6.0, 9.0, 4.0, 4.0])
+    ref = group_advantages_ref(rewards, _from_ids(ids))
+    assert_close_scaled(_run(backend, rewards, group_ids=ids), ref, 1e-5, "int64 ids")
+    small = torch.tensor([3, 1, 3, 2, 1, 2, 0, 0], dtype=torch.int8)
+    assert_close_scaled(_run(backend, rewards, group_ids=small), ref, 1e-5, "int8 ids")
+    strided = torch.arange(16)[::2]                                    # a non-contiguous view
+    assert (_run(backend, rewards, group_ids=strided) == 0).all(), "eight groups of one"
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_ids_one_group_spanning_the_batch_with_huge_offset(backend):
+    rewards = 1e6 + torch.randn(3000, dtype=torch.float64) * 1e-2
+    ids = torch.full((3000,), 11)
+    adv = _run(backend, rewards, group_ids=ids)
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    assert_close_scaled(adv, expected, 1e-7)
+    assert adv.abs().max() > 1.0
+
+
+def test_compile_fullgraph_group_ids():
+    rewards, ids = torch.randn(24), torch.arange(24) % 5
+    f = torch.compile(lambda r, g: r1kernels.group_advantages(r, group_ids=g), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(rewards, ids), r1kernels.group_advantages(rewards, group_ids=ids))

@@ -64,3 +64,25 @@ def test_linear_token_logprobs_cuda(backend, deterministic):
     assert_close_scaled(logp, rl, 2e-2, "logp")
     assert_close_scaled(hidden.grad, rh.grad, 3e-2, "d hidden")
     assert_close_scaled(weight.grad, rw.grad, 3e-2, "d weight")
+
+
+@pytest.mark.parametrize("batch", [1, 5000, 1 << 20])
+def test_group_advantages_by_id_cuda_one_launch_grid_barrier(batch):
+    """The id-grouped Triton kernel with a real multi-program grid barrier (the interpreter runs
+    one program): equal to the float64 torch path, bitwise shuffle-equivariant, barrier reset."""
+    from r1kernels.triton.advantages_by_id import _barrier_word
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rewards = torch.randn(batch, 3, device="cuda", generator=gen)
+    ids = torch.randint(0, max(1, batch // 8), (batch,), device="cuda", generator=gen) * 7919
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    with r1kernels.use_backend("triton"):
+        adv, stats = r1kernels.group_advantages(rewards, group_ids=ids, reward_weights=weights, return_stats=True)
+        perm = torch.randperm(batch, device="cuda", generator=gen)
+        shuffled = r1kernels.group_advantages(rewards[perm], group_ids=ids[perm], reward_weights=weights)
+    with r1kernels.use_backend("torch"):
+        expected, expected_stats = r1kernels.group_advantages(rewards.double(), group_ids=ids,
+                                                              reward_weights=weights.double(), return_stats=True)
+    assert_close_scaled(adv, expected, 1e-5)
+    assert_close_scaled(stats.group_std, expected_stats.group_std, 1e-5)
+    assert torch.equal(shuffled, adv[perm])
+    assert _barrier_word(rewards.device)[0].item() == 0

@@ -1,14 +1,22 @@
 """The ``torch`` backend of group advantage normalisation, and the ``cpu``/``cuda`` call into C++.
 
-Contract shared by every backend's ``group_normalize(rewards [B, R], weights [R], group_size,
-offsets, perm, longest, leave_one_out, scale, eps, batch_denominator)``: groups are contiguous
-runs of ``group_size`` rows, or (``offsets`` given) the segments ``perm[offsets[g]:offsets[g+1]]``.
-Each row's reward is the weighted sum of its R rewards (NaNs skipped, NaN if all are). Per group,
-with min-shifted two-pass statistics: adv = (r - mean) * factor / denom, 0 for NaN rewards and
-for groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; denom
-std + eps, ``batch_denominator``, or 1). Returns (adv [B], mean [G], std [G], constant [G]).
+Contract of ``group_normalize(rewards [B, R], weights [R], group_size, offsets, perm,
+leave_one_out, scale, eps, batch_denominator)``: groups are contiguous runs of ``group_size``
+rows, or (``offsets`` given) the segments ``perm[offsets[g]:offsets[g+1]]``. Each row's reward
+is the weighted sum of its R rewards (NaNs skipped, NaN if all are). Per group, with
+min-shifted two-pass statistics: adv = (r - mean) * factor / denom, 0 for NaN rewards and for
+groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; denom std + eps,
+``batch_denominator``, or 1). Returns (adv [B], mean [G], std [G], constant [G]).
+
+``group_normalize_by_id(rewards, weights, group_ids [B], leave_one_out, scale, eps,
+batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
+statistics: (adv [B], mean [B], std [B], constant [B], is_first [B]), the last four empty
+without ``with_stats``; ``is_first`` marks each group's first row. The Triton backend does it in
+one launch (r1kernels/triton/advantages_by_id.py); the others through ``segments_by_id``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -17,16 +25,15 @@ from r1kernels.kernels import accumulation_dtype
 SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
 
 
-def combine_rewards(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted nansum over the R rewards of each row; NaN where all R are NaN."""
-    x = rewards.to(weights.dtype)
+def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """Weighted nansum over the R rewards of each row (weights None: all ones); NaN where all R are NaN."""
+    x = rewards.to(accumulation_dtype(rewards.dtype))
     ok = ~torch.isnan(x)
-    total = torch.where(ok, x * weights, 0.0).sum(1)
+    total = torch.where(ok, x if weights is None else x * weights, 0.0).sum(1)
     return torch.where(ok.any(1), total, torch.nan)
 
 
-def group_normalize(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
-                    batch_denominator):
+def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
     r = combine_rewards(rewards, weights)
     batch = r.shape[0]
     if offsets is None:
@@ -58,15 +65,36 @@ def group_normalize(rewards, weights, group_size, offsets, perm, longest, leave_
     return adv, mean, std, constant
 
 
-def group_normalize_cpp(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
-                        batch_denominator):
+def group_normalize_cpp(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
     """The ``cpu`` and ``cuda`` backends: the C++ extension (csrc/*/group_advantages*)."""
     import r1kernels._C  # noqa: F401
 
     empty = torch.empty(0, dtype=torch.long, device=rewards.device)
+    if weights is None:
+        weights = torch.ones(rewards.shape[1], dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
     if batch_denominator is None:
         batch_denominator = weights.new_ones(())
     return torch.ops.r1k_C.group_advantages(rewards, weights, group_size or 0,
                                             empty if offsets is None else offsets,
                                             empty if perm is None else perm, int(leave_one_out),
                                             SCALE_CODES[scale], eps, batch_denominator)
+
+
+def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
+                          segment_kernel):
+    """``group_normalize_by_id`` through a stable sort into segments and ``segment_kernel`` (one of
+    the ``group_normalize`` above)."""
+    batch = rewards.shape[0]
+    sorted_ids, perm = torch.sort(group_ids, stable=True)
+    _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    adv, mean, std, constant = segment_kernel(rewards, weights, 0, offsets, perm, leave_one_out, scale, eps,
+                                              batch_denominator)
+    if not with_stats:
+        return adv, adv.new_empty(0), adv.new_empty(0), *(adv.new_empty(0, dtype=torch.bool) for _ in range(2))
+    group_of_row = torch.empty(batch, dtype=torch.long, device=rewards.device)
+    group_of_row[perm] = torch.repeat_interleave(torch.arange(counts.numel(), device=rewards.device), counts,
+                                                 output_size=batch)
+    is_first = torch.zeros(batch, dtype=torch.bool, device=rewards.device)
+    is_first[perm[offsets[:-1]]] = True          # the stable sort keeps each group's first row first
+    return adv, mean[group_of_row], std[group_of_row], constant[group_of_row], is_first

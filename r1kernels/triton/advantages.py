@@ -1,10 +1,10 @@
-"""Triton group advantage normalisation: the whole batch in one launch.
+"""Triton group advantage normalisation for contiguous groups: the whole batch in one launch.
 
 Each program owns GROUPS_PER_PROGRAM groups as the rows of a [groups, BLOCK] tile and sweeps
 their rewards four times (count/min/max, shifted sum, shifted squared deviations, write), the
 same passes as csrc/include/r1k/group_stats.h. Small groups fit one tile, so after the first
 pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one write of the advantages.
-Groups are contiguous runs of group_size, or segments of a permutation (id-grouped batches).
+Arbitrary group ids: r1kernels/triton/advantages_by_id.py.
 """
 from __future__ import annotations
 
@@ -13,72 +13,69 @@ import triton
 import triton.language as tl
 
 from r1kernels.kernels import accumulation_dtype
+from r1kernels.kernels.torch_advantages import SCALE_CODES
 
-INF: tl.constexpr = float("inf")
-NAN: tl.constexpr = float("nan")
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def _combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
-                      ACC: tl.constexpr):
-    """Weighted sum of each row's R rewards, NaNs skipped; NaN where all are NaN or masked."""
+def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
+                     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
+    """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), NaNs skipped; NaN
+    where all are NaN or masked."""
     total = tl.zeros(rows.shape, ACC)
     seen = mask & False
     for k in tl.static_range(NUM_REWARDS):
-        x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=NAN).to(ACC)
+        x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=float("nan")).to(ACC)
         ok = x == x
-        total += tl.where(ok, tl.load(weights_ptr + k).to(ACC) * x, 0.0)
+        if HAS_WEIGHTS:
+            x = tl.load(weights_ptr + k).to(ACC) * x
+        total += tl.where(ok, x, 0.0)
         seen = seen | ok
-    return tl.where(seen, total, NAN)
+    return tl.where(seen, total, float("nan"))
 
 
 @triton.jit
-def _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0, NUM_REWARDS: tl.constexpr,
-                  SEGMENTED: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0, NUM_REWARDS: tl.constexpr,
+                  HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Combined rewards of members c0..c0+BLOCK of each group (NaN past the group's end), their rows, the mask."""
     j = c0 + tl.arange(0, BLOCK)
     in_group = j[None, :] < length[:, None]
     rows = start[:, None] + j[None, :]
-    if SEGMENTED:
-        rows = tl.load(perm_ptr + rows, mask=in_group, other=0)
-    return _combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, ACC), rows, in_group
+    x = combined_rewards(rewards_ptr, rows, in_group, row_stride, weights_ptr, NUM_REWARDS, HAS_WEIGHTS, ACC)
+    return x, rows, in_group
 
 
 @triton.jit
-def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, offsets_ptr, perm_ptr, batch_denominator_ptr,
+def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, batch_denominator_ptr,
                              adv_ptr, mean_ptr, std_ptr, constant_ptr, num_groups, group_size, eps,
-                             NUM_REWARDS: tl.constexpr, SEGMENTED: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr,
+                             NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr,
                              SCALE: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr,
                              ACC: tl.constexpr):
     groups = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
     group_mask = groups < num_groups
-    if SEGMENTED:
-        start = tl.load(offsets_ptr + groups, mask=group_mask, other=0)
-        length = tl.load(offsets_ptr + groups + 1, mask=group_mask, other=0) - start
-    else:
-        start = groups * group_size
-        length = tl.where(group_mask, group_size, 0).to(tl.int64)
-    longest = tl.max(length, axis=0)
+    start = groups * group_size
+    length = tl.where(group_mask, group_size, 0).to(tl.int64)
     count = tl.zeros([GROUPS_PER_PROGRAM], ACC)
     lo = tl.full([GROUPS_PER_PROGRAM], INF, ACC)
     hi = tl.full([GROUPS_PER_PROGRAM], -INF, ACC)
-    for c0 in range(0, longest, BLOCK):                       # pass 1: count, min, max
-        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
-                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
+    for c0 in range(0, group_size, BLOCK):                       # pass 1: count, min, max
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
+                                          NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         ok = x == x
         count += tl.sum(ok.to(ACC), axis=1)
         lo = tl.minimum(lo, tl.min(tl.where(ok, x, INF), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(ok, x, -INF), axis=1))
     shifted_sum = tl.zeros([GROUPS_PER_PROGRAM], ACC)
-    for c0 in range(0, longest, BLOCK):                       # pass 2: sum of (r - min)
-        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
-                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
+    for c0 in range(0, group_size, BLOCK):                       # pass 2: sum of (r - min)
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
+                                          NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         shifted_sum += tl.sum(tl.where(x == x, x - lo[:, None], 0.0), axis=1)
     shifted_mean = tl.where(count > 0, shifted_sum / tl.maximum(count, 1.0), 0.0)
     m2 = tl.zeros([GROUPS_PER_PROGRAM], ACC)
-    for c0 in range(0, longest, BLOCK):                       # pass 3: squared deviations
-        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
-                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
+    for c0 in range(0, group_size, BLOCK):                       # pass 3: squared deviations
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
+                                          NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         d = (x - lo[:, None]) - shifted_mean[:, None]
         m2 += tl.sum(tl.where(x == x, d * d, 0.0), axis=1)
     std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(count - 1, 1.0)), 0.0)
@@ -90,37 +87,33 @@ def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, offsets_ptr, 
         factor = factor / (std + eps)
     elif SCALE == 2:
         factor = factor / tl.load(batch_denominator_ptr).to(ACC)
-    for c0 in range(0, longest, BLOCK):                       # pass 4: advantages
-        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, perm_ptr, start, length, c0,
-                                          NUM_REWARDS, SEGMENTED, BLOCK, ACC)
+    for c0 in range(0, group_size, BLOCK):                       # pass 4: advantages
+        x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
+                                          NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         adv = ((x - lo[:, None]) - shifted_mean[:, None]) * factor[:, None]
         use = (x == x) & ~constant[:, None]
         tl.store(adv_ptr + rows, tl.where(use, adv, 0.0), mask=in_group)
-    tl.store(mean_ptr + groups, tl.where(count > 0, lo + shifted_mean, NAN), mask=group_mask)
+    tl.store(mean_ptr + groups, tl.where(count > 0, lo + shifted_mean, float("nan")), mask=group_mask)
     tl.store(std_ptr + groups, std, mask=group_mask)
     tl.store(constant_ptr + groups, constant, mask=group_mask)
 
 
-def group_normalize(rewards, weights, group_size, offsets, perm, longest, leave_one_out, scale, eps,
-                    batch_denominator):
-    """See ``r1kernels.kernels.torch_advantages.group_normalize`` for the contract."""
+def group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator):
+    """Contiguous groups of ``group_size`` rows; see ``r1kernels.kernels.torch_advantages.group_normalize``
+    for the contract (``weights`` may be None: all ones)."""
     batch, num_rewards = rewards.shape
     acc = accumulation_dtype(rewards.dtype)
-    segmented = offsets is not None
-    groups = offsets.numel() - 1 if segmented else batch // group_size
+    groups = batch // group_size
     device = rewards.device
     adv = torch.empty(batch, dtype=acc, device=device)
     mean, std = torch.empty(groups, dtype=acc, device=device), torch.empty(groups, dtype=acc, device=device)
     constant = torch.empty(groups, dtype=torch.bool, device=device)
-    if groups == 0:
-        return adv, mean, std, constant
-    block = min(triton.next_power_of_2(max(longest, 1)), 1024)
+    block = min(triton.next_power_of_2(group_size), 1024)
     per_program = max(1, min(2048 // block, triton.next_power_of_2(groups)))
-    dummy = adv
     _group_advantages_kernel[(triton.cdiv(groups, per_program),)](
-        rewards, rewards.stride(0), weights, offsets if segmented else dummy, perm if segmented else dummy,
-        batch_denominator if batch_denominator is not None else dummy, adv, mean, std, constant, groups,
-        group_size or 0, eps, NUM_REWARDS=num_rewards, SEGMENTED=segmented, LEAVE_ONE_OUT=leave_one_out,
-        SCALE={"none": 0, "group": 1, "batch": 2}[scale], GROUPS_PER_PROGRAM=per_program, BLOCK=block,
+        rewards, rewards.stride(0), weights if weights is not None else adv,
+        batch_denominator if batch_denominator is not None else adv, adv, mean, std, constant, groups,
+        group_size, eps, NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, LEAVE_ONE_OUT=leave_one_out,
+        SCALE=SCALE_CODES[scale], GROUPS_PER_PROGRAM=per_program, BLOCK=block,
         ACC=tl.float64 if acc == torch.float64 else tl.float32)
     return adv, mean, std, constant

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
 
-IGNORE_INDEX: tl.constexpr = -100
+IGNORE_INDEX = tl.constexpr(-100)
 
 
 @triton.jit

@@ -7,7 +7,7 @@ t = sum exp(z - m) (z - m); then log p = (z - m) - log s and H = log s - t / s.
 import triton
 import triton.language as tl
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

@@ -1,0 +1,228 @@
+"""Triton advantage normalisation for arbitrary integer group ids, in one launch.
+
+Groups are found with an open-addressing hash table (Fibonacci hashing of the id, linear
+probing, compare-and-swap inserts) held in a workspace. A persistent grid of at most one program
+per SM sweeps the batch in six phases, separated by grid-wide barriers:
+
+    0  clear the table's keys
+    1  insert every row's id, remember its slot; whoever claims a slot initialises its fields
+    2  per group: count of valid rewards, min, max, first row           (atomics)
+    3  per group: sum of (r - min) / (max - min)                        (int64 fixed point)
+    4  per group: sum of squared deviations from the mean, / (max-min)^2 (int64 fixed point)
+    5  advantages, and optionally each row's group statistics
+
+The two sums are integers: each term is rounded to a multiple of 2^-(62 - ceil(log2 n)) (n the
+group's count, so the sum stays below 2^62), about 2^-38 of the group's range at n = 2^24 and
+finer for smaller groups. Integer addition is associative, so the result does not depend on the
+order in which programs add: it is deterministic, and shuffling the batch shuffles the
+advantages bit for bit. Group j's statistics go to its rows; ``is_first`` marks each group's
+first row, so callers list groups in order of first appearance (as verl's dict of uids does).
+
+The barrier needs every program resident at once: the grid is at most one program per SM, and
+the barrier word is left at zero by every launch. The Triton interpreter runs programs one after
+another, so there the grid is one program; ``split_phases`` runs each phase as its own launch
+instead (launch boundaries act as barriers), which lets the tests cover many programs on CPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from r1kernels.kernels import accumulation_dtype
+from r1kernels.kernels.torch_advantages import SCALE_CODES
+from r1kernels.triton.advantages import combined_rewards
+
+EMPTY = tl.constexpr(-(2 ** 63))                # an empty slot; the id -2^63 gets the reserved slot
+GOLDEN = tl.constexpr(-7046029254386353131)     # 2^64 / golden ratio, as a signed int64
+SUM_BITS = tl.constexpr(62)
+INF = tl.constexpr(float("inf"))
+INT32_MAX = tl.constexpr(2 ** 31 - 1)
+PHASES = 6
+BLOCK = 1024
+
+
+@triton.jit
+def _grid_barrier(state_ptr, num_programs):
+    """Sense-reversing barrier: state[0] counts arrivals, state[1] is the generation. The last
+    program to arrive resets the count and bumps the generation, which releases the others."""
+    tl.debug_barrier()                                   # every thread's writes precede the arrival
+    generation = tl.atomic_add(state_ptr + 1, 0)
+    if tl.atomic_add(state_ptr, 1) == num_programs - 1:
+        tl.atomic_xchg(state_ptr, 0)
+        tl.atomic_add(state_ptr + 1, 1)
+    else:
+        while tl.atomic_add(state_ptr + 1, 0) == generation:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _find_slots(keys_ptr, ids, active, capacity, hash_shift):
+    """Slot of each id (claiming an empty one if the id is new) and whether this lane claimed it."""
+    reserved = ids == EMPTY
+    hashed = (ids * GOLDEN).to(tl.uint64, bitcast=True) >> hash_shift.to(tl.uint64)
+    slot = tl.where(reserved, capacity, hashed.to(tl.int64))
+    searching = active & ~reserved
+    claimed = searching & False
+    empty = tl.full(ids.shape, EMPTY, tl.int64)
+    while tl.max(searching.to(tl.int32), axis=0) > 0:
+        # lanes that are done compare-and-swap their own key (or the reserved slot's EMPTY): no-ops
+        old = tl.atomic_cas(keys_ptr + slot, empty, ids)
+        claimed = claimed | (searching & (old == EMPTY))
+        searching = searching & (old != EMPTY) & (old != ids)
+        slot = tl.where(searching, (slot + 1) & (capacity - 1), slot)
+    return slot, claimed
+
+
+@triton.jit
+def _fixed_point_unit(count):
+    """2^(62 - ceil(log2 n)): n terms of at most one unit sum to at most 2^62 < 2^63."""
+    bits = tl.math.ceil(tl.math.log2(tl.maximum(count, 1).to(tl.float64)))
+    return tl.math.exp2(-(bits - SUM_BITS))       # (constexpr - tensor stays a constexpr in the interpreter)
+
+
+@triton.jit
+def _to_fixed_point(fraction, unit):
+    return tl.math.floor(fraction * unit + 0.5).to(tl.int64)
+
+
+@triton.jit
+def _group_advantages_by_id_kernel(
+        rewards_ptr, row_stride, weights_ptr, ids_ptr, batch_denominator_ptr, batch, eps,
+        keys_ptr, slot_of_row_ptr, count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, capacity, hash_shift,
+        barrier_ptr, adv_ptr, mean_ptr, std_ptr, constant_ptr, is_first_ptr,
+        NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SCALE: tl.constexpr,
+        WRITE_STATS: tl.constexpr, FIRST_PHASE: tl.constexpr, LAST_PHASE: tl.constexpr, BLOCK: tl.constexpr,
+        ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+    for phase in tl.static_range(FIRST_PHASE, LAST_PHASE + 1):
+        if phase > FIRST_PHASE:
+            _grid_barrier(barrier_ptr, programs)
+        if phase == 0:                                   # clear the keys (slot `capacity` is reserved)
+            for start in range(pid * BLOCK, capacity + 1, programs * BLOCK):
+                tl.store(keys_ptr + start + lanes, EMPTY, mask=start + lanes <= capacity)
+            if pid == 0:
+                tl.store(count_ptr + capacity, 0)
+                tl.store(first_ptr + capacity, INT32_MAX)
+                tl.store(lo_ptr + capacity, INF)
+                tl.store(hi_ptr + capacity, -INF)
+                tl.store(sum_ptr + capacity, 0)
+                tl.store(m2_ptr + capacity, 0)
+        else:
+            for start in range(pid * BLOCK, batch, programs * BLOCK):
+                rows = start + lanes
+                in_batch = rows < batch
+                if phase == 1:                           # insert ids; stash combined rewards in adv
+                    ids = tl.load(ids_ptr + rows, mask=in_batch, other=EMPTY).to(tl.int64)
+                    slot, claimed = _find_slots(keys_ptr, ids, in_batch, capacity, hash_shift)
+                    tl.store(slot_of_row_ptr + rows, slot.to(tl.int32), mask=in_batch)
+                    tl.store(count_ptr + slot, 0, mask=claimed)
+                    tl.store(first_ptr + slot, INT32_MAX, mask=claimed)
+                    tl.store(lo_ptr + slot, INF, mask=claimed)
+                    tl.store(hi_ptr + slot, -INF, mask=claimed)
+                    tl.store(sum_ptr + slot, 0, mask=claimed)
+                    tl.store(m2_ptr + slot, 0, mask=claimed)
+                    x = combined_rewards(rewards_ptr, rows.to(tl.int64), in_batch, row_stride, weights_ptr,
+                                         NUM_REWARDS, HAS_WEIGHTS, ACC)
+                    tl.store(adv_ptr + rows, x, mask=in_batch)
+                else:
+                    slot = tl.load(slot_of_row_ptr + rows, mask=in_batch, other=0)
+                    x = tl.load(adv_ptr + rows, mask=in_batch, other=float("nan"))
+                    valid = in_batch & (x == x)
+                    if phase == 2:                       # count, min, max, first row
+                        tl.atomic_add(count_ptr + slot, 1, mask=valid)
+                        tl.atomic_min(lo_ptr + slot, x, mask=valid)
+                        tl.atomic_max(hi_ptr + slot, x, mask=valid)
+                        tl.atomic_min(first_ptr + slot, rows, mask=in_batch)
+                    else:
+                        # other programs' atomics wrote these: volatile loads skip the L1 cache
+                        count = tl.load(count_ptr + slot, mask=in_batch, other=0, volatile=True)
+                        lo = tl.load(lo_ptr + slot, mask=in_batch, other=0.0, volatile=True).to(tl.float64)
+                        hi = tl.load(hi_ptr + slot, mask=in_batch, other=0.0, volatile=True).to(tl.float64)
+                        spread = tl.where(count > 0, hi - lo, 0.0)       # an empty group has lo = inf
+                        used = valid & (spread > 0)
+                        fraction = tl.where(used, (x.to(tl.float64) - lo) / tl.where(used, spread, 1.0), 0.0)
+                        unit = _fixed_point_unit(count)
+                        if phase == 3:                   # sum of (r - min) / range
+                            tl.atomic_add(sum_ptr + slot, _to_fixed_point(fraction, unit), mask=valid)
+                        else:
+                            sum_units = tl.load(sum_ptr + slot, mask=in_batch, other=0, volatile=True)
+                            mean_fraction = sum_units.to(tl.float64) / unit / tl.maximum(count, 1)
+                            deviation = fraction - mean_fraction
+                            if phase == 4:               # sum of squared deviations / range^2
+                                tl.atomic_add(m2_ptr + slot, _to_fixed_point(deviation * deviation, unit),
+                                              mask=valid)
+                            else:                        # phase 5: advantages
+                                m2_units = tl.load(m2_ptr + slot, mask=in_batch, other=0, volatile=True)
+                                n = count.to(tl.float64)
+                                m2 = m2_units.to(tl.float64) / unit * spread * spread
+                                std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(n - 1, 1.0)), 0.0)
+                                constant = (count <= 1) | (spread == 0)
+                                factor = tl.full([BLOCK], 1.0, tl.float64)
+                                if LEAVE_ONE_OUT:
+                                    factor = tl.where(count > 1, n / tl.maximum(n - 1, 1.0), 1.0)
+                                if SCALE == 1:
+                                    factor = factor / (std + eps)
+                                elif SCALE == 2:
+                                    factor = factor / tl.load(batch_denominator_ptr).to(tl.float64)
+                                adv = tl.where(valid & ~constant, deviation * spread * factor, 0.0)
+                                tl.store(adv_ptr + rows, adv.to(ACC), mask=in_batch)
+                                if WRITE_STATS:
+                                    mean = tl.where(count > 0, lo + mean_fraction * spread, float("nan"))
+                                    first = tl.load(first_ptr + slot, mask=in_batch, other=-1, volatile=True)
+                                    tl.store(mean_ptr + rows, mean.to(ACC), mask=in_batch)
+                                    tl.store(std_ptr + rows, std.to(ACC), mask=in_batch)
+                                    tl.store(constant_ptr + rows, constant, mask=in_batch)
+                                    tl.store(is_first_ptr + rows, rows == first, mask=in_batch)
+
+
+_barrier_words: dict = {}
+
+
+def _barrier_word(device: torch.device) -> torch.Tensor:
+    """A zeroed [arrivals, generation] pair per device and stream; each launch leaves it at zero
+    arrivals, so it is allocated (and zeroed) once."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _barrier_words:
+        _barrier_words[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return _barrier_words[key]
+
+
+def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
+                          programs=None, split_phases=False):
+    """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract.
+    ``programs`` and ``split_phases`` are for tests (see the module docstring)."""
+    batch, num_rewards = rewards.shape
+    if batch >= 2 ** 31:
+        raise ValueError(f"group_ids: at most 2^31 - 1 rows, got {batch}")
+    device = rewards.device
+    acc = accumulation_dtype(rewards.dtype)
+    capacity = triton.next_power_of_2(2 * batch)          # load factor at most 1/2
+    slot_count = capacity + 1                             # + the reserved slot of the id -2^63
+    keys = torch.empty(slot_count, dtype=torch.int64, device=device)
+    slot_of_row = torch.empty(batch, dtype=torch.int32, device=device)
+    counts, firsts = (torch.empty(slot_count, dtype=torch.int32, device=device) for _ in range(2))
+    lows, highs = (torch.empty(slot_count, dtype=acc, device=device) for _ in range(2))
+    sums, squares = (torch.empty(slot_count, dtype=torch.int64, device=device) for _ in range(2))
+    adv = torch.empty(batch, dtype=acc, device=device)
+    stats_rows = batch if with_stats else 0
+    mean, std = (torch.empty(stats_rows, dtype=acc, device=device) for _ in range(2))
+    constant, is_first = (torch.empty(stats_rows, dtype=torch.bool, device=device) for _ in range(2))
+    if programs is None:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        programs = max(1, min(sm_count, triton.cdiv(batch, BLOCK)))
+    launches = [(p, p) for p in range(PHASES)] if split_phases else [(0, PHASES - 1)]
+    for first_phase, last_phase in launches:
+        _group_advantages_by_id_kernel[(programs,)](
+            rewards, rewards.stride(0), weights if weights is not None else adv, group_ids,
+            batch_denominator if batch_denominator is not None else adv, batch, eps,
+            keys, slot_of_row, counts, firsts, lows, highs, sums, squares, capacity,
+            64 - capacity.bit_length() + 1, _barrier_word(device), adv, mean, std, constant, is_first,
+            NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, LEAVE_ONE_OUT=leave_one_out,
+            SCALE=SCALE_CODES[scale], WRITE_STATS=with_stats, FIRST_PHASE=first_phase, LAST_PHASE=last_phase,
+            BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4)
+    return adv, mean, std, constant, is_first
