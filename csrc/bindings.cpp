@@ -106,6 +106,8 @@ TORCH_LIBRARY(r1k_C, m) {
         " Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, float inv_temperature, Tensor(a!) out) -> ()");
   m.def("group_advantages(Tensor rewards, Tensor weights, int group_size, Tensor offsets, Tensor perm,"
         " int estimator, int scale, float eps, Tensor batch_denominator) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("group_advantages_by_id(Tensor rewards, Tensor weights, Tensor group_ids, int estimator, int scale,"
+        " float eps, Tensor batch_denominator, bool with_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef R1K_WITH_CUDA

@@ -74,6 +74,9 @@ def _group_normalize_by_id(rewards: Tensor, weights: Optional[Tensor], group_ids
         from r1kernels.triton.advantages_by_id import group_normalize_by_id
         return group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
                                      with_stats)
+    if backend == "cpu":
+        return torch_advantages.group_normalize_by_id_cpp(rewards, weights, group_ids, leave_one_out, scale, eps,
+                                                          batch_denominator, with_stats)
     if backend == "cuda":
         rewards, weights = _as_cuda_input(rewards, weights)
     return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,

@@ -12,7 +12,8 @@ groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; 
 batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
 statistics: (adv [B], mean [B], std [B], constant [B], is_first [B]), the last four empty
 without ``with_stats``; ``is_first`` marks each group's first row. The Triton backend does it in
-one launch (r1kernels/triton/advantages_by_id.py); the others through ``segments_by_id``.
+one launch (r1kernels/triton/advantages_by_id.py), the ``cpu`` backend in one C++ call; ``torch``
+and ``cuda`` sort the ids into segments first.
 """
 from __future__ import annotations
 
@@ -65,19 +66,31 @@ def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, 
     return adv, mean, std, constant
 
 
-def group_normalize_cpp(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
-    """The ``cpu`` and ``cuda`` backends: the C++ extension (csrc/*/group_advantages*)."""
+def _cpp_weights_and_denominator(rewards, weights, batch_denominator):
+    """The C++ ops take explicit tensors: weights of ones, a denominator of 1 when not given."""
     import r1kernels._C  # noqa: F401
 
-    empty = torch.empty(0, dtype=torch.long, device=rewards.device)
     if weights is None:
         weights = torch.ones(rewards.shape[1], dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
-    if batch_denominator is None:
-        batch_denominator = weights.new_ones(())
+    return weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
+
+
+def group_normalize_cpp(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
+    """The ``cpu`` and ``cuda`` backends: the C++ extension (csrc/*/group_advantages*)."""
+    weights, batch_denominator = _cpp_weights_and_denominator(rewards, weights, batch_denominator)
+    empty = torch.empty(0, dtype=torch.long, device=rewards.device)
     return torch.ops.r1k_C.group_advantages(rewards, weights, group_size or 0,
                                             empty if offsets is None else offsets,
                                             empty if perm is None else perm, int(leave_one_out),
                                             SCALE_CODES[scale], eps, batch_denominator)
+
+
+def group_normalize_by_id_cpp(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
+                              with_stats):
+    """The ``cpu`` backend: ids hashed into groups and normalised in one C++ call."""
+    weights, batch_denominator = _cpp_weights_and_denominator(rewards, weights, batch_denominator)
+    return torch.ops.r1k_C.group_advantages_by_id(rewards, weights, group_ids, int(leave_one_out),
+                                                  SCALE_CODES[scale], eps, batch_denominator, with_stats)
 
 
 def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
