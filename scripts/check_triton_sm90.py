@@ -121,6 +121,7 @@ def _advantages():
                 advantages.group_normalize(rewards, w, 8, False, scale, 1e-4, denominator)
                 advantages_by_id.group_normalize_by_id(rewards, w, ids, True, scale, 1e-4, denominator, True)
         advantages_by_id.group_normalize_by_id(rewards, None, ids.int(), False, "none", 1e-4, None, False)
+        advantages_by_id.group_normalize_by_id(rewards, weights, None, False, "group", 1e-4, None, True, group_size=32)
 
 
 def main() -> int:

@@ -276,3 +276,26 @@ def test_compile_fullgraph_group_ids():
     rewards, ids = torch.randn(24), torch.arange(24) % 5
     f = torch.compile(lambda r, g: r1kernels.group_advantages(r, group_ids=g), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(rewards, ids), r1kernels.group_advantages(rewards, group_ids=ids))
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_long_contiguous_groups_use_the_persistent_kernel():
+    from r1kernels.triton.advantages import LARGE_GROUP
+    from r1kernels.triton.advantages_by_id import group_normalize_by_id
+    size = LARGE_GROUP + 3
+    rewards = torch.randn(2 * size, 2)
+    rewards[5] = float("nan")
+    with r1kernels.use_backend("triton"):
+        adv, stats = r1kernels.group_advantages(rewards, group_size=size, estimator="rloo", scale="group",
+                                                return_stats=True)
+    ref = group_advantages_ref(rewards, _contiguous(2 * size, size), "rloo", "group")
+    assert_close_scaled(adv, ref, 1e-6)
+    combined = rewards.double().nansum(1)
+    combined[5] = float("nan")
+    expected_mean = torch.stack([g[~torch.isnan(g)].mean() for g in combined.view(2, size)])
+    assert_close_scaled(stats.group_mean, expected_mean, 1e-6)
+    one = group_normalize_by_id(rewards, None, None, True, "group", 1e-4, None, True, group_size=size)
+    many = group_normalize_by_id(rewards, None, None, True, "group", 1e-4, None, True, group_size=size, programs=4,
+                                 split_phases=True)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)

@@ -86,3 +86,15 @@ def test_group_advantages_by_id_cuda_one_launch_grid_barrier(batch):
     assert_close_scaled(stats.group_std, expected_stats.group_std, 1e-5)
     assert torch.equal(shuffled, adv[perm])
     assert _barrier_word(rewards.device)[0].item() == 0
+
+
+@pytest.mark.parametrize("group_size", [8, 64, 1 << 20])
+def test_group_advantages_contiguous_cuda(group_size):
+    """Contiguous groups: the tile kernel (small groups) and the persistent kernel (one group of 2^20)."""
+    rewards = torch.randn(1 << 20, 3, device="cuda")
+    with r1kernels.use_backend("triton"):
+        adv, stats = r1kernels.group_advantages(rewards, group_size=group_size, return_stats=True)
+    r = rewards.double().sum(1).view(-1, group_size)
+    expected = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert_close_scaled(adv, expected, 1e-5)
+    assert_close_scaled(stats.group_std, r.std(1), 1e-5)

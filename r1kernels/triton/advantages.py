@@ -4,7 +4,9 @@ Each program owns GROUPS_PER_PROGRAM groups as the rows of a [groups, BLOCK] til
 their rewards four times (count/min/max, shifted sum, shifted squared deviations, write), the
 same passes as csrc/include/r1k/group_stats.h. Small groups fit one tile, so after the first
 pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one write of the advantages.
-Arbitrary group ids: r1kernels/triton/advantages_by_id.py.
+Groups longer than LARGE_GROUP rows (few groups, so few programs here) and arbitrary group ids go
+to the persistent kernel of r1kernels/triton/advantages_by_id.py, which spreads any group over
+every SM.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from r1kernels.kernels import accumulation_dtype
 from r1kernels.kernels.torch_advantages import SCALE_CODES
 
 INF = tl.constexpr(float("inf"))
+LARGE_GROUP = 4096
 
 
 @triton.jit
@@ -101,6 +104,11 @@ def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, batch_denomin
 def group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator):
     """Contiguous groups of ``group_size`` rows; see ``r1kernels.kernels.torch_advantages.group_normalize``
     for the contract (``weights`` may be None: all ones)."""
+    if group_size > LARGE_GROUP:
+        from r1kernels.triton.advantages_by_id import group_normalize_by_id
+        adv, mean, std, constant, _ = group_normalize_by_id(rewards, weights, None, leave_one_out, scale, eps,
+                                                            batch_denominator, True, group_size=group_size)
+        return adv, mean, std, constant
     batch, num_rewards = rewards.shape
     acc = accumulation_dtype(rewards.dtype)
     groups = batch // group_size

@@ -88,48 +88,59 @@ def _to_fixed_point(fraction, unit):
 
 
 @triton.jit
+def _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, slots, mask):
+    """Empty groups: no rewards, first row 'none yet', min +inf, max -inf, zero sums."""
+    tl.store(count_ptr + slots, 0, mask=mask)
+    tl.store(first_ptr + slots, INT32_MAX, mask=mask)
+    tl.store(lo_ptr + slots, INF, mask=mask)
+    tl.store(hi_ptr + slots, -INF, mask=mask)
+    tl.store(sum_ptr + slots, 0, mask=mask)
+    tl.store(m2_ptr + slots, 0, mask=mask)
+
+
+@triton.jit
 def _group_advantages_by_id_kernel(
-        rewards_ptr, row_stride, weights_ptr, ids_ptr, batch_denominator_ptr, batch, eps,
+        rewards_ptr, row_stride, weights_ptr, ids_ptr, group_size, batch_denominator_ptr, batch, eps,
         keys_ptr, slot_of_row_ptr, count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, capacity, hash_shift,
         barrier_ptr, adv_ptr, mean_ptr, std_ptr, constant_ptr, is_first_ptr,
-        NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr, SCALE: tl.constexpr,
-        WRITE_STATS: tl.constexpr, FIRST_PHASE: tl.constexpr, LAST_PHASE: tl.constexpr, BLOCK: tl.constexpr,
-        ACC: tl.constexpr):
+        NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, IDS_FROM_ROWS: tl.constexpr,
+        LEAVE_ONE_OUT: tl.constexpr, SCALE: tl.constexpr, WRITE_STATS: tl.constexpr, FIRST_PHASE: tl.constexpr,
+        LAST_PHASE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """IDS_FROM_ROWS: contiguous groups of group_size rows, whose slot is row // group_size (no
+    hashing; ``capacity`` is the number of groups) and whose statistics go to [G] outputs."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     for phase in tl.static_range(FIRST_PHASE, LAST_PHASE + 1):
         if phase > FIRST_PHASE:
             _grid_barrier(barrier_ptr, programs)
-        if phase == 0:                                   # clear the keys (slot `capacity` is reserved)
-            for start in range(pid * BLOCK, capacity + 1, programs * BLOCK):
-                tl.store(keys_ptr + start + lanes, EMPTY, mask=start + lanes <= capacity)
-            if pid == 0:
-                tl.store(count_ptr + capacity, 0)
-                tl.store(first_ptr + capacity, INT32_MAX)
-                tl.store(lo_ptr + capacity, INF)
-                tl.store(hi_ptr + capacity, -INF)
-                tl.store(sum_ptr + capacity, 0)
-                tl.store(m2_ptr + capacity, 0)
+        if phase == 0:
+            if IDS_FROM_ROWS:                            # initialise every group
+                for start in range(pid * BLOCK, capacity, programs * BLOCK):
+                    _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, start + lanes,
+                                start + lanes < capacity)
+            else:                                        # clear the keys (slot `capacity` is reserved)
+                for start in range(pid * BLOCK, capacity + 1, programs * BLOCK):
+                    tl.store(keys_ptr + start + lanes, EMPTY, mask=start + lanes <= capacity)
+                _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, capacity, pid == 0)
         else:
             for start in range(pid * BLOCK, batch, programs * BLOCK):
                 rows = start + lanes
                 in_batch = rows < batch
                 if phase == 1:                           # insert ids; stash combined rewards in adv
-                    ids = tl.load(ids_ptr + rows, mask=in_batch, other=EMPTY).to(tl.int64)
-                    slot, claimed = _find_slots(keys_ptr, ids, in_batch, capacity, hash_shift)
-                    tl.store(slot_of_row_ptr + rows, slot.to(tl.int32), mask=in_batch)
-                    tl.store(count_ptr + slot, 0, mask=claimed)
-                    tl.store(first_ptr + slot, INT32_MAX, mask=claimed)
-                    tl.store(lo_ptr + slot, INF, mask=claimed)
-                    tl.store(hi_ptr + slot, -INF, mask=claimed)
-                    tl.store(sum_ptr + slot, 0, mask=claimed)
-                    tl.store(m2_ptr + slot, 0, mask=claimed)
+                    if not IDS_FROM_ROWS:
+                        ids = tl.load(ids_ptr + rows, mask=in_batch, other=EMPTY).to(tl.int64)
+                        slot, claimed = _find_slots(keys_ptr, ids, in_batch, capacity, hash_shift)
+                        tl.store(slot_of_row_ptr + rows, slot.to(tl.int32), mask=in_batch)
+                        _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, slot, claimed)
                     x = combined_rewards(rewards_ptr, rows.to(tl.int64), in_batch, row_stride, weights_ptr,
                                          NUM_REWARDS, HAS_WEIGHTS, ACC)
                     tl.store(adv_ptr + rows, x, mask=in_batch)
                 else:
-                    slot = tl.load(slot_of_row_ptr + rows, mask=in_batch, other=0)
+                    if IDS_FROM_ROWS:
+                        slot = tl.where(in_batch, rows // group_size, 0)
+                    else:
+                        slot = tl.load(slot_of_row_ptr + rows, mask=in_batch, other=0)
                     x = tl.load(adv_ptr + rows, mask=in_batch, other=float("nan"))
                     valid = in_batch & (x == x)
                     if phase == 2:                       # count, min, max, first row
@@ -172,11 +183,17 @@ def _group_advantages_by_id_kernel(
                                 tl.store(adv_ptr + rows, adv.to(ACC), mask=in_batch)
                                 if WRITE_STATS:
                                     mean = tl.where(count > 0, lo + mean_fraction * spread, float("nan"))
-                                    first = tl.load(first_ptr + slot, mask=in_batch, other=-1, volatile=True)
-                                    tl.store(mean_ptr + rows, mean.to(ACC), mask=in_batch)
-                                    tl.store(std_ptr + rows, std.to(ACC), mask=in_batch)
-                                    tl.store(constant_ptr + rows, constant, mask=in_batch)
-                                    tl.store(is_first_ptr + rows, rows == first, mask=in_batch)
+                                    if IDS_FROM_ROWS:            # one row per group writes its [G] stats
+                                        where = slot
+                                        writes = in_batch & (rows % group_size == 0)
+                                    else:                        # every row writes its group's stats
+                                        where = rows
+                                        writes = in_batch
+                                        first = tl.load(first_ptr + slot, mask=in_batch, other=-1, volatile=True)
+                                        tl.store(is_first_ptr + rows, rows == first, mask=in_batch)
+                                    tl.store(mean_ptr + where, mean.to(ACC), mask=writes)
+                                    tl.store(std_ptr + where, std.to(ACC), mask=writes)
+                                    tl.store(constant_ptr + where, constant, mask=writes)
 
 
 _barrier_words: dict = {}
@@ -193,36 +210,43 @@ def _barrier_word(device: torch.device) -> torch.Tensor:
 
 
 def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
-                          programs=None, split_phases=False):
-    """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract.
-    ``programs`` and ``split_phases`` are for tests (see the module docstring)."""
+                          group_size=0, programs=None, split_phases=False):
+    """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract. With
+    ``group_size`` instead of ids (``group_ids`` None): contiguous groups, statistics [G] and
+    ``is_first`` empty. ``programs`` and ``split_phases`` are for tests (see the module docstring)."""
     batch, num_rewards = rewards.shape
     if batch >= 2 ** 31:
         raise ValueError(f"group_ids: at most 2^31 - 1 rows, got {batch}")
     device = rewards.device
     acc = accumulation_dtype(rewards.dtype)
-    capacity = triton.next_power_of_2(2 * batch)          # load factor at most 1/2
-    slot_count = capacity + 1                             # + the reserved slot of the id -2^63
-    keys = torch.empty(slot_count, dtype=torch.int64, device=device)
-    slot_of_row = torch.empty(batch, dtype=torch.int32, device=device)
+    ids_from_rows = group_size > 0
+    if ids_from_rows:
+        capacity = batch // group_size                    # one slot per group, no hashing
+        slot_count, stats_size = capacity, capacity if with_stats else 0
+    else:
+        capacity = triton.next_power_of_2(2 * batch)      # load factor at most 1/2
+        slot_count, stats_size = capacity + 1, batch if with_stats else 0   # + the id -2^63's slot
+    keys = torch.empty(0 if ids_from_rows else slot_count, dtype=torch.int64, device=device)
+    slot_of_row = torch.empty(0 if ids_from_rows else batch, dtype=torch.int32, device=device)
     counts, firsts = (torch.empty(slot_count, dtype=torch.int32, device=device) for _ in range(2))
     lows, highs = (torch.empty(slot_count, dtype=acc, device=device) for _ in range(2))
     sums, squares = (torch.empty(slot_count, dtype=torch.int64, device=device) for _ in range(2))
     adv = torch.empty(batch, dtype=acc, device=device)
-    stats_rows = batch if with_stats else 0
-    mean, std = (torch.empty(stats_rows, dtype=acc, device=device) for _ in range(2))
-    constant, is_first = (torch.empty(stats_rows, dtype=torch.bool, device=device) for _ in range(2))
+    mean, std = (torch.empty(stats_size, dtype=acc, device=device) for _ in range(2))
+    constant = torch.empty(stats_size, dtype=torch.bool, device=device)
+    is_first = torch.empty(0 if ids_from_rows else stats_size, dtype=torch.bool, device=device)
     if programs is None:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         programs = max(1, min(sm_count, triton.cdiv(batch, BLOCK)))
     launches = [(p, p) for p in range(PHASES)] if split_phases else [(0, PHASES - 1)]
     for first_phase, last_phase in launches:
         _group_advantages_by_id_kernel[(programs,)](
-            rewards, rewards.stride(0), weights if weights is not None else adv, group_ids,
+            rewards, rewards.stride(0), weights if weights is not None else adv,
+            adv if ids_from_rows else group_ids, max(group_size, 1),
             batch_denominator if batch_denominator is not None else adv, batch, eps,
             keys, slot_of_row, counts, firsts, lows, highs, sums, squares, capacity,
-            64 - capacity.bit_length() + 1, _barrier_word(device), adv, mean, std, constant, is_first,
-            NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, LEAVE_ONE_OUT=leave_one_out,
-            SCALE=SCALE_CODES[scale], WRITE_STATS=with_stats, FIRST_PHASE=first_phase, LAST_PHASE=last_phase,
-            BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4)
+            64 - (capacity.bit_length() - 1), _barrier_word(device), adv, mean, std, constant, is_first,
+            NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, IDS_FROM_ROWS=ids_from_rows,
+            LEAVE_ONE_OUT=leave_one_out, SCALE=SCALE_CODES[scale], WRITE_STATS=with_stats, FIRST_PHASE=first_phase,
+            LAST_PHASE=last_phase, BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4)
     return adv, mean, std, constant, is_first
