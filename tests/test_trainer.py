@@ -119,7 +119,7 @@ def test_grpo_step_equals_float64_reference(loss_type, tmp_path):
         out = S.micro_batch_loss(model, mb, cfg, 0.7, 12, options)
         scaled = out.loss * S.micro_batch_scale(loss_type, mb, len(prompts), tokens, 1)
         scaled.backward()
-        total += float(scaled)
+        total += float(scaled.detach())
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     # reference: each sequence alone, padded layout, float64 spec of log-probs and loss
