@@ -299,3 +299,62 @@ def test_triton_long_contiguous_groups_use_the_persistent_kernel():
                                  split_phases=True)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
+    """What a GPU would run: each call launches one Triton kernel, and every other tensor op is an
+    allocation or a view (no kernels). Checked by logging every aten op outside the launch, in the
+    public function (which calls the custom op) and in the Triton launchers behind the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from r1kernels.triton.advantages import group_normalize
+    from r1kernels.triton.advantages_by_id import group_normalize_by_id
+
+    launches, ops, inside = [], [], []
+    launch = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        inside.append(True)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    class LogOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside:
+                ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    rewards, weights = torch.randn(96, 3), torch.tensor([1.0, 0.5, 0.25])
+    ids = torch.arange(96) % 7
+    with r1kernels.use_backend("triton"):
+        r1kernels.group_advantages(rewards, group_ids=ids)          # allocates the barrier word once
+        monkeypatch.setattr(InterpretedFunction, "run", counted)
+        with LogOps():
+            r1kernels.group_advantages(rewards, group_ids=ids, reward_weights=weights, estimator="rloo")
+            r1kernels.group_advantages(rewards, group_size=8)
+        assert set(ops) <= {"unsqueeze", "slice", "view", "alias", "group_normalize", "group_normalize_by_id"}, ops
+        ops.clear()
+        with LogOps():
+            group_normalize_by_id(rewards, weights, ids, True, "group", 1e-4, None, True)
+            group_normalize_by_id(rewards, None, None, False, "group", 1e-4, None, True, group_size=12)
+            group_normalize(rewards, weights, 8, False, "none", 1e-4, None)
+        assert set(ops) <= {"empty", "empty_strided"}, ops
+    assert launches == ["_group_advantages_by_id_kernel", "_group_advantages_kernel"] + \
+        ["_group_advantages_by_id_kernel"] * 2 + ["_group_advantages_kernel"]
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_triton_ids_large_batch_matches_cpu():
+    gen = torch.Generator().manual_seed(7)
+    rewards = torch.randn(1 << 20, generator=gen)
+    ids = torch.randint(0, 1 << 17, (1 << 20,), generator=gen)     # groups of about 8, from 0 to ~25 rows
+    with r1kernels.use_backend("triton"):
+        adv = r1kernels.group_advantages(rewards, group_ids=ids, estimator="rloo", scale="group")
+    with r1kernels.use_backend("cpu" if "cpu" in cpu_backends() else "torch"):
+        expected = r1kernels.group_advantages(rewards.double(), group_ids=ids, estimator="rloo", scale="group")
+    assert_close_scaled(adv, expected, 1e-5)

@@ -66,7 +66,7 @@ def test_linear_token_logprobs_cuda(backend, deterministic):
     assert_close_scaled(weight.grad, rw.grad, 3e-2, "d weight")
 
 
-@pytest.mark.parametrize("batch", [1, 5000, 1 << 20])
+@pytest.mark.parametrize("batch", [1, 5000, 1 << 20, 1 << 24])
 def test_group_advantages_by_id_cuda_one_launch_grid_barrier(batch):
     """The id-grouped Triton kernel with a real multi-program grid barrier (the interpreter runs
     one program): equal to the float64 torch path, bitwise shuffle-equivariant, barrier reset."""
