@@ -7,7 +7,6 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 from trainer_helpers import fixed_rollouts, tiny_config  # noqa: E402
 
 from trainer.train import Trainer  # noqa: E402
@@ -31,8 +30,7 @@ def main(out_path):
     if trainer.world.is_main:
         with open(out_path, "w") as f:
             json.dump({"loss": row["loss"], "params": state, "fsdp": distributed}, f)
-    if trainer.world.distributed:
-        torch.distributed.destroy_process_group()
+    trainer.world.close()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ def main(argv=None) -> int:
         return 2
     from trainer.train import Trainer
 
-    Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    trainer.run()
+    trainer.world.close()
     return 0
 
 

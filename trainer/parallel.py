@@ -32,6 +32,13 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def close(self):
+        """Wait for every rank, then tear the process group down (a rank that tears down while
+        another is still talking to it can abort in gloo)."""
+        if self.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def init_world() -> World:
     """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU. A plain ``python -m trainer`` is one process."""
