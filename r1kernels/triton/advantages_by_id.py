@@ -18,6 +18,10 @@ order in which programs add: it is deterministic, and shuffling the batch shuffl
 advantages bit for bit. Group j's statistics go to its rows; ``is_first`` marks each group's
 first row, so callers list groups in order of first appearance (as verl's dict of uids does).
 
+Contiguous groups too long for the tile kernel of advantages.py run here as well (IDS_FROM_ROWS):
+a row's slot is row // group_size, phase 0 initialises every group and phase 1 only stashes the
+combined rewards, so even a single group of B rows is spread over every SM.
+
 The barrier needs every program resident at once: the grid is at most one program per SM, and
 the barrier word is left at zero by every launch. The Triton interpreter runs programs one after
 another, so there the grid is one program; ``split_phases`` runs each phase as its own launch
