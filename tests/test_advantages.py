@@ -358,3 +358,19 @@ def test_triton_ids_large_batch_matches_cpu():
     with r1kernels.use_backend("cpu" if "cpu" in cpu_backends() else "torch"):
         expected = r1kernels.group_advantages(rewards.double(), group_ids=ids, estimator="rloo", scale="group")
     assert_close_scaled(adv, expected, 1e-5)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("multi", ["sum_then_normalize", "normalize_then_sum"])
+def test_ids_every_scale_and_multi_reward(backend, multi):
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 9, (60,), generator=gen) * 3 - 10
+    rewards = torch.randn(60, 2, generator=gen)
+    rewards[7] = float("nan")
+    rewards[8, 1] = float("nan")
+    weights = torch.tensor([1.0, -0.5])
+    for estimator, scale in [("grpo", "batch"), ("grpo", "none"), ("rloo", "group"), ("dr_grpo", None)]:
+        adv = _run(backend, rewards, group_ids=ids, estimator=estimator, scale=scale, reward_weights=weights,
+                   multi_reward=multi)
+        ref = group_advantages_ref(rewards, _from_ids(ids), estimator, scale or "none", 1e-4, weights, multi)
+        assert_close_scaled(adv, ref, 1e-5, f"{estimator}/{scale}")
