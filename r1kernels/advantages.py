@@ -34,7 +34,7 @@ class AdvantageStats:
 
 
 def _segment_kernel(backend: str):
-    """The kernel for contiguous groups and sorted segments (every backend but Triton's id path)."""
+    """The C++ (cpu, cuda) or torch kernel for contiguous groups and sorted segments."""
     return torch_advantages.group_normalize_cpp if backend in ("cpu", "cuda") else torch_advantages.group_normalize
 
 
