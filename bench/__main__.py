@@ -6,13 +6,15 @@ import importlib
 import os
 import sys
 
-BENCHMARKS = ["logprobs", "grpo", "advantages", "attention", "train"]
+BENCHMARKS = ["logprobs", "linear", "grpo", "advantages", "attention", "train"]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", choices=BENCHMARKS + ["all"], default=["all"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true",
+                        help="skip compile-heavy peers (torch.compile, FlexAttention) and time fewer repeats")
     args = parser.parse_args(argv)
     # CPU peak memory is read from the resident high-water mark, which follows live tensors only
     # when every large allocation is its own mapping: re-exec once with a fixed mmap threshold.
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = BENCHMARKS if "all" in args.names else args.names
     for name in names:
-        importlib.import_module(f"bench.{name}").run(device)
+        importlib.import_module(f"bench.{name}").run(device, quick=args.quick)
     return 0
 
 

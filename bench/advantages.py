@@ -17,6 +17,7 @@ BATCHES = (256, 4096, 1_048_576)
 GROUP_SIZES = (8, 64)
 NUM_REWARDS = 3
 VERL_MAX_BATCH = 65_536   # its Python loop takes minutes beyond this
+QUICK_VERL_MAX_BATCH = 4096
 
 
 def trl_advantages(rewards, weights, group_size):
@@ -55,7 +56,7 @@ def count_launches(fn, device) -> int:
     return sum(1 for e in events if e.cpu_parent is None and "::" in e.name)
 
 
-def run(device: torch.device) -> list[Row]:
+def run(device: torch.device, quick: bool = False) -> list[Row]:
     ceilings = measure_ceilings(device, torch.float32)
     weights = torch.tensor([1.0, 0.5, 0.25], device=device)
     rows = []
@@ -72,21 +73,21 @@ def run(device: torch.device) -> list[Row]:
                     rewards, group_ids=uids, reward_weights=weights),
                 "TRL torch sequence": lambda: trl_advantages(rewards, weights, size),
             }
-            if batch <= VERL_MAX_BATCH:
+            if batch <= (QUICK_VERL_MAX_BATCH if quick else VERL_MAX_BATCH):
                 impls["verl per-uid Python loop"] = lambda: verl_advantages(rewards, weights, uids)
             for name, fn in impls.items():
                 slow = name.startswith("verl")
 
                 def case(fn=fn, slow=slow):
-                    seconds = median_time(fn, device, warmup=0 if slow else 3, repeats=1 if slow else 20)
+                    seconds = median_time(fn, device, warmup=0 if slow else 3, repeats=1 if slow else (5 if quick else 20))
                     return seconds, count_launches(fn, device) if not slow else None
 
                 result, note = try_case(case)
                 seconds, launches = result or (None, None)
                 note = note or (f"{launches} launches" if launches is not None else "Python loop")
-                rows.append(Row(name, shape, seconds, None, work, ceilings.bandwidth, note))
+                rows.append(Row(name, shape, seconds, None, work, ceilings.bandwidth, note, bound="bandwidth"))
     print_table("advantages", rows, ceilings)
     print("fraction: (B*R*4 + B*4) bytes vs measured copy bandwidth; launches: CUDA kernels (GPU) "
           "or top-level ops (CPU)")
-    print("wrote", save("advantages", rows, ceilings, device))
+    print("wrote", save("advantages", rows, ceilings, device, quick=quick))
     return rows

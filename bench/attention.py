@@ -8,12 +8,11 @@ unmasked work of each sequence: forward 4 * D * H * sum_s L_s (L_s + 1) / 2, bac
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, print_table, save, try_case
+from bench.logprobs import optional
 
 SHAPES = {
     "cuda": dict(total=16384, min_len=64, max_len=4096, heads=16, kv_heads=16, head_dim=128, dtype=torch.bfloat16),
@@ -29,14 +28,7 @@ def _lengths(total, lo, hi, gen):
     return [n for n in lengths if n > 0]
 
 
-def _optional(module, attr):
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-
-
-def run(device: torch.device) -> list[Row]:
+def run(device: torch.device, quick: bool = False) -> list[Row]:
     s = SHAPES[device.type]
     dtype, heads, kv_heads, d = s["dtype"], s["heads"], s["kv_heads"], s["head_dim"]
     ceilings = measure_ceilings(device, dtype)
@@ -59,15 +51,15 @@ def run(device: torch.device) -> list[Row]:
     impls = {}
     for backend in (["triton"] if device.type == "cuda" else []) + ["torch"]:
         impls[f"ours varlen_attention [{backend}]"] = ours(backend)
-    fa2 = _optional("flash_attn", "flash_attn_varlen_func")
+    fa2 = optional("flash_attn", "flash_attn_varlen_func")
     if fa2 is not None and device.type == "cuda":
         impls["flash-attn 2 varlen"] = lambda: fa2(q, k, v, cu, cu, max_len, max_len, causal=True)
-    fa3 = _optional("flash_attn_interface", "flash_attn_varlen_func")
+    fa3 = optional("flash_attn_interface", "flash_attn_varlen_func")
     if fa3 is not None and device.type == "cuda":
         impls["flash-attn 3 varlen"] = lambda: fa3(q, k, v, cu, cu, max_len, max_len, causal=True)
 
-    flex = _optional("torch.nn.attention.flex_attention", "flex_attention")
-    if flex is not None and device.type == "cuda":
+    flex = optional("torch.nn.attention.flex_attention", "flex_attention")
+    if flex is not None and device.type == "cuda" and not quick:     # compiles for minutes
         from torch.nn.attention.flex_attention import create_block_mask
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
 
@@ -106,16 +98,17 @@ def run(device: torch.device) -> list[Row]:
                 q.grad = k.grad = v.grad = None
                 torch.autograd.backward(fn(), grad)
 
-            t_fwd = median_time(fwd, device, warmup=2, repeats=5)
-            t_both = median_time(fwd_bwd, device, warmup=2, repeats=5)
+            repeats = dict(warmup=1, repeats=3) if quick else dict(warmup=2, repeats=5)
+            t_fwd = median_time(fwd, device, **repeats)
+            t_both = median_time(fwd_bwd, device, **repeats)
             return t_fwd, t_both
 
         result, note = try_case(case)
         t_fwd, t_both = result or (None, None)
-        rows.append(Row(f"{name} fwd", shape, t_fwd, None, fwd_flops, ceilings.matmul_flops, note))
+        rows.append(Row(name, shape, t_fwd, None, fwd_flops, ceilings.matmul_flops, note, "fwd", "matmul"))
         t_bwd = None if t_fwd is None or t_both is None else max(t_both - t_fwd, 1e-9)
-        rows.append(Row(f"{name} bwd", shape, t_bwd, None, 2.5 * fwd_flops, ceilings.matmul_flops, note))
+        rows.append(Row(name, shape, t_bwd, None, 2.5 * fwd_flops, ceilings.matmul_flops, note, "bwd", "matmul"))
     print_table("attention", rows, ceilings)
     print("FLOPs: unmasked work only (causal within each sequence); bwd = (fwd+bwd) - fwd")
-    print("wrote", save("attention", rows, ceilings, device))
+    print("wrote", save("attention", rows, ceilings, device, quick=quick))
     return rows

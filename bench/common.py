@@ -104,13 +104,15 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
 
 @dataclasses.dataclass
 class Row:
-    name: str
+    name: str                   # the implementation: "ours ... [backend]", a peer, or "reference: ..."
     shape: str
     seconds: float | None
     peak_bytes: int | None
     work: float = 0.0           # bytes or FLOPs the op must move/do
     limit: float = 0.0          # bytes/s or FLOP/s ceiling
     note: str = ""
+    phase: str = ""             # fwd, bwd or fwd+bwd; rows of one shape and phase are compared
+    bound: str = ""             # "matmul" or "bandwidth": which ceiling ``limit`` and ``work`` refer to
 
     @property
     def fraction(self) -> float | None:
@@ -128,7 +130,8 @@ def print_table(title: str, rows: list[Row], ceilings: Ceilings) -> None:
         ms = f"{r.seconds * 1e3:10.2f}" if r.seconds is not None else f"{'-':>10s}"
         mib = f"{r.peak_bytes / 2**20:9.1f}" if r.peak_bytes is not None else f"{'-':>9s}"
         frac = f"{r.fraction * 100:7.1f}%" if r.fraction is not None else f"{'-':>8s}"
-        print(f"{r.name:44s} {r.shape:28s} {ms} {mib} {frac}  {r.note}")
+        name = f"{r.name} {r.phase}".strip()
+        print(f"{name:44s} {r.shape:28s} {ms} {mib} {frac}  {r.note}")
 
 
 def git_commit() -> str:
@@ -139,12 +142,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def save(name: str, rows: list[Row], ceilings: Ceilings, device: torch.device, out_dir: str | None = None) -> str:
+def save(name: str, rows: list[Row], ceilings: Ceilings, device: torch.device, out_dir: str | None = None,
+         quick: bool = False) -> str:
     out_dir = out_dir or os.environ.get("R1K_BENCH_OUT", RESULTS)
     os.makedirs(out_dir, exist_ok=True)
     payload = dict(
         benchmark=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        device=device_name(device), torch=torch.__version__, commit=git_commit(),
+        device=device_name(device), torch=torch.__version__, commit=git_commit(), quick=quick,
         ceilings=dataclasses.asdict(ceilings),
         rows=[dict(dataclasses.asdict(r), fraction=r.fraction) for r in rows])
     path = os.path.join(out_dir, f"{name}-{device.type}.json")

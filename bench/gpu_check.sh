@@ -1,18 +1,11 @@
 #!/usr/bin/env bash
-# On a GPU machine: build the extension with its CUDA kernels, run the GPU tests and every
-# benchmark, and leave all results in one folder (default bench/results/<date>-<gpu>-<commit>,
-# or $OUT when set, as on the device tool). Sized to finish inside 10 minutes on an H100/H200.
+# The GPU check (see bench/gpu_check.py): on one H100/H200, within 7 minutes, the CUDA extension
+# build, every GPU kernel against its reference at real sizes, then every benchmark; each step in
+# its own process with its own time limit. Results: gpu-check-<date>-<gpu>-<commit>.{md,json,logs.tar.gz}
+# in $OUT (the device tool) or bench/results/.
+#   bash bench/gpu_check.sh            run it
+#   bash bench/gpu_check.sh --dry-run  print the plan and its total budget (fails over 420 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
-dest=${OUT:-bench/results/$(date -u +%Y-%m-%d)-${gpu:-gpu}-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}
-mkdir -p "$dest"
-export PYTHONUNBUFFERED=1 R1K_BENCH_OUT="$dest"
-{
-  echo "date: $(date -u)"; nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} > "$dest/env.txt" 2>&1
-MAX_JOBS=16 timeout 240 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$dest/build.log" 2>&1 \
-  || echo "extension build failed: see build.log (the cuda backend will be skipped)"
-timeout 180 python3 -m pytest -q -m cuda tests 2>&1 | tee "$dest/gpu_tests.log" | tail -5
-timeout 300 python3 -m bench all --device cuda 2>&1 | tee "$dest/bench.log" | tail -60
-echo "results in $dest"
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1   # compiled Triton, never the interpreter the CPU tests use
+exec python3 -m bench.gpu_check "$@"

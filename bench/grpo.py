@@ -11,7 +11,7 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, peak_memory, print_table, save, try_case
-from bench.logprobs import _our_backends, naive_logprobs
+from bench.logprobs import naive_logprobs, our_backends
 
 SHAPES = {
     "cuda": dict(batch=16, length=1024, hidden=4096, vocab=151936, dtype=torch.bfloat16, repeats=5),
@@ -28,7 +28,7 @@ def _liger_linear():
     return getattr(module, "LigerFusedLinearGRPOLoss", None)
 
 
-def run(device: torch.device) -> list[Row]:
+def run(device: torch.device, quick: bool = False) -> list[Row]:
     s = SHAPES[device.type]
     b, t, h, v, dtype = s["batch"], s["length"], s["hidden"], s["vocab"], s["dtype"]
     ceilings = measure_ceilings(device, dtype)
@@ -54,9 +54,10 @@ def run(device: torch.device) -> list[Row]:
         logp = naive_logprobs((hidden @ weight.T).view(n, v), targets.view(n)).view(b, t)
         return r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref, **OPTIONS).loss
 
-    impls = {f"ours linear_grpo_loss [{be}]": ours(be) for be in _our_backends(device)}
+    impls = {f"ours linear_grpo_loss [{be}]": ours(be) for be in our_backends(device)}
     impls["naive: TRL formula on materialised logits"] = naive
-    impls["torch.compile(naive)"] = torch.compile(naive)
+    if not quick:
+        impls["torch.compile(naive)"] = torch.compile(naive)
     liger_cls = _liger_linear()
     if liger_cls is not None:
         liger = liger_cls(beta=0.04, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, compiled=False,
@@ -64,7 +65,7 @@ def run(device: torch.device) -> list[Row]:
         impls["Liger LigerFusedLinearGRPOLoss"] = lambda: liger(hidden, weight, targets, mask, adv,
                                                                 ref_per_token_logps=ref,
                                                                 old_per_token_logps=old)[0]
-        if device.type == "cuda":
+        if device.type == "cuda" and not quick:
             liger_compiled = liger_cls(beta=0.04, loss_type="grpo", compiled=True, use_ref_model=True)
             impls["Liger LigerFusedLinearGRPOLoss (compiled)"] = lambda: liger_compiled(
                 hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
@@ -77,14 +78,14 @@ def run(device: torch.device) -> list[Row]:
             loss_fn().backward()
 
         def case(step=step):
-            seconds = median_time(step, device, warmup=1, repeats=s["repeats"])
+            seconds = median_time(step, device, warmup=1, repeats=3 if quick else s["repeats"])
             hidden.grad = weight.grad = None
             return seconds, peak_memory(step, device)
 
         result, note = try_case(case)
         seconds, mem = result or (None, None)
-        rows.append(Row(f"{name} fwd+bwd", shape, seconds, mem, 6 * n * h * v, ceilings.matmul_flops, note))
+        rows.append(Row(name, shape, seconds, mem, 6 * n * h * v, ceilings.matmul_flops, note, "fwd+bwd", "matmul"))
     print_table("grpo", rows, ceilings)
     print("peak memory: above inputs, gradients included; fraction: 6NHV FLOPs vs measured matmul rate")
-    print("wrote", save("grpo", rows, ceilings, device))
+    print("wrote", save("grpo", rows, ceilings, device, quick=quick))
     return rows

@@ -15,17 +15,21 @@ SHAPES = {
     "cuda": dict(model={"name": "builtin-tiny", "hidden_size": 1536, "num_layers": 28, "num_heads": 12,
                         "num_kv_heads": 2, "intermediate_size": 8960, "dtype": "bfloat16"},
                  sequences=512, prompt=(64, 256), completion=(64, 1024), vocab=151936),
+    # --quick on a GPU (the GPU check's last step): a Qwen2.5-0.5B-shaped model, fewer and shorter rollouts
+    "cuda-quick": dict(model={"name": "builtin-tiny", "hidden_size": 896, "num_layers": 24, "num_heads": 14,
+                              "num_kv_heads": 2, "intermediate_size": 4864, "dtype": "bfloat16"},
+                       sequences=128, prompt=(64, 256), completion=(64, 512), vocab=151936),
     "cpu": dict(model={"name": "builtin-tiny", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
                        "num_kv_heads": 2, "intermediate_size": 512},
                 sequences=64, prompt=(8, 32), completion=(8, 96), vocab=None),
 }
 
 
-def run(device: torch.device) -> list[Row]:
+def run(device: torch.device, quick: bool = False) -> list[Row]:
     from trainer.config import from_dict
     from trainer.train import Trainer
 
-    s = SHAPES[device.type]
+    s = SHAPES["cuda-quick" if quick and device.type == "cuda" else device.type]
     ceilings = measure_ceilings(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
     for name, grpo in (("ours: packed varlen + fused linear GRPO loss", {"packing": True, "kernels": "r1kernels"}),
@@ -63,8 +67,8 @@ def run(device: torch.device) -> list[Row]:
         if seconds:
             note = note or f"{tokens / seconds:,.0f} train tok/s"
         rows.append(Row(name, f"{s['sequences']} seqs, {tokens} tok", seconds, mem, 6 * params * tokens,
-                        ceilings.matmul_flops, note))
+                        ceilings.matmul_flops, note, "update", "matmul"))
     print_table("train (one GRPO update)", rows, ceilings)
     print("fraction: 6 x params x tokens FLOPs (MFU-style) vs the measured matmul rate")
-    print("wrote", save("train", rows, ceilings, device))
+    print("wrote", save("train", rows, ceilings, device, quick=quick))
     return rows

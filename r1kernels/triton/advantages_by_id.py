@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from r1kernels import backends
 from r1kernels.kernels import accumulation_dtype
 from r1kernels.kernels.torch_advantages import SCALE_CODES
 from r1kernels.triton.advantages import combined_rewards
@@ -49,14 +50,19 @@ BLOCK = 1024
 @triton.jit
 def _grid_barrier(state_ptr, num_programs):
     """Sense-reversing barrier: state[0] counts arrivals, state[1] is the generation. The last
-    program to arrive resets the count and bumps the generation, which releases the others."""
+    program to arrive resets the count and bumps the generation, which releases the others.
+
+    These are the only ordered atomics of the kernel (every other one only accumulates, and is
+    read after a barrier): the arrival releases this program's writes and, for the last program,
+    acquires everyone's; the bump releases them all again; the spin acquires them. The generation
+    read before the arrival needs no order of its own (the arrival's release keeps it first)."""
     tl.debug_barrier()                                   # every thread's writes precede the arrival
-    generation = tl.atomic_add(state_ptr + 1, 0)
-    if tl.atomic_add(state_ptr, 1) == num_programs - 1:
-        tl.atomic_xchg(state_ptr, 0)
-        tl.atomic_add(state_ptr + 1, 1)
+    generation = tl.atomic_add(state_ptr + 1, 0, sem="relaxed")
+    if tl.atomic_add(state_ptr, 1, sem="acq_rel") == num_programs - 1:
+        tl.atomic_xchg(state_ptr, 0, sem="relaxed")      # nobody reads the count before the bump
+        tl.atomic_add(state_ptr + 1, 1, sem="release")
     else:
-        while tl.atomic_add(state_ptr + 1, 0) == generation:
+        while tl.atomic_add(state_ptr + 1, 0, sem="acquire") == generation:
             pass
     tl.debug_barrier()
 
@@ -72,7 +78,8 @@ def _find_slots(keys_ptr, ids, active, capacity, hash_shift):
     empty = tl.full(ids.shape, EMPTY, tl.int64)
     while tl.max(searching.to(tl.int32), axis=0) > 0:
         # lanes that are done compare-and-swap their own key (or the reserved slot's EMPTY): no-ops
-        old = tl.atomic_cas(keys_ptr + slot, empty, ids)
+        # relaxed: a key is its own payload, and the slot's fields are read only after a barrier
+        old = tl.atomic_cas(keys_ptr + slot, empty, ids, sem="relaxed")
         claimed = claimed | (searching & (old == EMPTY))
         searching = searching & (old != EMPTY) & (old != ids)
         slot = tl.where(searching, (slot + 1) & (capacity - 1), slot)
@@ -148,10 +155,11 @@ def _group_advantages_by_id_kernel(
                     x = tl.load(adv_ptr + rows, mask=in_batch, other=float("nan"))
                     valid = in_batch & (x == x)
                     if phase == 2:                       # count, min, max, first row
-                        tl.atomic_add(count_ptr + slot, 1, mask=valid)
-                        tl.atomic_min(lo_ptr + slot, x, mask=valid)
-                        tl.atomic_max(hi_ptr + slot, x, mask=valid)
-                        tl.atomic_min(first_ptr + slot, rows, mask=in_batch)
+                        # accumulating atomics are relaxed: the grid barrier orders them before any read
+                        tl.atomic_add(count_ptr + slot, 1, mask=valid, sem="relaxed")
+                        tl.atomic_min(lo_ptr + slot, x, mask=valid, sem="relaxed")
+                        tl.atomic_max(hi_ptr + slot, x, mask=valid, sem="relaxed")
+                        tl.atomic_min(first_ptr + slot, rows, mask=in_batch, sem="relaxed")
                     else:
                         # other programs' atomics wrote these: volatile loads skip the L1 cache
                         count = tl.load(count_ptr + slot, mask=in_batch, other=0, volatile=True)
@@ -162,14 +170,15 @@ def _group_advantages_by_id_kernel(
                         fraction = tl.where(used, (x.to(tl.float64) - lo) / tl.where(used, spread, 1.0), 0.0)
                         unit = _fixed_point_unit(count)
                         if phase == 3:                   # sum of (r - min) / range
-                            tl.atomic_add(sum_ptr + slot, _to_fixed_point(fraction, unit), mask=valid)
+                            tl.atomic_add(sum_ptr + slot, _to_fixed_point(fraction, unit), mask=valid,
+                                          sem="relaxed")
                         else:
                             sum_units = tl.load(sum_ptr + slot, mask=in_batch, other=0, volatile=True)
                             mean_fraction = sum_units.to(tl.float64) / unit / tl.maximum(count, 1)
                             deviation = fraction - mean_fraction
                             if phase == 4:               # sum of squared deviations / range^2
                                 tl.atomic_add(m2_ptr + slot, _to_fixed_point(deviation * deviation, unit),
-                                              mask=valid)
+                                              mask=valid, sem="relaxed")
                             else:                        # phase 5: advantages
                                 m2_units = tl.load(m2_ptr + slot, mask=in_batch, other=0, volatile=True)
                                 n = count.to(tl.float64)
@@ -240,8 +249,11 @@ def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps
     constant = torch.empty(stats_size, dtype=torch.bool, device=device)
     is_first = torch.empty(0 if ids_from_rows else stats_size, dtype=torch.bool, device=device)
     if programs is None:
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        programs = max(1, min(sm_count, triton.cdiv(batch, BLOCK)))
+        # The interpreter runs programs one after another: a second program would wait forever at
+        # the first barrier, so there the grid is one program (on GPU tensors too).
+        resident = (torch.cuda.get_device_properties(device).multi_processor_count
+                    if device.type == "cuda" and not backends.triton_interpreting() else 1)
+        programs = max(1, min(resident, triton.cdiv(batch, BLOCK)))
     launches = [(p, p) for p in range(PHASES)] if split_phases else [(0, PHASES - 1)]
     for first_phase, last_phase in launches:
         _group_advantages_by_id_kernel[(programs,)](

@@ -14,16 +14,9 @@ import triton
 import triton.language as tl
 
 from r1kernels import backends
+from r1kernels.triton.dot import dot
 
 NO_LIMIT = 1 << 30   # window side meaning "unbounded"
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_FP32:  # the Triton interpreter's low-precision dot is wrong: compute it in fp32
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -31,7 +24,7 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS
             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """Scaled, soft-capped scores of a [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible;
     also returns tanh(raw / softcap) for the backward (1.0 when there is no softcap)."""
-    raw = _dot(q, tl.trans(k), DOT_FP32, PRECISION) * scale
+    raw = dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale
     capped_tanh = tl.full(raw.shape, 1.0, tl.float32)
     if HAS_SOFTCAP:
         capped_tanh = 2.0 * tl.sigmoid(2.0 * raw / softcap) - 1.0
@@ -109,7 +102,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
             p = tl.exp(s - safe_max[:, None])
             rescale = tl.exp(row_max - safe_max)
             row_sum = row_sum * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + _dot(p.to(v.dtype), v, DOT_FP32, PRECISION)
+            acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, None, DOT_FP32, PRECISION)
             row_max = new_max
         out = tl.where(row_sum[:, None] > 0, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], 0.0)
         m_mask = offs_m < q_len
@@ -127,7 +120,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, sc
                              DOT_FP32, PRECISION)
     safe_lse = tl.where(lse == float("-inf"), float("inf"), lse)    # a query that sees nothing has P = 0
     p = tl.exp(s - safe_lse[:, None])
-    dp = _dot(do, tl.trans(v), DOT_FP32, PRECISION)
+    dp = dot(do, tl.trans(v), None, DOT_FP32, PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - capped_tanh * capped_tanh)
@@ -166,8 +159,8 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
                 delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
                 p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap,
                                            left, right, HAS_SOFTCAP, DOT_FP32, PRECISION)
-                dv += _dot(tl.trans(p).to(do.dtype), do, DOT_FP32, PRECISION)
-                dk += _dot(tl.trans(ds).to(q.dtype), q, DOT_FP32, PRECISION)
+                dv += dot(tl.trans(p).to(do.dtype), do, None, DOT_FP32, PRECISION)
+                dk += dot(tl.trans(ds).to(q.dtype), q, None, DOT_FP32, PRECISION)
         out = (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         out = (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
@@ -205,7 +198,7 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
                                stride_vt, stride_vh)
             _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap, left,
                                        right, HAS_SOFTCAP, DOT_FP32, PRECISION)
-            dq += _dot(ds.to(k.dtype), k, DOT_FP32, PRECISION)
+            dq += dot(ds.to(k.dtype), k, None, DOT_FP32, PRECISION)
         tl.store(dq_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & d_mask[None, :])
 

@@ -21,18 +21,16 @@ import triton
 import triton.language as tl
 
 from r1kernels import backends
+from r1kernels.triton.dot import dot
 from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
 
 IGNORE_INDEX = tl.constexpr(-100)
 
 
 @triton.jit
-def _row_tile(ptr, rows, row_mask, stride, ks, k_mask, DOT_FP32: tl.constexpr):
-    """Rows ``rows`` x columns ``ks`` of a row-major matrix (zeros outside the masks), ready for tl.dot."""
-    tile = tl.load(ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    if DOT_FP32:  # the Triton interpreter's low-precision dot is wrong: compute it in fp32
-        tile = tile.to(tl.float32)
-    return tile
+def _row_tile(ptr, rows, row_mask, stride, ks, k_mask):
+    """Rows ``rows`` x columns ``ks`` of a row-major matrix (zeros outside the masks), ready for a dot."""
+    return tl.load(ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -44,12 +42,10 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
     for k0 in range(0, hidden_size, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < hidden_size
-        h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
+        h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask)
         w = tl.load(weight_ptr + cols[None, :] * stride_weight + ks[:, None],
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)   # [BLOCK_H, BLOCK_V], W^T
-        if DOT_FP32:
-            w = w.to(tl.float32)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        acc = dot(h, w, acc, DOT_FP32, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_mask[None, :], acc * inv_temperature, NEG_INF)
@@ -130,19 +126,24 @@ def _backward_atomic_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
                        grad_logp_ptr, grad_entropy_ptr, rows, cols, n_tokens, vocab, hidden_size, stride_hidden,
                        stride_weight, inv_temperature, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_N, BLOCK_V, BLOCK_H,
                        DOT_FP32, PRECISION)
+    # The atomics only accumulate: nothing reads the sums before the kernel ends, so they need no
+    # ordering. sem="relaxed" gives plain reductions; the default acq_rel wraps each one in a
+    # GPU-scope fence and an L1 invalidate.
     for k0 in range(0, hidden_size, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_mask = ks < hidden_size
         if NEED_HIDDEN:
-            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask, DOT_FP32)
+            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask)
             tl.atomic_add(grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :],
-                          tl.dot(dz, w, input_precision=PRECISION), mask=row_mask[:, None] & k_mask[None, :])
+                          dot(dz, w, None, DOT_FP32, PRECISION), mask=row_mask[:, None] & k_mask[None, :],
+                          sem="relaxed")
         if NEED_WEIGHT:
-            h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
+            h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask)
             tl.atomic_add(grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :],
-                          tl.dot(tl.trans(dz), h, input_precision=PRECISION), mask=col_mask[:, None] & k_mask[None, :])
+                          dot(tl.trans(dz), h, None, DOT_FP32, PRECISION), mask=col_mask[:, None] & k_mask[None, :],
+                          sem="relaxed")
     if NEED_BIAS:
-        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz.to(tl.float32), axis=0), mask=col_mask)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz.to(tl.float32), axis=0), mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -161,13 +162,16 @@ def _backward_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
                            grad_logp_ptr, grad_entropy_ptr, rows, cols, n_tokens, vocab, hidden_size, stride_hidden,
                            stride_weight, inv_temperature, HAS_BIAS, HAS_GRAD_ENTROPY, BLOCK_N, BLOCK_V, BLOCK_H,
                            DOT_FP32, PRECISION)
+        # The loads below read sums that other threads of this program stored in the previous vocab
+        # tile; Triton orders global memory between threads only across a barrier.
+        tl.debug_barrier()
         for k0 in range(0, hidden_size, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < hidden_size
-            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask, DOT_FP32)
+            w = _row_tile(weight_ptr, cols, col_mask, stride_weight, ks, k_mask)
             out = grad_hidden_ptr + rows[:, None] * hidden_size + ks[None, :]
             out_mask = row_mask[:, None] & k_mask[None, :]
-            tl.store(out, tl.load(out, mask=out_mask, other=0.0) + tl.dot(dz, w, input_precision=PRECISION),
+            tl.store(out, tl.load(out, mask=out_mask, other=0.0) + dot(dz, w, None, DOT_FP32, PRECISION),
                      mask=out_mask)
 
 
@@ -192,14 +196,15 @@ def _backward_weight_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
         if NEED_BIAS:
             bias_acc += tl.sum(dz.to(tl.float32), axis=0)
         if NEED_WEIGHT:
+            tl.debug_barrier()          # as in _backward_hidden_kernel: read back the last token tile's sums
             for k0 in range(0, hidden_size, BLOCK_H):
                 ks = k0 + tl.arange(0, BLOCK_H)
                 k_mask = ks < hidden_size
-                h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask, DOT_FP32)
+                h = _row_tile(hidden_ptr, rows, row_mask, stride_hidden, ks, k_mask)
                 out = grad_weight_ptr + cols[:, None] * hidden_size + ks[None, :]
                 out_mask = col_mask[:, None] & k_mask[None, :]
                 tl.store(out, tl.load(out, mask=out_mask, other=0.0)
-                         + tl.dot(tl.trans(dz), h, input_precision=PRECISION), mask=out_mask)
+                         + dot(tl.trans(dz), h, None, DOT_FP32, PRECISION), mask=out_mask)
     if NEED_BIAS:
         tl.store(grad_bias_ptr + cols, bias_acc, mask=col_mask)
 
