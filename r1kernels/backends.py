@@ -1,4 +1,5 @@
-"""Backend choice: ``auto | triton | cuda | cpu | torch``.
+"""Backend choice: ``auto | triton | cuda | cpu | torch`` (and, for single ops, ``flash_attn`` and
+``triton_tile``, the fully fused Triton lm_head kernel).
 
 ``auto`` picks per call from the tensors' device: CUDA tensors use Triton (falling back to
 the CUDA C++ extension, then plain torch), CPU tensors use the C++ extension when it was
@@ -15,7 +16,7 @@ import threading
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn", "triton_tile")
 
 _local = threading.local()
 
@@ -96,7 +97,7 @@ def _why_not(name: str, device: torch.device) -> str | None:
         if not cuda_extension_available():
             return "the C++ extension was built without CUDA kernels"
         return None
-    if name == "triton":
+    if name in ("triton", "triton_tile"):
         if not triton_available():
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
@@ -123,8 +124,10 @@ def _resolve(device_type: str, supported: tuple[str, ...]) -> str:
     device = torch.device(device_type)
     name = requested_backend()
     if name == "auto":
-        # auto never picks flash_attn (ours is the default; flash-attn must be asked for)
-        order = [b for b in supported if (b != "triton" or device.type == "cuda") and b != "flash_attn"]
+        # auto never picks flash_attn (ours is the default; flash-attn must be asked for) nor the
+        # fully fused Triton lm_head kernel (cuBLAS chunks are faster; it is the memory-minimal option)
+        order = [b for b in supported
+                 if (b != "triton" or device.type == "cuda") and b not in ("flash_attn", "triton_tile")]
         for candidate in order:
             if _why_not(candidate, device) is None:
                 return candidate

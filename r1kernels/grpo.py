@@ -17,6 +17,7 @@ dapo, cispo: sum(l m) / (num_items_in_batch / num_processes), local max(sum m, 1
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from r1kernels import _checks
 from r1kernels.kernels import accumulation_dtype
-from r1kernels.logprobs import linear_token_logprobs, token_logprobs
+from r1kernels.logprobs import linear_token_logprobs, linear_token_logprobs_one_pass, token_logprobs
 
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
 LOSS_TYPES = CLIPPED + ("cispo", "sapo")
@@ -106,8 +107,8 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
 
 
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
-                      num_items_in_batch, max_completion_length, clip_ratio_c, kl_estimator, entropy_coef,
-                      sapo_temperature_pos, sapo_temperature_neg, ref_logprobs):
+                      num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
+                      entropy_coef, sapo_temperature_pos, sapo_temperature_neg, ref_logprobs):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -152,6 +153,90 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
         raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
 
 
+@dataclasses.dataclass
+class _Terms:
+    """Everything policy_loss reads, flattened to tokens, with its options resolved."""
+    layout: _Layout
+    m: Tensor                 # [N] mask in the accumulation dtype
+    adv: Tensor               # [N]
+    old: Optional[Tensor]     # [N] or None (on-policy: the current log-probs, detached)
+    ref: Optional[Tensor]
+    is_ratio: Optional[Tensor]
+    tokens_per_seq: Tensor    # [S]
+    normaliser: Optional[Tensor]  # dapo/cispo: num_items_in_batch / num_processes (or None: local count)
+    options: dict
+
+
+def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
+             acc: torch.dtype, options: dict) -> _Terms:
+    """Validation and flattening shared by policy_loss and the one-pass fused loss."""
+    _checks.floating("advantages", advantages)
+    _validate_options(ref_logprobs=ref_logprobs, **options)
+    layout = _layout(shape_like, mask, cu_seqlens)
+    adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
+    old = layout.per_token("old_logprobs", old_logprobs)
+    ref = layout.per_token("ref_logprobs", ref_logprobs)
+    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
+    m = layout.mask.to(acc)
+    n_items = options["num_items_in_batch"]
+    normaliser = (None if n_items is None else
+                  torch.as_tensor(n_items, dtype=acc, device=m.device) / options["num_processes"])
+    return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
+                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), normaliser, options)
+
+
+def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Tensor], rows=slice(None)):
+    """(l, ratio, low, high, kl) for the tokens ``rows``: the loss of each token before masking and
+    normalisation. ``log_ratio`` is log(pi / pi_old) per token (already broadcast for GSPO)."""
+    o = t.options
+    adv = t.adv[rows]
+    ratio = torch.exp(log_ratio)
+    eps_low = 0.2 if o["epsilon_low"] is None else o["epsilon_low"]
+    eps_high = eps_low if o["epsilon_high"] is None else o["epsilon_high"]
+    loss_type = o["loss_type"]
+    if loss_type in CLIPPED:
+        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        capped = ratio if o["delta"] is None else torch.clamp(ratio, max=o["delta"])
+        per_token = -torch.min(capped * adv, clipped * adv)
+        if o["clip_ratio_c"] is not None:
+            per_token = torch.where(adv < 0, torch.min(per_token, -o["clip_ratio_c"] * adv), per_token)
+        low = (ratio < 1 - eps_low) & (adv < 0)
+        high = (ratio > 1 + eps_high) & (adv > 0)
+    elif loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logp
+        low = torch.zeros_like(adv, dtype=torch.bool)
+        high = ratio > eps_high
+    else:  # sapo
+        tau_pos = 1.0 if o["sapo_temperature_pos"] is None else o["sapo_temperature_pos"]
+        tau_neg = 1.05 if o["sapo_temperature_neg"] is None else o["sapo_temperature_neg"]
+        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
+        low = high = torch.zeros_like(adv, dtype=torch.bool)
+    if t.is_ratio is not None:
+        per_token = per_token * t.is_ratio[rows]
+    kl = None if t.ref is None else _kl(o["kl_estimator"], logp, t.ref[rows])
+    if o["beta"] > 0:
+        per_token = per_token + o["beta"] * kl
+    if o["entropy_coef"] > 0:
+        if ent is None:
+            raise ValueError("entropy_coef > 0 needs entropy")
+        per_token = per_token - o["entropy_coef"] * ent
+    return per_token, ratio, low, high, kl
+
+
+def _token_weights(t: _Terms) -> Tensor:
+    """w [N] with loss = sum_t w_t l_t: the mask over each loss type's normaliser. It depends only on
+    the mask and the layout, so it is known before any log-prob is (the one-pass fused loss needs that)."""
+    loss_type, layout = t.options["loss_type"], t.layout
+    if loss_type in ("grpo", "sapo"):
+        return t.m / (t.tokens_per_seq.clamp(min=1.0)[layout.seq_ids] * max(layout.num_seqs, 1))
+    if loss_type == "bnpo":
+        return t.m / t.m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return t.m / (layout.num_seqs * t.options["max_completion_length"])
+    return t.m / (t.m.sum().clamp(min=1.0) if t.normaliser is None else t.normaliser)   # dapo, cispo
+
+
 def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
                 old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
                 entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, loss_type: str = "grpo",
@@ -174,72 +259,36 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     An option that does not apply to ``loss_type`` raises rather than being ignored.
     """
     _checks.floating("logprobs", logprobs)
-    _checks.floating("advantages", advantages)
-    _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
-                      num_items_in_batch, max_completion_length, clip_ratio_c, kl_estimator, entropy_coef,
-                      sapo_temperature_pos, sapo_temperature_neg, ref_logprobs)
+    options = dict(loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+                   epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, beta=beta,
+                   num_items_in_batch=num_items_in_batch, num_processes=num_processes,
+                   max_completion_length=max_completion_length, clip_ratio_c=clip_ratio_c,
+                   kl_estimator=kl_estimator, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
+                   sapo_temperature_neg=sapo_temperature_neg)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
-    layout = _layout(logprobs, mask, cu_seqlens)
+    t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options)
+    layout, m = t.layout, t.m
     logp = logprobs.reshape(-1).to(acc)
-    m = layout.mask.to(acc)
-    adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
-    old = layout.per_token("old_logprobs", old_logprobs)
-    old = logp.detach() if old is None else old.to(acc)
-    ref = layout.per_token("ref_logprobs", ref_logprobs)
     ent = layout.per_token("entropy", entropy)
-    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
-    tokens_per_seq = layout.seq_sum(m)
+    ent = None if ent is None else ent.to(acc)
+    old = logp.detach() if t.old is None else t.old
 
     log_ratio = logp - old
     if importance_sampling_level == "sequence":
-        seq_log_ratio = layout.seq_sum(log_ratio * m) / tokens_per_seq.clamp(min=1.0)
+        seq_log_ratio = layout.seq_sum(log_ratio * m) / t.tokens_per_seq.clamp(min=1.0)
         log_ratio = seq_log_ratio[layout.seq_ids]
-    ratio = torch.exp(log_ratio)
-
-    eps_low = 0.2 if epsilon_low is None else epsilon_low
-    eps_high = eps_low if epsilon_high is None else epsilon_high
-    if loss_type in CLIPPED:
-        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
-        per_token = -torch.min(capped * adv, clipped * adv)
-        if clip_ratio_c is not None:
-            per_token = torch.where(adv < 0, torch.min(per_token, -clip_ratio_c * adv), per_token)
-        low = (ratio < 1 - eps_low) & (adv < 0)
-        high = (ratio > 1 + eps_high) & (adv > 0)
-    elif loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logp
-        low = torch.zeros_like(m, dtype=torch.bool)
-        high = ratio > eps_high
-    else:  # sapo
-        tau_pos = 1.0 if sapo_temperature_pos is None else sapo_temperature_pos
-        tau_neg = 1.05 if sapo_temperature_neg is None else sapo_temperature_neg
-        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
-        low = high = torch.zeros_like(m, dtype=torch.bool)
-    if is_ratio is not None:
-        per_token = per_token * is_ratio.to(acc)
-    kl = None if ref is None else _kl(kl_estimator, logp, ref.to(acc))
-    if beta > 0:
-        per_token = per_token + beta * kl
-    if entropy_coef > 0:
-        if ent is None:
-            raise ValueError("entropy_coef > 0 needs entropy")
-        per_token = per_token - entropy_coef * ent.to(acc)
+    per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, ent)
 
     masked = per_token * m
     active = m.sum()
     if loss_type in ("grpo", "sapo"):
-        loss = (layout.seq_sum(masked) / tokens_per_seq.clamp(min=1.0)).sum() / max(layout.num_seqs, 1)
+        loss = (layout.seq_sum(masked) / t.tokens_per_seq.clamp(min=1.0)).sum() / max(layout.num_seqs, 1)
     elif loss_type == "bnpo":
         loss = masked.sum() / active.clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (layout.num_seqs * max_completion_length)
     else:  # dapo, cispo
-        if num_items_in_batch is None:
-            normaliser = active.clamp(min=1.0)
-        else:
-            normaliser = torch.as_tensor(num_items_in_batch, dtype=acc, device=logp.device) / num_processes
-        loss = masked.sum() / normaliser
+        loss = masked.sum() / (active.clamp(min=1.0) if t.normaliser is None else t.normaliser)
 
     metrics = _metrics(m, active, ratio, low, high, kl, ent)
     return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach())
@@ -293,14 +342,94 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
                      mask: Optional[Tensor] = None, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
                      deterministic: Optional[bool] = None, **options) -> GRPOLossOutput:
     """``policy_loss`` on ``linear_token_logprobs(hidden, weight, targets, bias)``: the [tokens, V]
-    logits never exist, forward or backward. ``options`` as policy_loss."""
+    logits never exist, forward or backward. ``options`` as policy_loss.
+
+    When gradients are needed and the loss is token-level (``importance_sampling_level="token"``:
+    each token's d loss / d logp and d loss / d entropy depend on its own values and on normalisers
+    known before the pass), the gradients are computed in the forward, chunk by chunk, by autograd
+    over policy_loss's own per-token code: three GEMM-equivalents, no recomputed logits, and
+    ``loss.backward()`` only scales the stored d hidden / d weight / d bias. Their memory (the size
+    of the gradients themselves) is held from the forward on. GSPO (the ratio is a sequence mean),
+    the fully fused Triton kernel, compiled graphs and ``torch.no_grad`` take the two-pass route:
+    log-probs forward, policy_loss, then the recomputing backward.
+    """
     if "entropy" in options:
         raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
+    token_mask = _mask_from_targets(targets, mask)
+    wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if wants_grad and options.get("importance_sampling_level", "token") == "token":
+        out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
+                                         deterministic, options)
+        if out is not None:
+            return out
     logp, ent = linear_token_logprobs(hidden, weight, targets, bias, temperature, return_entropy=True,
                                       deterministic=deterministic)
     if not options.get("entropy_coef"):
         ent = ent.detach()
-    return policy_loss(logp, advantages, _mask_from_targets(targets, mask), entropy=ent, **options)
+    return policy_loss(logp, advantages, token_mask, entropy=ent, **options)
+
+
+def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature, deterministic,
+                               options) -> Optional[GRPOLossOutput]:
+    """The one-pass route of linear_grpo_loss (None where it does not apply)."""
+    unknown = sorted(set(options) - set(_POLICY_DEFAULTS))
+    if unknown:
+        raise TypeError(f"linear_grpo_loss got unexpected options {unknown}")
+    acc = accumulation_dtype(hidden.dtype)
+    full = dict(_POLICY_DEFAULTS, **options)
+    t = _prepare(targets, advantages, token_mask, full["old_logprobs"], full["ref_logprobs"], full["cu_seqlens"],
+                 full["is_ratio"], acc, {k: full[k] for k in _OPTION_NAMES})
+    weights = _token_weights(t)
+    entropy_grad = t.options["entropy_coef"] > 0
+
+    def token_grads(rows, logp, entropy):
+        with torch.enable_grad():
+            logp = logp.detach().to(acc).requires_grad_()
+            entropy = entropy.detach().to(acc).requires_grad_(entropy_grad)
+            old = logp.detach() if t.old is None else t.old[rows]
+            per_token = _per_token_loss(t, logp, logp - old, entropy, rows)[0]
+            inputs = (logp, entropy) if entropy_grad else (logp,)
+            grads = torch.autograd.grad((per_token * weights[rows]).sum(), inputs)
+        return grads[0], (grads[1] if entropy_grad else None)
+
+    done = linear_token_logprobs_one_pass(hidden, weight, targets, bias, temperature, token_grads, deterministic)
+    if done is None:
+        return None
+    logp, entropy, grads = done
+    with torch.no_grad():   # the loss value and the metrics, from the same per-token code
+        out = policy_loss(logp.view(targets.shape), advantages, token_mask, entropy=entropy.view(targets.shape),
+                          **options)
+    loss = _LossWithGradients.apply(out.loss, hidden, weight, bias, *grads)
+    return dataclasses.replace(out, loss=loss)
+
+
+_POLICY_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
+                    if p.kind == inspect.Parameter.KEYWORD_ONLY}
+_OPTION_NAMES = tuple(name for name in _POLICY_DEFAULTS
+                      if name not in ("old_logprobs", "ref_logprobs", "entropy", "cu_seqlens", "is_ratio"))
+
+
+class _LossWithGradients(torch.autograd.Function):
+    """A loss value whose gradients with respect to (hidden, weight, bias) were computed in the
+    forward: backward scales them by the incoming gradient, in place (a copy would double the
+    memory of d weight), so it may run once."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, bias, grad_hidden, grad_weight, grad_bias):
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
+        ctx.hidden_shape = hidden.shape
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("linear_grpo_loss: backward ran twice through a loss whose gradients were "
+                               "computed in the forward; compute the loss again for a second backward")
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        if scaled[0] is not None:
+            scaled[0] = scaled[0].view(ctx.hidden_shape)
+        return (None, *scaled, None, None, None)
 
 
 class GRPOLoss(torch.nn.Module):

@@ -24,7 +24,7 @@ def _row_kernel(backend: str):
         from r1kernels.kernels import torch_rows as rows
     elif backend in ("cpu", "cuda"):
         from r1kernels.kernels import cpp_rows as rows
-    elif backend == "triton":
+    elif backend in ("triton", "triton_tile"):
         from r1kernels.triton import logprobs as rows
     else:
         raise AssertionError(backend)
@@ -127,32 +127,34 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
 # ---------------------------------------------------------------- fused-linear op: custom ops
 
 
-def _linear_kernel(backend: str):
-    """Module with ``forward``/``backward`` of the fused lm_head op for a backend."""
-    if backend == "triton":
-        from r1kernels.triton import linear_logprobs as kernel
-        return kernel
+LINEAR_BACKENDS = ("triton", "cuda", "cpu", "torch", "triton_tile")
+
+
+def _fused_tile(backend: str, deterministic: bool) -> bool:
+    """The fully fused Triton kernel: asked for by name, or by ``deterministic`` on the triton
+    backend (cuBLAS chunks are reproducible, but their sums may change with the chunk's row count,
+    which batch invariance forbids)."""
+    return backend == "triton_tile" or (backend == "triton" and deterministic)
+
+
+def _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend):
     from r1kernels.kernels import chunked_linear
+    return chunked_linear.forward(_row_kernel(backend), hidden, weight, bias, targets, inv_temperature)
 
-    rows = _row_kernel(backend)
 
-    class _Chunked:
-        @staticmethod
-        def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
-            return chunked_linear.forward(rows, hidden, weight, bias, targets, inv_temperature)
-
-        @staticmethod
-        def backward(*args, deterministic, needs_grad):
-            return chunked_linear.backward(rows, *args, needs_grad=needs_grad)
-
-    return _Chunked
+def _chunked_backward(backend, *args, needs_grad):
+    from r1kernels.kernels import chunked_linear
+    return chunked_linear.backward(_row_kernel(backend), *args, needs_grad=needs_grad)
 
 
 @torch.library.custom_op("r1kernels::linear_token_logprobs_forward", mutates_args=())
 def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     inv_temperature: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.target_ids_in_range(targets, weight.shape[0])
-    return _linear_kernel(backend).forward(hidden, weight, bias, targets, inv_temperature, deterministic)
+    if _fused_tile(backend, deterministic):
+        from r1kernels.triton import linear_logprobs
+        return linear_logprobs.forward(hidden, weight, bias, targets, inv_temperature, deterministic)
+    return _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend)
 
 
 @_linear_forward.register_fake
@@ -165,9 +167,12 @@ def _linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
                      row_log_sum: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
                      inv_temperature: float, backend: str, deterministic: bool,
                      needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    grads = _linear_kernel(backend).backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy,
-                                             grad_logp, grad_entropy, inv_temperature,
-                                             deterministic=deterministic, needs_grad=tuple(needs_grad))
+    args = (hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature)
+    if _fused_tile(backend, deterministic):
+        from r1kernels.triton import linear_logprobs
+        grads = linear_logprobs.backward(*args, deterministic=deterministic, needs_grad=tuple(needs_grad))
+    else:
+        grads = _chunked_backward(backend, *args, needs_grad=tuple(needs_grad))
     # custom ops return tensors only: an empty tensor stands for "not needed"
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
@@ -215,12 +220,24 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         temperature: > 0. return_entropy: also return the per-token entropy.
         deterministic: no atomics in the gradient accumulation, and per-token results that are
             bitwise independent of the other tokens in the batch. Defaults to
-            ``torch.are_deterministic_algorithms_enabled()``; only the Triton backend has a
-            non-deterministic mode.
+            ``torch.are_deterministic_algorithms_enabled()``. On the triton backend it selects the
+            fully fused tile kernel's deterministic mode (the default there is cuBLAS chunks with
+            Triton row kernels); ``use_backend("triton_tile")`` asks for the fused kernel with atomics.
 
     Returns:
         ``logp`` (shape of ``targets``) or ``(logp, entropy)``, fp32 (fp64 for fp64 inputs).
     """
+    hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
+        hidden, weight, targets, bias, temperature, deterministic)
+    logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets_1d, inv_temperature,
+                                               backend, deterministic)
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+
+
+def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
+    """Validated inputs of the fused lm_head op: (hidden [N, H], weight, targets [N], 1 / T, backend,
+    deterministic)."""
     _checks.floating("hidden", hidden)
     _checks.floating("weight", weight)
     _checks.integer_ids("targets", targets)
@@ -240,7 +257,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    backend = backends.resolve(hidden.device)
+    backend = backends.resolve(hidden.device, LINEAR_BACKENDS)
     _checks.backend_dtype(backend, "hidden", hidden)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -249,7 +266,28 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         hidden_2d = hidden_2d.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
-    logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets.reshape(-1), inv_temperature,
-                                               backend, bool(deterministic))
-    logp = logp.view(targets.shape)
-    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+    return hidden_2d, weight, targets.reshape(-1), inv_temperature, backend, bool(deterministic)
+
+
+def linear_token_logprobs_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                                   temperature: float, token_grads, deterministic: Optional[bool] = None):
+    """The fused lm_head op when the upstream gradient is known chunk by chunk in the forward.
+
+    ``token_grads(rows, logp, entropy) -> (d loss / d logp, d loss / d entropy or None)`` for the
+    flattened tokens ``rows`` (a slice). Returns ``None`` when one pass does not apply (the fully
+    fused Triton kernel, which needs every row's statistics before any d logits, or a compiled
+    graph), else ``(logp [N], entropy [N], (d hidden, d weight, d bias))``, all detached: three
+    GEMM-equivalents instead of four (no recomputed logits).
+    """
+    hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
+        hidden, weight, targets, bias, temperature, deterministic)
+    if _fused_tile(backend, deterministic) or torch.compiler.is_compiling():
+        return None
+    from r1kernels.kernels import chunked_linear
+    _checks.target_ids_in_range(targets_1d, weight.shape[0])
+    needs_grad = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad():
+        (logp, entropy), grads = chunked_linear.forward_backward(
+            _row_kernel(backend), hidden_2d.detach(), weight.detach(), None if bias is None else bias.detach(),
+            targets_1d, inv_temperature, token_grads, needs_grad)
+    return logp, entropy, grads

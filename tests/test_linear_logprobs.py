@@ -9,6 +9,11 @@ import r1kernels
 from r1kernels.reference import linear_token_logprobs_ref
 
 
+def linear_backends():
+    """cpu_backends(), plus the fully fused Triton kernel under the interpreter."""
+    return cpu_backends() + (["triton_tile"] if "triton" in cpu_backends() else [])
+
+
 def _inputs(tokens, hidden, vocab, dtype, bias=True, scale=0.5):
     h = torch.randn(tokens, hidden).to(dtype)
     w = (torch.randn(vocab, hidden) * scale / hidden ** 0.5 * 4).to(dtype)
@@ -40,7 +45,7 @@ def _check(backend, h, w, b, t, temperature=1.0, deterministic=None, tol=None):
     return logp, ent, grads
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", linear_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_matches_float64_reference(backend, dtype, deterministic):
@@ -51,13 +56,13 @@ def test_matches_float64_reference(backend, dtype, deterministic):
     _check(backend, h, w, b, t, temperature=0.8, deterministic=deterministic, tol=tol)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", linear_backends())
 def test_odd_sizes_no_bias_three_d(backend):
     h, w, _, t = _inputs(2 * 19, 23, 301, torch.float32, bias=False)
     _check(backend, h.view(2, 19, 23), w, None, t.view(2, 19))
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", linear_backends())
 def test_edge_cases(backend):
     h, w, b, t = _inputs(5, 16, 64, torch.float32)
     _check(backend, h, w, b, torch.full((5,), -100))          # all masked
@@ -69,7 +74,7 @@ def test_edge_cases(backend):
     assert x.grad.shape == (0, 16)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", linear_backends())
 def test_frozen_weight_needs_only_hidden_grad(backend):
     h, w, b, t = _inputs(20, 32, 200, torch.float32)
     x = h.clone().requires_grad_()
@@ -91,7 +96,7 @@ def test_gradcheck_float64(backend):
                                         leaves)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", linear_backends())
 def test_deterministic_mode_is_batch_invariant_and_reproducible(backend):
     """A token's logp, entropy and d hidden are bitwise the same alone or inside any batch."""
     h, w, b, t = _inputs(50, 48, 500, torch.float32)

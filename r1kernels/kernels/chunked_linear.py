@@ -1,70 +1,134 @@
-"""Fused lm_head + log-prob on any row kernel, a block of tokens at a time.
+"""Fused lm_head + log-prob on any row kernel, a chunk of tokens at a time; the matmuls go to
+torch (MKL on CPU, cuBLAS on GPU) and the row pass to a backend's row kernel.
 
-Used by the ``torch``, ``cpu`` and ``cuda`` backends (Triton has its own tiled kernel).
-Only one [block, vocab] logits buffer is alive at once, in forward and in backward
-(where it is recomputed and then overwritten in place by d logits), so memory stays
-O(block * vocab) instead of O(tokens * vocab). Matmuls go to torch (MKL / cuBLAS).
+Used by the ``torch``, ``cpu``, ``cuda`` and ``triton`` backends (``triton_tile`` is the fully
+fused Triton kernel instead). Only one [chunk, V] logits buffer is alive at once, in forward and
+in backward, where d logits overwrite it in place, so memory is O(chunk * V), not O(tokens * V).
+
+Three drivers:
+  ``forward``           logits -> per-token statistics                              (1 GEMM)
+  ``backward``          recompute logits -> d logits -> d hidden, d weight          (3 GEMMs)
+  ``forward_backward``  when the per-token gradients are known in the forward (a token-level
+                        loss): logits -> statistics -> their gradients -> d logits -> d hidden,
+                        d weight, with no recompute                                  (3 GEMMs)
+
+Chunk size: R1K_CHUNK_BYTES when set; else on CUDA the smaller of 1 GiB and 1/16 of the free
+device memory (3,532 rows of bf16 logits at V = 151,936: large enough for cuBLAS to run near peak),
+on CPU 16 MiB (a chunk's row pass stays in cache). d weight accumulates in fp32 (fp64 for fp64)
+in place, with no per-chunk [V, H] temporary.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from r1kernels.kernels import accumulation_dtype
 
-# Size of one block's logits buffer; a quarter of the [N, V] fp32 logits at the
-# acceptance shape (N=4096, V=32768) is 128 MiB, so 16 MiB leaves ample room.
-BLOCK_BYTES = 16 << 20
+CPU_CHUNK_BYTES = 16 << 20
+GPU_CHUNK_BYTES = 1 << 30
+GPU_FREE_FRACTION = 16
 
 
-def _token_blocks(tokens: int, vocab: int, element_size: int):
-    step = max(1, BLOCK_BYTES // (element_size * max(vocab, 1)))
-    for start in range(0, tokens, step):
-        yield slice(start, min(tokens, start + step))
+def chunk_bytes(device: torch.device) -> int:
+    """Bytes of one chunk's logits (see the module docstring)."""
+    forced = os.environ.get("R1K_CHUNK_BYTES")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"R1K_CHUNK_BYTES must be a positive number of bytes, got {forced!r}")
+        return int(forced)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(GPU_CHUNK_BYTES, free // GPU_FREE_FRACTION)
+    return CPU_CHUNK_BYTES
 
 
-def _logits_block(hidden, weight, bias, block):
+def _token_chunks(hidden: torch.Tensor, vocab: int):
+    step = max(1, chunk_bytes(hidden.device) // (hidden.element_size() * max(vocab, 1)))
+    for start in range(0, hidden.shape[0], step):
+        yield slice(start, min(hidden.shape[0], start + step))
+
+
+def _logits(hidden, weight, bias, chunk):
     if bias is None:
-        return hidden[block] @ weight.T
-    return torch.addmm(bias, hidden[block], weight.T)
+        return hidden[chunk] @ weight.T
+    return torch.addmm(bias, hidden[chunk], weight.T)
+
+
+def _accumulate_weight_grad(grad_weight, dlogits, hidden_chunk):
+    """grad_weight += dlogits.T @ hidden_chunk, accumulated in grad_weight's (wider) dtype in place."""
+    if grad_weight.dtype == dlogits.dtype:
+        grad_weight.addmm_(dlogits.T, hidden_chunk)
+    elif dlogits.is_cuda:
+        # cuBLAS: bf16/fp16 inputs, fp32 accumulation and fp32 output, beta = 1 on the accumulator
+        torch.addmm(grad_weight, dlogits.T, hidden_chunk, out_dtype=grad_weight.dtype, out=grad_weight)
+    else:
+        # MKL has no mixed-precision GEMM: widen the chunk (chunk-sized copies, never [V, H])
+        grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), hidden_chunk.to(grad_weight.dtype))
+
+
+class _Grads:
+    """The fp32 (fp64) accumulators of one backward, and the per-chunk updates."""
+
+    def __init__(self, hidden, weight, bias, needs_grad):
+        need_hidden, need_weight, need_bias = needs_grad
+        wide = accumulation_dtype(weight.dtype)
+        self.bias_dtype = (weight if bias is None else bias).dtype
+        self.weight_dtype = weight.dtype
+        self.hidden = torch.empty_like(hidden) if need_hidden else None
+        self.weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
+        self.bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
+
+    def add(self, chunk, dlogits, hidden, weight):
+        if self.hidden is not None:
+            torch.mm(dlogits, weight, out=self.hidden[chunk])
+        if self.weight is not None:
+            _accumulate_weight_grad(self.weight, dlogits, hidden[chunk])
+        if self.bias is not None:
+            self.bias += dlogits.sum(0, dtype=self.bias.dtype)
+
+    def result(self):
+        return (self.hidden, None if self.weight is None else self.weight.to(self.weight_dtype),
+                None if self.bias is None else self.bias.to(self.bias_dtype))
 
 
 def forward(rows, hidden, weight, bias, targets, inv_temperature):
     """(logp, entropy, row_max, row_log_sum) per token; ``rows`` is a backend's row-kernel module."""
-    tokens, vocab = hidden.shape[0], weight.shape[0]
-    outputs = tuple(hidden.new_empty(tokens, dtype=accumulation_dtype(hidden.dtype)) for _ in range(4))
-    for block in _token_blocks(tokens, vocab, hidden.element_size()):
-        block_out = rows.forward(_logits_block(hidden, weight, bias, block), targets[block], inv_temperature)
-        for full, part in zip(outputs, block_out):
-            full[block] = part
+    outputs = tuple(hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(4))
+    for chunk in _token_chunks(hidden, weight.shape[0]):
+        chunk_out = rows.forward(_logits(hidden, weight, bias, chunk), targets[chunk], inv_temperature)
+        for full, part in zip(outputs, chunk_out):
+            full[chunk] = part
     return outputs
 
 
 def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
              inv_temperature, needs_grad):
-    """(d hidden, d weight, d bias), each None unless ``needs_grad`` asks for it."""
-    need_hidden, need_weight, need_bias = needs_grad
-    tokens, vocab = hidden.shape[0], weight.shape[0]
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    # Low-precision weights accumulate their gradient over blocks in fp32.
-    wide = accumulation_dtype(weight.dtype)
-    grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
-    grad_bias = torch.zeros(vocab, dtype=wide, device=weight.device) if need_bias else None
-    for block in _token_blocks(tokens, vocab, hidden.element_size()):
-        logits = _logits_block(hidden, weight, bias, block)
-        grad_entropy_block = None if grad_entropy is None else grad_entropy[block]
-        dlogits = rows.backward(logits, targets[block], row_max[block], row_log_sum[block], entropy[block],
-                                grad_logp[block], grad_entropy_block, inv_temperature, out=logits)
-        if need_hidden:
-            torch.mm(dlogits, weight, out=grad_hidden[block])
-        if need_weight:
-            if grad_weight.dtype == dlogits.dtype:
-                grad_weight.addmm_(dlogits.T, hidden[block])
-            else:
-                grad_weight += dlogits.T @ hidden[block]
-        if need_bias:
-            grad_bias += dlogits.sum(0, dtype=wide)
-    return grad_hidden, _cast(grad_weight, weight.dtype), _cast(grad_bias, (weight if bias is None else bias).dtype)
+    """(d hidden, d weight, d bias), each None unless ``needs_grad`` asks for it; recomputes the logits."""
+    grads = _Grads(hidden, weight, bias, needs_grad)
+    for chunk in _token_chunks(hidden, weight.shape[0]):
+        logits = _logits(hidden, weight, bias, chunk)
+        dlogits = rows.backward(logits, targets[chunk], row_max[chunk], row_log_sum[chunk], entropy[chunk],
+                                grad_logp[chunk], None if grad_entropy is None else grad_entropy[chunk],
+                                inv_temperature, out=logits)
+        grads.add(chunk, dlogits, hidden, weight)
+    return grads.result()
 
 
-def _cast(grad, dtype):
-    return None if grad is None else grad.to(dtype)
+def forward_backward(rows, hidden, weight, bias, targets, inv_temperature, token_grads, needs_grad):
+    """One pass: ((logp, entropy), (d hidden, d weight, d bias)) of ``loss = sum_t f_t(logp_t, H_t)``.
+
+    ``token_grads(chunk, logp, entropy) -> (d loss / d logp, d loss / d entropy or None)`` gives each
+    chunk's per-token gradients from that chunk's values alone, while its logits are still in memory.
+    """
+    logp, entropy = (hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(2))
+    grads = _Grads(hidden, weight, bias, needs_grad)
+    for chunk in _token_chunks(hidden, weight.shape[0]):
+        logits = _logits(hidden, weight, bias, chunk)
+        chunk_logp, chunk_entropy, row_max, row_log_sum = rows.forward(logits, targets[chunk], inv_temperature)
+        logp[chunk], entropy[chunk] = chunk_logp, chunk_entropy
+        grad_logp, grad_entropy = token_grads(chunk, chunk_logp, chunk_entropy)
+        dlogits = rows.backward(logits, targets[chunk], row_max, row_log_sum, chunk_entropy, grad_logp, grad_entropy,
+                                inv_temperature, out=logits)
+        grads.add(chunk, dlogits, hidden, weight)
+    return (logp, entropy), grads.result()
