@@ -51,16 +51,16 @@ class Step:
 def plan() -> list[Step]:
     return [
         Step("env", 10, [sys.executable, "-m", "bench.gpu_env"], "GPU, driver, torch, triton, peers present"),
-        Step("tests-triton", 125, PYTEST + ["-m", "cuda and not cuda_ext", "tests/test_cuda.py"],
+        Step("tests-triton", 175, PYTEST + ["-m", "cuda and not cuda_ext", "tests/test_cuda.py"],
              "Triton and torch backends on the GPU at real sizes vs the references (N*V > 2^31, long packed "
              "attention, 2^24 advantage rows)"),
         Step("tests-cuda-ext", 30, PYTEST + ["-m", "cuda_ext", "tests/test_cuda.py"],
              "the CUDA C++ kernels at real sizes", needs_build=True),
-        Step("bench-logprobs", 35, BENCH + ["logprobs"], "token_logprobs vs naive, Liger"),
-        Step("bench-linear", 45, BENCH + ["linear"], "linear_token_logprobs vs naive, cut-cross-entropy, 3/4 GEMMs"),
-        Step("bench-grpo", 45, BENCH + ["grpo"], "linear_grpo_loss vs naive, Liger"),
-        Step("bench-attention", 40, BENCH + ["attention"], "varlen_attention vs SDPA, flash-attn"),
-        Step("bench-advantages", 25, BENCH + ["advantages"], "group_advantages vs TRL, verl"),
+        Step("bench-logprobs", 30, BENCH + ["logprobs"], "token_logprobs vs naive, Liger"),
+        Step("bench-linear", 40, BENCH + ["linear"], "linear_token_logprobs vs naive, cut-cross-entropy, 3/4 GEMMs"),
+        Step("bench-grpo", 40, BENCH + ["grpo"], "linear_grpo_loss vs naive, Liger"),
+        Step("bench-attention", 35, BENCH + ["attention"], "varlen_attention vs SDPA, flash-attn"),
+        Step("bench-advantages", 20, BENCH + ["advantages"], "group_advantages vs TRL, verl"),
     ]
 
 

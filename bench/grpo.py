@@ -1,11 +1,15 @@
 """``python -m bench grpo``: the GRPO loss forward+backward, ours against its peers.
 
 Work counted: 6NHV FLOPs (forward matmul, d hidden, d weight) for the fused-linear losses,
-against the measured matmul rate. Peak memory is above the inputs (gradients included).
+against the measured matmul rate. Peak memory is above the inputs (gradients included); the goal
+lines compare time and the memory beyond the gradients with torch.compile(naive) and Liger.
+``R1K_BENCH_ONLY="<implementation>"`` times one implementation alone in a fresh process (and
+writes no JSON), so that no peer's allocations or threads colour its numbers.
 """
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -70,6 +74,9 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
             impls["Liger LigerFusedLinearGRPOLoss (compiled)"] = lambda: liger_compiled(
                 hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)[0]
 
+    only = os.environ.get("R1K_BENCH_ONLY")          # one implementation alone in this process
+    if only:
+        impls = {name: fn for name, fn in impls.items() if name == only}
     rows = []
     shape = f"B={b} T={t} H={h} V={v} {str(dtype)[6:]}"
     for name, loss_fn in impls.items():
@@ -87,5 +94,25 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         rows.append(Row(name, shape, seconds, mem, 6 * n * h * v, ceilings.matmul_flops, note, "fwd+bwd", "matmul"))
     print_table("grpo", rows, ceilings)
     print("peak memory: above inputs, gradients included; fraction: 6NHV FLOPs vs measured matmul rate")
-    print("wrote", save("grpo", rows, ceilings, device, quick=quick))
+    print_goals(rows, grad_bytes=(hidden.numel() + weight.numel()) * hidden.element_size())
+    if not only:                                    # a partial run does not overwrite the full table
+        print("wrote", save("grpo", rows, ceilings, device, quick=quick))
     return rows
+
+
+GOALS = {"torch.compile(naive)": (1.1, 0.1), "Liger LigerFusedLinearGRPOLoss": (0.8, 0.5)}   # time, memory
+
+
+def print_goals(rows: list[Row], grad_bytes: int) -> None:
+    """Each of our rows against the peers the goals name: time ratio, and the ratio of memory
+    beyond the inputs and the gradients."""
+    peers = {r.name: r for r in rows if r.name in GOALS and r.seconds}
+    for ours in (r for r in rows if r.name.startswith("ours") and r.seconds):
+        for name, (time_goal, memory_goal) in GOALS.items():
+            if name not in peers:
+                continue
+            peer = peers[name]
+            beyond, peer_beyond = ours.peak_bytes - grad_bytes, peer.peak_bytes - grad_bytes
+            print(f"{ours.name}: {ours.seconds / peer.seconds:.2f}x the time of {name} (goal <= {time_goal}), "
+                  f"{beyond / 2**20:.0f} MiB beyond gradients = {beyond / peer_beyond:.2f}x its "
+                  f"{peer_beyond / 2**20:.0f} MiB (goal <= {memory_goal})")

@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 GPU_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.cuda_ext), "torch"]
+LINEAR_GPU_BACKENDS = GPU_BACKENDS + ["triton_tile"]        # + the fully fused Triton lm_head kernel
 
 
 def _require(name):
-    if name == "triton" and backends.triton_interpreting():
+    if name.startswith("triton") and backends.triton_interpreting():
         pytest.skip("TRITON_INTERPRET is on: run through bench/gpu_check.sh (or with TRITON_INTERPRET=0)")
     try:
         with r1kernels.use_backend(name):
@@ -70,7 +71,7 @@ def test_token_logprobs_past_2_31_logits(backend):
     assert_close_scaled(logits.grad[rows], rd, 2e-2, "d logits")
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_linear_token_logprobs_many_token_tiles(backend, deterministic):
     """70,000 tokens: more than 65,535 token tiles' worth of programs on a small vocabulary."""
@@ -107,7 +108,7 @@ def real_lm_head():
     return hidden, weight, targets, g_logp, g_ent, rows, cols, reference
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_linear_token_logprobs_real_lm_head(backend, deterministic, real_lm_head):
     _require(backend)
@@ -120,6 +121,30 @@ def test_linear_token_logprobs_real_lm_head(backend, deterministic, real_lm_head
     assert_close_scaled(ent[rows], re, 2e-2, "entropy")
     assert_close_scaled(x.grad[rows], rdh, 3e-2, "d hidden")
     assert_close_scaled(w.grad[cols], rdw, 3e-2, "d weight")
+
+
+def test_linear_grpo_loss_one_pass_real_lm_head(real_lm_head):
+    """The one-pass route (cuBLAS chunks, gradients in the forward) against the two-pass route on
+    the fully fused kernel, at the benchmark's shape."""
+    _require("triton")
+    hidden, weight, targets, _, _, rows, cols, _ = real_lm_head
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    adv = torch.randn(16, device="cuda", generator=gen)
+    mask = torch.ones(16, 1024, device="cuda")
+    mask[:, 900:] = 0
+    old = -torch.rand(16, 1024, device="cuda", generator=gen) * 3
+    results = []
+    for backend in ("triton", "triton_tile"):
+        x, w = hidden.view(16, 1024, -1).clone().requires_grad_(), weight.clone().requires_grad_()
+        with r1kernels.use_backend(backend):
+            out = r1kernels.linear_grpo_loss(x, w, targets.view(16, 1024), adv, mask, old_logprobs=old,
+                                             loss_type="dapo", beta=0.0, epsilon_high=0.28)
+        out.loss.backward()
+        results.append((out.loss.detach(), x.grad.view(-1, x.shape[-1])[rows].double(), w.grad[cols].double()))
+    (loss, dh, dw), (ref_loss, ref_dh, ref_dw) = results
+    assert_close_scaled(loss, ref_loss, 1e-3, "loss")
+    assert_close_scaled(dh, ref_dh, 3e-2, "d hidden")
+    assert_close_scaled(dw, ref_dw, 3e-2, "d weight")
 
 
 def _packed(lengths, heads, kv_heads, d, dtype, gen):

