@@ -33,14 +33,19 @@ def _as_int(name: str, value) -> int:
 
 
 def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal):
-    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap)."""
+    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap).
+    Queries slice with cu_q, keys and values with cu_k; a query with no key gives 0."""
     outs = []
-    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        if b == a:
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        if q1 == q0:
             continue
-        seq = [x[a:b].transpose(0, 1) for x in (q, k, v)]
-        out = torch.nn.functional.scaled_dot_product_attention(*seq, is_causal=causal, scale=scale,
-                                                               enable_gqa=q.shape[1] != k.shape[1])
+        if k1 == k0:
+            outs.append(q.new_zeros(q1 - q0, *q.shape[1:]))
+            continue
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), is_causal=causal,
+            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.transpose(0, 1))
     return torch.cat(outs) if outs else torch.empty_like(q)
 

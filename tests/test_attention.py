@@ -167,17 +167,19 @@ def test_pack_unpack_and_planner():
         r1kernels.plan_micro_batches([10, 20], max_tokens=15)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_torch_backend_sdpa_path_matches_reference(causal):
-    """Without return_lse the torch backend calls SDPA per sequence: same results, same gradients."""
+@pytest.mark.parametrize("causal, lens_k", [(False, [9, 0, 31, 1]), (True, [9, 0, 31, 1]),
+                                             (False, [4, 6, 50, 0])])     # keys sliced by cu_seqlens_k
+def test_torch_backend_sdpa_path_matches_reference(causal, lens_k):
+    """Without return_lse the torch backend calls SDPA per sequence: same results, same gradients,
+    also when the key lengths differ from the query lengths (and a query sees no key: output 0)."""
     lens = [9, 0, 31, 1]
-    q, k, v, cu, _ = _inputs(lens, lens, 4, 2, 64, torch.float32)
+    q, k, v, cu, cu_k = _inputs(lens, lens_k, 4, 2, 64, torch.float32)
     grad = torch.randn(sum(lens), 4, 64)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     with r1kernels.use_backend("torch"):
-        out = r1kernels.varlen_attention(*leaves, cu, cu, 31, 31, causal=causal)
+        out = r1kernels.varlen_attention(*leaves, cu, cu_k, 31, max(lens_k), causal=causal)
     grads = torch.autograd.grad(out, leaves, grad)
-    ref_out, _, ref_grads = _reference(q, k, v, cu, cu, grad, torch.float64, causal=causal)
+    ref_out, _, ref_grads = _reference(q, k, v, cu, cu_k, grad, torch.float64, causal=causal)
     assert_close_scaled(out, ref_out, 2e-5, "out")
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close_scaled(g, r, 6e-5, f"d{name}")
