@@ -42,10 +42,18 @@ def token_logprobs_rows(logits, targets, rows, grad_logp, grad_entropy, temperat
 
 
 def _fp32_logits(hidden, weight):
-    """hidden @ weight.T with exact products and fp32 accumulation."""
-    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+    """hidden @ weight.T with exact products and fp32 accumulation (on the GPU: tensor cores with
+    an fp32 output, or TF32, whose 10-bit mantissa holds bf16/fp16 values exactly)."""
+    if not hidden.is_cuda or hidden.dtype not in (torch.bfloat16, torch.float16):
+        return hidden.float() @ weight.float().T
+    if "dtype" in torch.ops.aten.mm.overloads():
         return torch.mm(hidden, weight.T, out_dtype=torch.float32)
-    return hidden.float() @ weight.float().T
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return hidden.float() @ weight.float().T
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def linear_token_logprobs_rows(hidden, weight, targets, rows, cols, grad_logp, grad_entropy, chunk=2048):

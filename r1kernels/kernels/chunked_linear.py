@@ -26,6 +26,7 @@ import torch
 
 from r1kernels.kernels import accumulation_dtype
 
+_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()   # mixed-precision GEMM into fp32
 CPU_CHUNK_BYTES = 32 << 20
 GPU_CHUNK_BYTES = 1 << 30
 GPU_FREE_FRACTION = 16
@@ -60,9 +61,12 @@ def _accumulate_weight_grad(grad_weight, dlogits, hidden_chunk):
     """grad_weight += dlogits.T @ hidden_chunk, accumulated in grad_weight's (wider) dtype in place."""
     if grad_weight.dtype == dlogits.dtype:
         grad_weight.addmm_(dlogits.T, hidden_chunk)
-    elif dlogits.is_cuda:
+    elif dlogits.is_cuda and _ADDMM_OUT_DTYPE:
         # cuBLAS: bf16/fp16 inputs, fp32 accumulation and fp32 output, beta = 1 on the accumulator
         torch.addmm(grad_weight, dlogits.T, hidden_chunk, out_dtype=grad_weight.dtype, out=grad_weight)
+    elif dlogits.is_cuda:
+        # torch before addmm(out_dtype=): a low-precision [V, H] partial per chunk, summed in fp32
+        grad_weight += dlogits.T @ hidden_chunk
     else:
         # MKL has no mixed-precision GEMM: widen the chunk (chunk-sized copies, never [V, H])
         grad_weight.addmm_(dlogits.T.to(grad_weight.dtype), hidden_chunk.to(grad_weight.dtype))
