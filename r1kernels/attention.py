@@ -120,8 +120,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
     head_dim = q.shape[2]
     if k.shape[2] != head_dim:
         raise ValueError(f"q and k head dims differ: {head_dim} and {k.shape[2]}")
-    if not (8 <= head_dim <= 256 and head_dim % 8 == 0):
-        raise ValueError(f"unsupported head_dim {head_dim}: expected a multiple of 8 up to 256")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"unsupported head_dim {head_dim}: expected 1 to 256 (other sizes are padded internally)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"Hq = {q.shape[1]} must be a multiple of Hkv = {k.shape[1]}")
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):

@@ -51,6 +51,8 @@ CASES = [
     ([203], [203], 2, 2, 128, True, (31, -1), 0.0),                     # sliding window
     ([24, 50], [24, 50], 4, 2, 64, True, (-1, -1), 20.0),               # softcap
     ([20, 7], [12, 7], 2, 1, 256, False, (5, 3), 0.0),                  # head dim 256, two-sided window
+    ([11, 5], [11, 5], 2, 2, 4, True, (-1, -1), 0.0),                   # head dim 4 (tiny test models)
+    ([19], [23], 2, 1, 100, False, (-1, -1), 0.0),                      # head dim 100, padded to 128
 ]
 
 
@@ -136,8 +138,8 @@ def test_flash_attn_compat_signature_and_errors():
     (lambda a: dict(a, cu_seqlens_q=torch.tensor([0, 8, 10], dtype=torch.int32)), ValueError, "must end at"),
     (lambda a: dict(a, k=a["k"][:, :1].repeat(1, 3, 1), v=a["v"][:, :1].repeat(1, 3, 1)), ValueError,
      "multiple of Hkv"),
-    (lambda a: dict(a, q=a["q"][..., :60], k=a["k"][..., :60], v=a["v"][..., :60]), ValueError,
-     "unsupported head_dim 60"),
+    (lambda a: dict(a, q=a["q"].repeat(1, 1, 5)[..., :300], k=a["k"].repeat(1, 1, 5)[..., :300],
+                    v=a["v"].repeat(1, 1, 5)[..., :300]), ValueError, "unsupported head_dim 300"),
     (lambda a: dict(a, k=a["k"].double()), TypeError, "share a dtype"),
     (lambda a: dict(a, max_seqlen_q=5), ValueError, "max_seqlen_q = 5 is smaller than the longest sequence"),
 ])

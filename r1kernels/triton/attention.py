@@ -205,7 +205,7 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
 
 def _config(dtype, head_dim):
     interpreting = backends.triton_interpreting()
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))   # padded (masked) to a tensor-core dot's smallest K
     if interpreting:
         blocks = dict(BLOCK_M=16, BLOCK_N=16)
     elif block_d >= 256:
