@@ -30,6 +30,8 @@ import tarfile
 import tempfile
 import time
 
+from bench import hardware
+
 TOTAL_BUDGET = 420          # seconds of the machine's 7-minute slot, start-up excluded
 BUILD_BUDGET = 180          # the CUDA extension, in the background
 TRAIN_MIN_SECONDS = 60      # the training benchmark runs only if this much is left
@@ -148,13 +150,12 @@ def peer_ratios(rows: list[dict]) -> dict[int, str]:
 
 
 def datasheet_fraction(row: dict, payload: dict) -> float | None:
-    from bench import hardware
     found = hardware.peak_for(payload.get("device", ""))
     if not found or not row["seconds"] or not row["work"] or row.get("bound") not in ("matmul", "bandwidth"):
         return None
     peaks = found[1]
-    limit = peaks["hbm_bytes_per_s"] if row["bound"] == "bandwidth" else peaks.get(payload["ceilings"]["dtype"].replace(
-        "bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32"))
+    limit = (peaks["hbm_bytes_per_s"] if row["bound"] == "bandwidth"
+             else peaks.get(hardware.DTYPE_KEYS.get(payload["ceilings"]["dtype"], "")))
     return row["work"] / row["seconds"] / limit if limit else None
 
 

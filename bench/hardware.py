@@ -13,6 +13,9 @@ PEAKS = {
     "H200": dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12, hbm_bytes_per_s=4.8e12),
 }
 
+# torch dtype name -> the PEAKS key of its math
+DTYPE_KEYS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
 # sm_90 resources per SM and per block (CUDA C Programming Guide, compute capability 9.0)
 SM90_REGISTERS_PER_SM = 65536
 SM90_REGISTER_UNIT = 256            # registers are allocated per warp in units of 256

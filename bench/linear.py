@@ -12,7 +12,7 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, print_table, save, try_case
-from bench.logprobs import SHAPES, measure, naive_logprobs, optional, our_backends
+from bench.logprobs import SHAPES, measure, naive_logprobs, optional, our_backends, phase_rows
 
 
 def naive_linear_logprobs(hidden, weight, targets):
@@ -56,11 +56,8 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         impls["cut-cross-entropy (reduction=none)"] = (None, lambda x, w, t: -cce(x, w, t, reduction="none"))
     shape = f"N={n} H={h} V={v} {str(dtype)[6:]}"
     flops = 2 * n * h * v
-    rows: list[Row] = []
-    for name, (result, note) in measure(impls, linear_inputs, device, quick).items():
-        t_fwd, t_both, mem = result or (None, None, None)
-        rows.append(Row(name, shape, t_fwd, None, flops, ceilings.matmul_flops, note, "fwd", "matmul"))
-        rows.append(Row(name, shape, t_both, mem, 3 * flops, ceilings.matmul_flops, note, "fwd+bwd", "matmul"))
+    rows = phase_rows(measure(impls, linear_inputs, device, quick), shape, flops, 3 * flops, ceilings.matmul_flops,
+                      "matmul")
     for count, goal in ((3, "the floor when the gradient is known in the forward"),
                         (4, "a fused kernel that recomputes the logits")):
         seconds, note = try_case(lambda count=count: matmul_reference(device, n, h, v, dtype, count))

@@ -80,6 +80,16 @@ def measure(impls, make_inputs, device, quick):
     return results
 
 
+def phase_rows(results, shape, fwd_work, both_work, limit, bound) -> list[Row]:
+    """A forward and a forward+backward row per implementation, from ``measure``'s results."""
+    rows = []
+    for name, (result, note) in results.items():
+        t_fwd, t_both, mem = result or (None, None, None)
+        rows.append(Row(name, shape, t_fwd, None, fwd_work, limit, note, "fwd", bound))
+        rows.append(Row(name, shape, t_both, mem, both_work, limit, note, "fwd+bwd", bound))
+    return rows
+
+
 def run(device: torch.device, quick: bool = False) -> list[Row]:
     s = SHAPES[device.type]
     n, v, dtype = s["tokens"], s["vocab"], s["dtype"]
@@ -99,11 +109,8 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
     if liger_selective is not None and device.type == "cuda":
         impls["liger fused_selective_log_softmax"] = (None, lambda x, t: liger_selective(x[None], t[None])[0])
     shape = f"N={n} V={v} {str(dtype)[6:]}"
-    rows: list[Row] = []
-    for name, (result, note) in measure(impls, logits_inputs, device, quick).items():
-        t_fwd, t_both, mem = result or (None, None, None)
-        rows.append(Row(name, shape, t_fwd, None, n * v * elt, ceilings.bandwidth, note, "fwd", "bandwidth"))
-        rows.append(Row(name, shape, t_both, mem, 3 * n * v * elt, ceilings.bandwidth, note, "fwd+bwd", "bandwidth"))
+    rows = phase_rows(measure(impls, logits_inputs, device, quick), shape, n * v * elt, 3 * n * v * elt,
+                      ceilings.bandwidth, "bandwidth")
     print_table("logprobs", rows, ceilings)
     print("fraction: vs measured copy bandwidth (N*V bytes forward, 3*N*V forward+backward)")
     print("wrote", save("logprobs", rows, ceilings, device, quick=quick))

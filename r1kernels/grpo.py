@@ -267,14 +267,20 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                    sapo_temperature_neg=sapo_temperature_neg)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
     t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options)
-    layout, m = t.layout, t.m
+    return _loss_from_terms(t, logprobs, entropy)
+
+
+def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> GRPOLossOutput:
+    """policy_loss after validation: the per-token loss, its normalisation and the metrics."""
+    layout, m, acc = t.layout, t.m, t.m.dtype
+    loss_type = t.options["loss_type"]
     logp = logprobs.reshape(-1).to(acc)
     ent = layout.per_token("entropy", entropy)
     ent = None if ent is None else ent.to(acc)
     old = logp.detach() if t.old is None else t.old
 
     log_ratio = logp - old
-    if importance_sampling_level == "sequence":
+    if t.options["importance_sampling_level"] == "sequence":
         seq_log_ratio = layout.seq_sum(log_ratio * m) / t.tokens_per_seq.clamp(min=1.0)
         log_ratio = seq_log_ratio[layout.seq_ids]
     per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, ent)
@@ -286,7 +292,7 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     elif loss_type == "bnpo":
         loss = masked.sum() / active.clamp(min=1.0)
     elif loss_type == "dr_grpo":
-        loss = masked.sum() / (layout.num_seqs * max_completion_length)
+        loss = masked.sum() / (layout.num_seqs * t.options["max_completion_length"])
     else:  # dapo, cispo
         loss = masked.sum() / (active.clamp(min=1.0) if t.normaliser is None else t.normaliser)
 
@@ -397,8 +403,7 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
         return None
     logp, entropy, grads = done
     with torch.no_grad():   # the loss value and the metrics, from the same per-token code
-        out = policy_loss(logp.view(targets.shape), advantages, token_mask, entropy=entropy.view(targets.shape),
-                          **options)
+        out = _loss_from_terms(t, logp.view(targets.shape), entropy.view(targets.shape))
     loss = _LossWithGradients.apply(out.loss, hidden, weight, bias, *grads)
     return dataclasses.replace(out, loss=loss)
 

@@ -104,7 +104,10 @@ def unexpected_violations(record: dict) -> list[str]:
 launches: list[dict] = []          # one per distinct (kernel, specialisation, options)
 _seen: set = set()
 _workload: dict = {}               # kernel name -> (flops, hbm_bytes, dot precision, shape text); set by each case
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str | None:
+    return hardware.DTYPE_KEYS.get(str(dtype).removeprefix("torch."))
 
 
 def _kernel_name(fn: JITFunction) -> str:
@@ -117,8 +120,8 @@ def _record_launch(self: JITFunction, *args, grid, warmup, **kwargs):
     binder = create_function_from_signature(self.signature, self.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
-    float_dtypes = [_DTYPE_NAMES[v.dtype] for v in bound.values()
-                    if isinstance(v, torch.Tensor) and v.dtype in _DTYPE_NAMES]
+    float_dtypes = [_dtype_name(v.dtype) for v in bound.values()
+                    if isinstance(v, torch.Tensor) and _dtype_name(v.dtype)]
     shown = {p.name: bound[p.name] for p in self.params if p.is_constexpr and bound[p.name] is not None}
     config = " ".join([f"in={float_dtypes[0]}" if float_dtypes else "in=-"]
                       + [f"{k}={v}" for k, v in shown.items()]
@@ -141,7 +144,7 @@ def _elt(dtype: torch.dtype) -> int:
 
 def _math(dtype: torch.dtype, precision: str) -> str:
     if dtype in (torch.bfloat16, torch.float16):
-        return _DTYPE_NAMES[dtype]
+        return _dtype_name(dtype)
     return "tf32" if precision == "tf32" else "fp32"
 
 
