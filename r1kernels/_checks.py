@@ -1,6 +1,8 @@
 """Argument checks shared by the public ops: clear errors that name the argument."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 IGNORE_INDEX = -100
@@ -57,17 +59,42 @@ def backend_dtype(backend: str, name: str, value: torch.Tensor) -> None:
         raise TypeError(f"{name} is float64, which the {backend!r} backend does not run; use cpu or torch")
 
 
-def cu_seqlens(name: str, value: torch.Tensor, total: int) -> None:
-    """[S+1] int32/int64 offsets: starts at 0, never decreases, ends at ``total``."""
+def host_checks(device: torch.device) -> bool:
+    """Whether checks that read tensor values on the host run. ``R1K_CHECKS=1``: always; ``=0``:
+    never; unset: for CPU tensors only, since on an accelerator each such read is a device-to-host
+    sync. Where they do not run, a device-side assert (``torch._assert_async``) stands in: it also
+    holds inside a compiled graph, and on CUDA it aborts the process with its message."""
+    setting = os.environ.get("R1K_CHECKS", "")
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"R1K_CHECKS must be 0 or 1, got {setting!r}")
+    if torch.compiler.is_compiling():
+        return False
+    return setting == "1" or (setting == "" and device.type == "cpu")
+
+
+def cu_seqlens(name: str, value: torch.Tensor, total: int, max_len: int | None = None,
+               max_name: str = "max_seqlen") -> None:
+    """[S+1] int32/int64 offsets: starts at 0, never decreases, ends at ``total``; with ``max_len``,
+    no sequence is longer than it. Host checks with a ValueError where :func:`host_checks` allows,
+    else one device-side assert."""
     if value.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 (flash-attn convention) or int64, got {value.dtype}")
     if value.dim() != 1 or value.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D [S+1], got shape {tuple(value.shape)}")
-    if torch.compiler.is_compiling():
+    lengths = value[1:] - value[:-1]
+    if not host_checks(value.device):
+        ok = (value[0] == 0) & (value[-1] == total) & (lengths >= 0).all()
+        if max_len is not None and lengths.numel():
+            ok = ok & (lengths.max() <= max_len)
+        torch._assert_async(ok, f"{name} must start at 0, be non-decreasing and end at the number of tokens {total}"
+                            + (f", with no sequence longer than {max_name} = {max_len}" if max_len is not None else ""))
         return
     if int(value[0]) != 0:
         raise ValueError(f"{name} must start at 0, got {int(value[0])}")
-    if value.shape[0] > 1 and bool((value[1:] < value[:-1]).any()):
+    if lengths.numel() and bool((lengths < 0).any()):
         raise ValueError(f"{name} must be non-decreasing")
     if int(value[-1]) != total:
         raise ValueError(f"{name} must end at the number of tokens {total}, got {int(value[-1])}")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is not None and max_len < longest:
+        raise ValueError(f"{max_name} = {max_len} is smaller than the longest sequence ({longest})")

@@ -32,11 +32,10 @@ def _as_int(name: str, value) -> int:
     return value
 
 
-def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal):
-    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap).
+def _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal):
+    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap, no sinks).
     Queries slice with cu_q, keys and values with cu_k; a query with no key gives 0."""
     outs = []
-    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
         if q1 == q0:
             continue
@@ -50,16 +49,20 @@ def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal):
     return torch.cat(outs) if outs else torch.empty_like(q)
 
 
-def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, need_lse=True):
+def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, sinks, need_lse):
     """(out, lse or None). SDPA per sequence where its semantics are exactly ours, else the
-    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, lse)."""
-    if not need_lse and softcap == 0 and window_size == (-1, -1) and q.dtype != torch.float64 and (
-            not causal or torch.equal(cu_q, cu_k)):
-        return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale, causal), None
+    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, sinks, lse).
+    Both read the offsets on the host (this backend loops over sequences in Python)."""
+    plain = not need_lse and softcap == 0 and window_size == (-1, -1) and sinks is None and q.dtype != torch.float64
+    if plain:
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        if not causal or bounds_q == bounds_k:
+            return _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal), None
     from r1kernels.reference.attention import varlen_attention_ref
 
     compute = accumulation_dtype(q.dtype)
-    out, lse = varlen_attention_ref(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, dtype=compute)
+    out, lse = varlen_attention_ref(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, dtype=compute,
+                                    sinks=sinks)
     return out.to(q.dtype), lse.float()
 
 
@@ -90,23 +93,45 @@ def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, wind
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _add_sinks(out, lse, sinks):
+    """Fold one extra logit per head into each softmax denominator: with lse' = log(e^lse + e^sink),
+    out' = out * e^(lse - lse'). A query that sees no key (lse = +inf) keeps out 0 and gets lse' = sink.
+    The backward kernels are then exact when given (out', lse'), since P = exp(score - lse')."""
+    sink = sinks.float()[:, None]
+    empty = lse == math.inf
+    finite_lse = torch.where(empty, -math.inf, lse)
+    lse_all = torch.logaddexp(finite_lse, sink)
+    factor = torch.exp(finite_lse - lse_all)                                   # [Hq, total_q]
+    return (out.float() * factor.T[..., None]).to(out.dtype), lse_all
+
+
 class _VarlenAttention(torch.autograd.Function):
+    """Triton forward and backward; with sinks, d sink_h = -sum_i P(sink | query i) * rowsum(dO_i * O_i)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap):
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap):
         out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window[0], window[1], softcap)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        if sinks is not None:
+            out, lse = _add_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, scale, causal, window[0], window[1], softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        d_sinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            delta = (grad_out.float() * out.float()).sum(-1).T                  # [Hq, total_q]
+            d_sinks = -(torch.exp(sinks.float()[:, None] - lse) * delta).sum(1).to(sinks.dtype)
+        return dq, dk, dv, d_sinks, None, None, None, None, None, None, None, None
 
 
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size):
+def _validate_tensors(q, k, v, softcap, window_size, sinks):
+    """Checks that read no tensor values (no host sync)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         _checks.floating(name, x)
         if x.dim() != 3:
@@ -124,55 +149,75 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
         raise ValueError(f"unsupported head_dim {head_dim}: expected 1 to 256 (other sizes are padded internally)")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"Hq = {q.shape[1]} must be a multiple of Hkv = {k.shape[1]}")
-    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"window_size must be (left, right) with -1 for unbounded, got {window_size}")
+    if sinks is not None:
+        _checks.floating("sinks", sinks)
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks must be [Hq] = [{q.shape[1]}], got shape {tuple(sinks.shape)}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks must be on the device of q ({q.device}), got {sinks.device}")
+
+
+def _validate_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, total_k, device):
+    """cu_seqlens and max lengths: on the host for CPU tensors or with R1K_CHECKS=1, else one
+    device-side assert per offsets tensor (see ``_checks.host_checks``)."""
+    max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
+    for name, cu, total, max_len, max_name in (("cu_seqlens_q", cu_seqlens_q, total_q, max_q, "max_seqlen_q"),
+                                              ("cu_seqlens_k", cu_seqlens_k, total_k, max_k, "max_seqlen_k")):
         _checks.tensor(name, cu)
         if cu.dtype != torch.int32:
             raise TypeError(f"{name} must be int32 (flash-attn convention), got {cu.dtype}")
-        if cu.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {cu.device}")
-        _checks.cu_seqlens(name, cu, total)
+        if cu.device != device:
+            raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
+        _checks.cu_seqlens(name, cu, total, max_len, max_name)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [S+1], got {tuple(cu_seqlens_q.shape)} "
                          f"and {tuple(cu_seqlens_k.shape)}")
-    max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
-    if not torch.compiler.is_compiling():
-        for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_q), ("max_seqlen_k", cu_seqlens_k, max_k)):
-            longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-            if given < longest:
-                raise ValueError(f"{name} = {given} is smaller than the longest sequence ({longest})")
-    if not softcap >= 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size must be (left, right) with -1 for unbounded, got {window_size}")
     return max_q, max_k
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
+           causal: bool, window: tuple[int, int], softcap: float, sinks: Optional[Tensor] = None,
+           deterministic: bool = False, need_lse: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """``varlen_attention`` on arguments already checked (offsets included), with the scale and
+    window resolved: the per-layer entry of integrations that validate a micro-batch's offsets once."""
+    backend = backends.resolve(q.device, SUPPORTED_BACKENDS)
+    _checks.backend_dtype(backend, "q", q)
+    if backend == "triton":
+        return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, max_q, max_k,
+                                      scale, causal, window, softcap)
+    if backend == "flash_attn":
+        if sinks is not None:
+            raise NotImplementedError("sinks: flash-attn 2 has no attention sinks; use the triton or torch backend")
+        from flash_attn import flash_attn_varlen_func
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                             window_size=window, softcap=softcap, deterministic=deterministic,
+                                             return_attn_probs=True)
+        return out, lse
+    return _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window, softcap, sinks, need_lse)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q,
                      max_seqlen_k, *, softmax_scale: Optional[float] = None, causal: bool = False,
-                     window_size=(-1, -1), softcap: float = 0.0, deterministic: bool = False,
-                     return_lse: bool = False):
+                     window_size=(-1, -1), softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                     deterministic: bool = False, return_lse: bool = False):
     """Attention within each packed sequence; returns ``out [total_q, Hq, D]`` (and fp32 ``lse [Hq, total_q]``,
-    not differentiable).
+    not differentiable; +inf for a query that sees no key and has no sink, as in flash-attn 2).
 
-    Our backends are deterministic (each Triton output is written by one program), so
-    ``deterministic`` only matters for the flash_attn backend, to which it is passed.
+    ``sinks [Hq]`` (optional, differentiable): GPT-OSS's attention sinks, one extra logit per head
+    in each softmax denominator. Our backends are deterministic (each Triton output is written by one
+    program), so ``deterministic`` only matters for the flash_attn backend, to which it is passed.
     """
-    max_q, max_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, window_size)
-    backend = backends.resolve(q.device, SUPPORTED_BACKENDS)
-    _checks.backend_dtype(backend, "q", q)
+    _validate_tensors(q, k, v, softcap, window_size, sinks)
+    max_q, max_k = _validate_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
+                                     q.device)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     window = (int(window_size[0]), int(window_size[1]))
-    if backend == "triton":
-        out, lse = _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k,
-                                          max_q, max_k, scale, bool(causal), window, float(softcap))
-    elif backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, softmax_scale=scale,
-                                             causal=causal, window_size=window, softcap=softcap,
-                                             deterministic=deterministic, return_attn_probs=True)
-    else:  # torch: the reference math in fp32 (autograd differentiates it)
-        out, lse = _torch_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window, float(softcap),
-                                  need_lse=return_lse)
+    out, lse = attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, bool(causal), window, float(softcap),
+                      sinks, deterministic, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -3,8 +3,11 @@
 For sequence s with Lq queries and Lk keys, query i sits at key position i + (Lk - Lq)
 (bottom-right alignment). Key j is visible when j <= i + Lk - Lq (causal), and within the
 window: i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1 = unbounded). Scores are
-q.k * softmax_scale, then softcap * tanh(score / softcap) when softcap > 0. A query that sees
-no key outputs 0 (and log-sum-exp -inf). Hq must be a multiple of Hkv (GQA/MQA).
+q.k * softmax_scale, then softcap * tanh(score / softcap) when softcap > 0. With ``sinks [Hq]``
+(GPT-OSS's attention sinks) each head's softmax gets one more logit, sinks[h], in its denominator
+only: it attends to no value. A query that sees no key outputs 0; its log-sum-exp is +inf as in
+flash-attn 2 (so that the backward's exp(score - lse) is 0), or the sink's logit when there is one.
+Hq must be a multiple of Hkv (GQA/MQA).
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ def visible_keys(q_len: int, k_len: int, causal: bool, window_size, device) -> t
 
 
 def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
-                         window_size=(-1, -1), softcap=0.0, dtype=torch.float64):
-    """(out [total_q, Hq, D] in ``dtype``, lse [Hq, total_q] in ``dtype``). Differentiable by autograd."""
+                         window_size=(-1, -1), softcap=0.0, dtype=torch.float64, sinks=None):
+    """(out [total_q, Hq, D] in ``dtype``, lse [Hq, total_q] in ``dtype``). Differentiable by autograd,
+    also with respect to ``sinks``."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -46,10 +50,12 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None
             scores = softcap * torch.tanh(scores / softcap)
         allowed = visible_keys(q1 - q0, k1 - k0, causal, window_size, q.device)
         scores = scores.masked_fill(~allowed, -math.inf)
-        lse = torch.logsumexp(scores, -1)                                         # [Hq, Lq]
+        with_sinks = scores if sinks is None else torch.cat(
+            [scores, sinks.to(dtype)[:, None, None].expand(-1, q1 - q0, 1)], -1)
+        lse = torch.logsumexp(with_sinks, -1)                                     # [Hq, Lq]
         probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         outs.append((probs @ vs).transpose(0, 1))
-        lses.append(lse)
+        lses.append(torch.where(lse == -math.inf, math.inf, lse))
     out = torch.cat(outs, 0) if outs else q.new_zeros(0, hq, d, dtype=dtype)
     lse = torch.cat(lses, 1) if lses else q.new_zeros(hq, 0, dtype=dtype)
     return out, lse

@@ -108,7 +108,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
         m_mask = offs_m < q_len
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-        lse = tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), float("-inf"))
+        # flash-attn 2's convention: +inf for a query that sees no key, so that the backward's P = 0
+        lse = tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), float("inf"))
         tl.store(lse_ptr + head * total_q + q_start + offs_m, lse, mask=m_mask)
 
 
@@ -118,8 +119,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, sc
     """Recomputed probabilities P and d(raw scores) for one tile (raw = q.k * scale, before the softcap)."""
     s, capped_tanh = _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS_SOFTCAP,
                              DOT_FP32, PRECISION)
-    safe_lse = tl.where(lse == float("-inf"), float("inf"), lse)    # a query that sees nothing has P = 0
-    p = tl.exp(s - safe_lse[:, None])
+    p = tl.exp(s - lse[:, None])                     # lse = +inf where a query sees nothing: P = 0
     dp = dot(do, tl.trans(v), None, DOT_FP32, PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
@@ -155,7 +155,7 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
                 m_mask = offs_m < q_len
                 q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
                 do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-                lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("-inf"))
+                lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf"))
                 delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
                 p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap,
                                            left, right, HAS_SOFTCAP, DOT_FP32, PRECISION)
@@ -185,7 +185,7 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
         rows = (q_start + offs_m)[:, None]
         q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
         do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-        lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("-inf"))
+        lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         shift = k_len - q_len
@@ -230,7 +230,7 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softc
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
     num_seqs = cu_q.numel() - 1
     if total_q == 0 or num_seqs == 0:
-        return out, lse.fill_(float("-inf"))
+        return out, lse.fill_(float("inf"))
     config, launch = _config(q.dtype, head_dim)
     left, right = _window(causal, window_size)
     max_blocks = triton.cdiv(max(max_q, 1), config["BLOCK_M"])
