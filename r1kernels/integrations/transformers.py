@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from r1kernels import _checks
 from r1kernels.attention import _validate_offsets, _validate_tensors, attend
 
 NAME = "r1kernels"
@@ -111,7 +112,7 @@ def _from_mask(mask: Tensor, batch: int, q_len: int, k_len: int) -> _Layout:
 
 def _from_positions(position_ids: Tensor, batch: int, length: int) -> _Layout:
     positions = _to_host(position_ids).expand(batch, length)
-    starts = torch.ones(batch, length, dtype=torch.bool)
+    starts = torch.ones_like(positions, dtype=torch.bool)
     starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
     cu = torch.cat([starts.reshape(-1).nonzero().view(-1), torch.tensor([batch * length])]).to(torch.int32)
     longest = _longest(cu)
@@ -120,12 +121,19 @@ def _from_positions(position_ids: Tensor, batch: int, length: int) -> _Layout:
 
 
 def _from_offsets(cu_q: Tensor, cu_k: Tensor, max_q, max_k, total_q: int, total_k: int) -> _Layout:
-    if max_q is None or max_k is None:
-        host_q, host_k = _to_host(torch.stack([cu_q.to(torch.int64), cu_k.to(torch.int64)])).unbind()
-        max_q = _longest(host_q) if max_q is None else max_q
-        max_k = _longest(host_k) if max_k is None else max_k
+    """Offsets as given. Validated once: on one host copy when the max lengths must be derived or
+    host checks are on (see ``_checks.host_checks``), else by device-side asserts (no sync)."""
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    max_q, max_k = _validate_offsets(cu_q, cu_k, max_q, max_k, total_q, total_k, cu_q.device)
+    if max_q is not None and max_k is not None and not _checks.host_checks(cu_q.device):
+        max_q, max_k = _validate_offsets(cu_q, cu_k, max_q, max_k, total_q, total_k, cu_q.device)
+        return _Layout(cu_q, cu_k, max_q, max_k)
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seq_lens_q and cu_seq_lens_k must both be [S+1], got {tuple(cu_q.shape)} and "
+                         f"{tuple(cu_k.shape)}")
+    host_q, host_k = _to_host(torch.stack([cu_q, cu_k])).unbind()
+    max_q = _longest(host_q) if max_q is None else max_q
+    max_k = _longest(host_k) if max_k is None else max_k
+    max_q, max_k = _validate_offsets(host_q, host_k, max_q, max_k, total_q, total_k, host_q.device)
     return _Layout(cu_q, cu_k, max_q, max_k)
 
 
