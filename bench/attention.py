@@ -1,10 +1,12 @@
 """``python -m bench attention``: varlen attention on a GRPO-like packed batch.
 
-Workload: completions of random lengths packed into one row (16k tokens, lengths 64..4096 on GPU;
-2k tokens, lengths 16..512 on CPU), causal, head dim 128 (64 on CPU). FLOPs count only the
-unmasked work of each sequence: forward 4 * D * H * sum_s L_s (L_s + 1) / 2, backward 2.5x that
-(the FlashAttention convention), against the measured matmul rate. Peers: flash-attn varlen
-(FA2, and FA3 where installed), FlexAttention with a document mask, SDPA on the padded batch.
+Workload: 8 completions of random lengths packed into one row (512..8,192 tokens, GQA 32/8,
+head dim 128, bf16 on GPU; 16..512 tokens, 4/2 heads, head dim 64, fp32 on CPU), causal. FLOPs
+count only the unmasked work of each sequence: forward 4 * D * H * sum_s L_s (L_s + 1) / 2,
+backward 2.5x that (the FlashAttention convention), against the measured matmul rate (and the
+datasheet peak on GPU). Rows: fwd, bwd = (fwd+bwd) - fwd, and fwd+bwd. Peers: flash-attn varlen
+(FA2, and FA3 where installed), FlexAttention with a document mask, SDPA one sequence at a time
+with its flash and its cuDNN backend (GPU), SDPA on the padded batch.
 """
 from __future__ import annotations
 
@@ -15,24 +17,20 @@ from bench.common import Row, measure_ceilings, median_time, print_table, save, 
 from bench.logprobs import optional
 
 SHAPES = {
-    "cuda": dict(total=16384, min_len=64, max_len=4096, heads=16, kv_heads=16, head_dim=128, dtype=torch.bfloat16),
-    "cpu": dict(total=2048, min_len=16, max_len=512, heads=4, kv_heads=4, head_dim=64, dtype=torch.float32),
+    "cuda": dict(seqs=8, min_len=512, max_len=8192, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16),
+    "cpu": dict(seqs=8, min_len=16, max_len=512, heads=4, kv_heads=2, head_dim=64, dtype=torch.float32),
 }
 
 
-def _lengths(total, lo, hi, gen):
-    lengths = []
-    while sum(lengths) < total:
-        lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=gen)))
-    lengths[-1] -= sum(lengths) - total
-    return [n for n in lengths if n > 0]
+def _lengths(seqs, lo, hi, gen):
+    return torch.randint(lo, hi + 1, (seqs,), generator=gen).tolist()
 
 
 def run(device: torch.device, quick: bool = False) -> list[Row]:
     s = SHAPES[device.type]
     dtype, heads, kv_heads, d = s["dtype"], s["heads"], s["kv_heads"], s["head_dim"]
     ceilings = measure_ceilings(device, dtype)
-    lengths = _lengths(s["total"], s["min_len"], s["max_len"], torch.Generator().manual_seed(0))
+    lengths = _lengths(s["seqs"], s["min_len"], s["max_len"], torch.Generator().manual_seed(0))
     total, max_len = sum(lengths), max(lengths)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
     cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
@@ -86,8 +84,27 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
 
     impls["SDPA on the padded batch"] = sdpa_padded
 
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        group = heads // kv_heads
+
+        def sdpa_per_sequence(backend):
+            def f():   # GQA by repeating K and V heads (SDPA's flash and cuDNN kernels take equal heads)
+                outs = []
+                with sdpa_kernel(backend):
+                    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                        kk = k[a:b].repeat_interleave(group, 1).transpose(0, 1)
+                        vv = v[a:b].repeat_interleave(group, 1).transpose(0, 1)
+                        outs.append(torch.nn.functional.scaled_dot_product_attention(
+                            q[a:b].transpose(0, 1)[None], kk[None], vv[None], is_causal=True)[0].transpose(0, 1))
+                return torch.cat(outs)
+            return f
+
+        impls["SDPA per sequence (flash)"] = sdpa_per_sequence(SDPBackend.FLASH_ATTENTION)
+        impls["SDPA per sequence (cuDNN)"] = sdpa_per_sequence(SDPBackend.CUDNN_ATTENTION)
+
     rows = []
-    shape = f"{len(lengths)} seqs, {total} tok, H={heads} D={d}"
+    shape = f"{len(lengths)} seqs, {total} tok, H={heads}/{kv_heads} D={d}"
     for name, fn in impls.items():
         def case(fn=fn):
             def fwd():
@@ -108,6 +125,8 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         rows.append(Row(name, shape, t_fwd, None, fwd_flops, ceilings.matmul_flops, note, "fwd", "matmul"))
         t_bwd = None if t_fwd is None or t_both is None else max(t_both - t_fwd, 1e-9)
         rows.append(Row(name, shape, t_bwd, None, 2.5 * fwd_flops, ceilings.matmul_flops, note, "bwd", "matmul"))
+        rows.append(Row(name, shape, t_both, None, 3.5 * fwd_flops, ceilings.matmul_flops, note, "fwd+bwd",
+                        "matmul"))
     print_table("attention", rows, ceilings)
     print("FLOPs: unmasked work only (causal within each sequence); bwd = (fwd+bwd) - fwd")
     print("wrote", save("attention", rows, ceilings, device, quick=quick))

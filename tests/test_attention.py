@@ -294,3 +294,32 @@ def test_compiled_graph_rejects_bad_offsets(backend):
         short = torch.tensor([0, 7, 9], dtype=torch.int32)        # 9 tokens claimed, 10 given
         with pytest.raises(RuntimeError, match="cu_seqlens_q must start at 0"):
             compiled(q, k, v, short, short)
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
+@pytest.mark.parametrize("causal, window, lens_q, lens_k", [
+    (True, (-1, -1), [70, 3, 41], [70, 3, 41]), (True, (21, -1), [70, 41], [70, 41]),
+    (False, (9, 13), [45, 7], [52, 7]), (True, (-1, -1), [30, 12], [61, 12])])
+def test_unequal_tiles_split_edge_and_inner_key_tiles(tiles, causal, window, lens_q, lens_k, monkeypatch):
+    """The GPU configurations have BLOCK_M != BLOCK_N (128 x 64 forward, 32 x 64 dK/dV); the split of
+    each query block's keys into masked edge tiles and unmasked inner tiles must hold for them too."""
+    if "triton" not in BACKENDS:
+        pytest.skip("needs the Triton interpreter")
+    from r1kernels.triton import attention as triton_attention
+    block_m, block_n = tiles
+    original = triton_attention._config
+
+    def unequal(kernel, dtype, head_dim):
+        config, launch = original(kernel, dtype, head_dim)
+        return dict(config, BLOCK_M=block_m, BLOCK_N=block_n), launch
+
+    monkeypatch.setattr(triton_attention, "_config", unequal)
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 2, 1, 16, torch.float32)
+    grad = torch.randn(sum(lens_q), 2, 16)
+    kw = dict(causal=causal, window_size=window)
+    out, lse, grads = _run("triton", q, k, v, cu_q, cu_k, lens_q, lens_k, grad, **kw)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float64, **kw)
+    assert_close_scaled(out, ref_out, 2e-5, "out")
+    assert torch.equal(lse == float("inf"), ref_lse == float("inf"))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_scaled(g, r, 6e-5, f"d{name}")

@@ -17,43 +17,37 @@ from r1kernels import backends
 from r1kernels.triton.dot import dot
 
 NO_LIMIT = 1 << 30   # window side meaning "unbounded"
+LOG2E = tl.constexpr(1.4426950408889634)   # scores are kept in log2 units: exp2 is the native instruction
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS_SOFTCAP: tl.constexpr,
-            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Scaled, soft-capped scores of a [BLOCK_M, BLOCK_N] tile, -inf where a key is not visible;
-    also returns tanh(raw / softcap) for the backward (1.0 when there is no softcap)."""
-    raw = dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale
-    capped_tanh = tl.full(raw.shape, 1.0, tl.float32)
+def _visible(m, n, q_len, k_len, left, right):
+    """Whether query m (its row in the sequence) may attend to key n; m and n broadcast against
+    each other, so the same test serves [M, N] and transposed [N, M] tiles."""
+    aligned = m + (k_len - q_len)
+    return (m < q_len) & (n < k_len) & (n <= aligned + right) & (n >= aligned - left)
+
+
+@triton.jit
+def _capped(raw, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(softcap * tanh(raw / softcap), that tanh) or (raw, 1.0). Scores are in log2 units (log2(e)
+    folded into the scale and the cap alike), which leaves tanh's argument unchanged."""
     if HAS_SOFTCAP:
         capped_tanh = 2.0 * tl.sigmoid(2.0 * raw / softcap) - 1.0
-        raw = softcap * capped_tanh
-    aligned = offs_m[:, None] + (k_len - q_len)
-    visible = (offs_n[None, :] < k_len) & (offs_n[None, :] <= aligned + right) & (offs_n[None, :] >= aligned - left)
-    visible = visible & (offs_m[:, None] < q_len)
-    return tl.where(visible, raw, float("-inf")), capped_tanh
+        return softcap * capped_tanh, capped_tanh
+    return raw, tl.full(raw.shape, 1.0, tl.float32)
 
 
 @triton.jit
 def _sequence_bounds(cu_q_ptr, cu_k_ptr, seq):
-    """(q start, q length, k start, k length) of one packed sequence, int64."""
-    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
-    k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
-    return (q_start, tl.load(cu_q_ptr + seq + 1).to(tl.int64) - q_start, k_start,
-            tl.load(cu_k_ptr + seq + 1).to(tl.int64) - k_start)
-
-
-@triton.jit
-def _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
-             stride_vh):
-    """K and V rows offs_n of one sequence and KV head (zeros past its end), and their mask."""
-    kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-    k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    return k, v, kv_mask
+    """(q start, q length, k start, k length) of one packed sequence. The starts are int64 (row offsets
+    into the packed tensors can pass 2^31 elements); lengths and the positions within a sequence stay
+    int32, which halves the registers of the [M, N] position tiles the masks are built from."""
+    q_first = tl.load(cu_q_ptr + seq)
+    k_first = tl.load(cu_k_ptr + seq)
+    return (q_first.to(tl.int64), tl.load(cu_q_ptr + seq + 1) - q_first, k_first.to(tl.int64),
+            tl.load(cu_k_ptr + seq + 1) - k_first)
 
 
 @triton.jit
@@ -71,11 +65,52 @@ def _seq_block_head(pid, heads, max_blocks):
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh, stride_kt,
-                    stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, heads, group, head_dim,
-                    max_m_blocks, scale, softcap, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    seq, m_block, head = _seq_block_head(tl.program_id(0).to(tl.int64), heads, max_m_blocks)
+def _key_tiles(m_start, shift, left, right, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of the query block [m_start, m_start + BLOCK_M), aligned to BLOCK_N:
+    [lo, hi) holds every visible key, and [full_lo, full_hi) the tiles that every query of the block
+    sees in full, which need no mask (the causal diagonal, the window's edge and the sequence's end
+    fall outside it)."""
+    lo = (tl.maximum(m_start + shift - left, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(m_start + BLOCK_M + shift + right, k_len)
+    first_seen_by_all = tl.maximum(m_start + BLOCK_M - 1 + shift - left, 0)
+    full_lo = tl.minimum(tl.maximum(lo, tl.cdiv(first_seen_by_all, BLOCK_N) * BLOCK_N), tl.maximum(hi, lo))
+    end_seen_by_all = tl.minimum(m_start + shift + right + 1, k_len)
+    full_hi = full_lo + tl.maximum(end_seen_by_all - full_lo, 0) // BLOCK_N * BLOCK_N
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _forward_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, k_start, k_len, q_len, n_start, offs_m, offs_d, d_mask,
+                  kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2, softcap2, left, right,
+                  MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One online-softmax step over keys [n_start, n_start + BLOCK_N), in log2 units."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
+    k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    s, _ = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+    if MASKED:
+        s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.math.exp2(s - safe_max[:, None])
+    rescale = tl.math.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+    acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, None, DOT_FP32, PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh,
+                           stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, heads, group,
+                           head_dim, max_m_blocks, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """out and lse of BLOCK_M queries of one head: masked tiles at the band's edges, unmasked inside."""
+    seq, m_block, head = _seq_block_head(tl.program_id(0), heads, max_m_blocks)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     m_start = m_block * BLOCK_M
     if m_start < q_len:
@@ -83,70 +118,63 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, s
         offs_m = m_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
-        q = _head_rows(q_ptr, q_start, offs_m, offs_m < q_len, head, stride_qt, stride_qh, offs_d, d_mask)
+        m_mask = offs_m < q_len
+        q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
-        shift = k_len - q_len
-        lo = tl.maximum(m_start + shift - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m_start + BLOCK_M - 1 + shift + right + 1, k_len)
-        for n_start in range(lo, hi, BLOCK_N):
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
-                               stride_vt, stride_vh)
-            s, _ = _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS_SOFTCAP, DOT_FP32,
-                           PRECISION)
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            p = tl.exp(s - safe_max[:, None])
-            rescale = tl.exp(row_max - safe_max)
-            row_sum = row_sum * rescale + tl.sum(p, axis=1)
-            acc = acc * rescale[:, None] + dot(p.to(v.dtype), v, None, DOT_FP32, PRECISION)
-            row_max = new_max
-        out = tl.where(row_sum[:, None] > 0, acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None], 0.0)
-        m_mask = offs_m < q_len
+        lo, full_lo, full_hi, hi = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
+        tile = (q, k_ptr, v_ptr, k_start, k_len, q_len)
+        for n_start in range(lo, full_lo, BLOCK_N):
+            acc, row_max, row_sum = _forward_tile(acc, row_max, row_sum, *tile, n_start, offs_m, offs_d, d_mask,
+                                                  kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2,
+                                                  softcap2, left, right, True, HAS_SOFTCAP, BLOCK_N, DOT_FP32,
+                                                  PRECISION)
+        for n_start in range(full_lo, full_hi, BLOCK_N):
+            acc, row_max, row_sum = _forward_tile(acc, row_max, row_sum, *tile, n_start, offs_m, offs_d, d_mask,
+                                                  kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2,
+                                                  softcap2, left, right, False, HAS_SOFTCAP, BLOCK_N, DOT_FP32,
+                                                  PRECISION)
+        for n_start in range(full_hi, hi, BLOCK_N):
+            acc, row_max, row_sum = _forward_tile(acc, row_max, row_sum, *tile, n_start, offs_m, offs_d, d_mask,
+                                                  kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2,
+                                                  softcap2, left, right, True, HAS_SOFTCAP, BLOCK_N, DOT_FP32,
+                                                  PRECISION)
+        seen = row_sum > 0
+        out = tl.where(seen[:, None], acc / tl.where(seen, row_sum, 1.0)[:, None], 0.0)
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-        # flash-attn 2's convention: +inf for a query that sees no key, so that the backward's P = 0
-        lse = tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), float("inf"))
+        # natural-log lse; flash-attn 2's +inf for a query that sees no key, so that the backward's P = 0
+        lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("inf"))
         tl.store(lse_ptr + head * total_q + q_start + offs_m, lse, mask=m_mask)
 
 
 @triton.jit
-def _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap, left, right,
-                       HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """Recomputed probabilities P and d(raw scores) for one tile (raw = q.k * scale, before the softcap)."""
-    s, capped_tanh = _scores(q, k, offs_m, offs_n, q_len, k_len, scale, softcap, left, right, HAS_SOFTCAP,
-                             DOT_FP32, PRECISION)
-    p = tl.exp(s - lse[:, None])                     # lse = +inf where a query sees nothing: P = 0
-    dp = dot(do, tl.trans(v), None, DOT_FP32, PRECISION)
-    ds = p * (dp - delta[:, None])
-    if HAS_SOFTCAP:
-        ds = ds * (1.0 - capped_tanh * capped_tanh)
-    return p, ds
-
-
-@triton.jit
-def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
-                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                        total_q, kv_heads, group, head_dim, max_n_blocks, scale, softcap, left, right,
-                        HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    seq, n_block, kv_head = _seq_block_head(tl.program_id(0).to(tl.int64), kv_heads, max_n_blocks)
+def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr,
+                                 cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                 stride_dot, stride_doh, total_q, kv_heads, group, head_dim, max_n_blocks, scale,
+                                 scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+    """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. The products
+    are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so that P^T and dS^T feed
+    dV += P^T dO and dK += dS^T Q with no transpose of a register tile."""
+    seq, n_block, kv_head = _seq_block_head(tl.program_id(0), kv_heads, max_n_blocks)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     n_start = n_block * BLOCK_N
     if n_start < k_len:
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
-        k, v, kv_mask = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
-                                 stride_vt, stride_vh)
+        kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
+        k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         shift = k_len - q_len
-        lo = tl.maximum(n_start - shift - right, 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(n_start - shift - right, 0) // BLOCK_M) * BLOCK_M
         hi = tl.minimum(n_start + BLOCK_N - 1 - shift + left + 1, q_len)
         for h in range(0, group):
             head = kv_head * group + h
@@ -155,12 +183,17 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
                 m_mask = offs_m < q_len
                 q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
                 do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-                lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf"))
+                lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
                 delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
-                p, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap,
-                                           left, right, HAS_SOFTCAP, DOT_FP32, PRECISION)
-                dv += dot(tl.trans(p).to(do.dtype), do, None, DOT_FP32, PRECISION)
-                dk += dot(tl.trans(ds).to(q.dtype), q, None, DOT_FP32, PRECISION)
+                s_t, tanh_t = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+                s_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right), s_t,
+                               float("-inf"))
+                p_t = tl.math.exp2(s_t - lse2[None, :])                     # lse = +inf: P = 0
+                dv += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
+                ds_t = p_t * (dot(v, tl.trans(do), None, DOT_FP32, PRECISION) - delta[None, :])
+                if HAS_SOFTCAP:
+                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+                dk += dot(ds_t.to(q.dtype), q, None, DOT_FP32, PRECISION)
         out = (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         out = (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
@@ -168,12 +201,14 @@ def _backward_kv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr,
 
 
 @triton.jit
-def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr, stride_qt,
-                       stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, total_q, heads,
-                       group, head_dim, max_m_blocks, scale, softcap, left, right, HAS_SOFTCAP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    seq, m_block, head = _seq_block_head(tl.program_id(0).to(tl.int64), heads, max_m_blocks)
+def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
+                               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                               stride_doh, total_q, heads, group, head_dim, max_m_blocks, scale, scale2, softcap2,
+                               left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """dQ of BLOCK_M queries of one head: dS = P (dO V^T - delta), dQ = scale * dS K."""
+    seq, m_block, head = _seq_block_head(tl.program_id(0), heads, max_m_blocks)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     m_start = m_block * BLOCK_M
     if m_start < q_len:
@@ -182,39 +217,65 @@ def _backward_q_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
         m_mask = offs_m < q_len
-        rows = (q_start + offs_m)[:, None]
         q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
         do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-        lse = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf"))
+        lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        shift = k_len - q_len
-        lo = tl.maximum(m_start + shift - left, 0)
-        lo = (lo // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(m_start + BLOCK_M - 1 + shift + right + 1, k_len)
+        lo, _, _, hi = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
-                               stride_vt, stride_vh)
-            _, ds = _probs_and_dscores(q, k, v, do, lse, delta, offs_m, offs_n, q_len, k_len, scale, softcap, left,
-                                       right, HAS_SOFTCAP, DOT_FP32, PRECISION)
+            kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
+            k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
+            p = tl.math.exp2(s - lse2[:, None])
+            ds = p * (dot(do, tl.trans(v), None, DOT_FP32, PRECISION) - delta[:, None])
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - capped_tanh * capped_tanh)
             dq += dot(ds.to(k.dtype), k, None, DOT_FP32, PRECISION)
-        tl.store(dq_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(dq_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _config(dtype, head_dim):
+# Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D) for bf16/fp16
+# (tensor cores) and for fp32 ("ieee" dots on CUDA cores, whose operands live in registers). Chosen
+# with the sm_90 static gate (scripts/check_triton_sm90.py): the forward runs BLOCK_M = 128 with
+# 8 warps, i.e. one warpgroup per 64 query rows as in FlashAttention-2/3; the backward kernels keep
+# their fp32 accumulators (dK and dV, or dQ) within the register file: no spills in bf16/fp16 up to
+# head dim 256 (dK/dV at 128 trades pipelining, stages=1, for two CTAs per SM; at 256 it takes a
+# 32-key tile, mma.sync rather than a spilling wgmma). fp32 spills; the gate's report lists it.
+_CONFIGS = {
+    "forward": {"low": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2),
+                        256: (128, 32, 8, 1)},
+                "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
+                         256: (16, 32, 4, 2)}},
+    "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 1),
+                     256: (32, 32, 8, 2)},
+             "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
+                      256: (16, 16, 4, 2)}},
+    "dq": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
+                   256: (64, 32, 8, 2)},
+           "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2),
+                    256: (16, 16, 4, 2)}},
+}
+
+
+def _config(kernel, dtype, head_dim):
+    """(constexprs, launch options) of one kernel. Under the interpreter: 16 x 16 tiles, so that tests
+    with short sequences still cross tile edges, and exact fp32 dots."""
     interpreting = backends.triton_interpreting()
     block_d = max(16, triton.next_power_of_2(head_dim))   # padded (masked) to a tensor-core dot's smallest K
     if interpreting:
-        blocks = dict(BLOCK_M=16, BLOCK_N=16)
-    elif block_d >= 256:
-        blocks = dict(BLOCK_M=64, BLOCK_N=32)
-    else:
-        blocks = dict(BLOCK_M=64, BLOCK_N=64)
-    precision = "ieee" if dtype == torch.float32 or interpreting else "tf32"
-    launch = {} if interpreting else dict(num_warps=4 if block_d <= 64 else 8, num_stages=2)
-    return dict(blocks, BLOCK_D=block_d, DOT_FP32=interpreting, PRECISION=precision), launch
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, DOT_FP32=True, PRECISION="ieee"), {}
+    kind = "fp32" if dtype == torch.float32 else "low"
+    block_m, block_n, warps, stages = _CONFIGS[kernel][kind][block_d]
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=False, PRECISION=precision),
+            dict(num_warps=warps, num_stages=stages))
 
 
 def _window(causal, window_size):
@@ -224,6 +285,12 @@ def _window(causal, window_size):
     return (NO_LIMIT if left < 0 else left), (NO_LIMIT if right < 0 else right)
 
 
+def _scales(scale, softcap):
+    """(scale2, softcap2): the score scale and cap in log2 units (times log2(e))."""
+    log2e = LOG2E.value
+    return scale * log2e, (softcap if softcap > 0 else 1.0) * log2e
+
+
 def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -231,13 +298,13 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softc
     num_seqs = cu_q.numel() - 1
     if total_q == 0 or num_seqs == 0:
         return out, lse.fill_(float("inf"))
-    config, launch = _config(q.dtype, head_dim)
+    config, launch = _config("forward", q.dtype, head_dim)
     left, right = _window(causal, window_size)
     max_blocks = triton.cdiv(max(max_q, 1), config["BLOCK_M"])
-    _forward_kernel[(num_seqs * max_blocks * heads,)](
+    _r1k_attention_forward[(num_seqs * max_blocks * heads,)](
         q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, max_blocks, scale,
-        softcap if softcap > 0 else 1.0, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, max_blocks,
+        *_scales(scale, softcap), left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return out, lse
 
 
@@ -250,17 +317,17 @@ def backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, win
         return dq, dk, dv
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1).T.contiguous()           # [Hq, total_q]: rowsum(dO * O)
-    config, launch = _config(q.dtype, head_dim)
     left, right = _window(causal, window_size)
-    common = dict(HAS_SOFTCAP=softcap > 0, **config, **launch)
-    cap = softcap if softcap > 0 else 1.0
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
+    scales = (scale, *_scales(scale, softcap))
+    config, launch = _config("dkdv", q.dtype, head_dim)
     n_blocks = triton.cdiv(max(max_k, 1), config["BLOCK_N"])
-    _backward_kv_kernel[(num_seqs * n_blocks * kv_heads,)](
+    _r1k_attention_backward_dkdv[(num_seqs * n_blocks * kv_heads,)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *strides, total_q, kv_heads, heads // kv_heads, head_dim,
-        n_blocks, scale, cap, left, right, **common)
+        n_blocks, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+    config, launch = _config("dq", q.dtype, head_dim)
     m_blocks = triton.cdiv(max(max_q, 1), config["BLOCK_M"])
-    _backward_q_kernel[(num_seqs * m_blocks * heads,)](
+    _r1k_attention_backward_dq[(num_seqs * m_blocks * heads,)](
         q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, heads // kv_heads, head_dim, m_blocks,
-        scale, cap, left, right, **common)
+        *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return dq, dk, dv
