@@ -67,29 +67,28 @@ def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, sin
 
 
 @torch.library.custom_op("r1kernels::varlen_attention_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, scale: float,
-             causal: bool, window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float, causal: bool,
+             window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
     from r1kernels.triton import attention as triton_attention
-    return triton_attention.forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, (window_left, window_right),
-                                    softcap)
+    return triton_attention.forward(q, k, v, cu_q, cu_k, scale, causal, (window_left, window_right), softcap)
 
 
 @_forward.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap):
+def _(q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
     return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
-              cu_k: Tensor, max_q: int, max_k: int, scale: float, causal: bool, window_left: int,
-              window_right: int, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+              cu_k: Tensor, scale: float, causal: bool, window_left: int, window_right: int,
+              softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     from r1kernels.triton import attention as triton_attention
-    return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal,
+    return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, scale, causal,
                                      (window_left, window_right), softcap)
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, softcap):
+def _(grad_out, q, k, v, out, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -109,12 +108,12 @@ class _VarlenAttention(torch.autograd.Function):
     """Triton forward and backward; with sinks, d sink_h = -sum_i P(sink | query i) * rowsum(dO_i * O_i)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap):
-        out, lse = _forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window[0], window[1], softcap)
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, scale, causal, window, softcap):
+        out, lse = _forward(q, k, v, cu_q, cu_k, scale, causal, window[0], window[1], softcap)
         if sinks is not None:
             out, lse = _add_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, scale, causal, window[0], window[1], softcap)
+        ctx.args = (scale, causal, window[0], window[1], softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -127,7 +126,7 @@ class _VarlenAttention(torch.autograd.Function):
         if sinks is not None and ctx.needs_input_grad[3]:
             delta = (grad_out.float() * out.float()).sum(-1).T                  # [Hq, total_q]
             d_sinks = -(torch.exp(sinks.float()[:, None] - lse) * delta).sum(1).to(sinks.dtype)
-        return dq, dk, dv, d_sinks, None, None, None, None, None, None, None, None
+        return dq, dk, dv, d_sinks, None, None, None, None, None, None
 
 
 def _validate_tensors(q, k, v, softcap, window_size, sinks):
@@ -187,8 +186,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: i
     backend = backends.resolve(q.device, SUPPORTED_BACKENDS)
     _checks.backend_dtype(backend, "q", q)
     if backend == "triton":
-        return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, max_q, max_k,
-                                      scale, causal, window, softcap)
+        return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, scale, causal,
+                                      window, softcap)
     if backend == "flash_attn":
         if sinks is not None:
             raise NotImplementedError("sinks: flash-attn 2 has no attention sinks; use the triton or torch backend")

@@ -224,9 +224,8 @@ def _attention():
             q = torch.zeros(128, 4, head_dim, dtype=dtype)
             kv = torch.zeros(128, 2, head_dim, dtype=dtype)
             for causal, window, softcap in ((True, (-1, -1), 0.0), (False, (32, 0), 30.0)):
-                out, lse = attention.forward(q, kv, kv, cu, cu, 80, 80, head_dim ** -0.5, causal, window, softcap)
-                attention.backward(out, q, kv, kv, out, lse, cu, cu, 80, 80, head_dim ** -0.5, causal, window,
-                                   softcap)
+                out, lse = attention.forward(q, kv, kv, cu, cu, head_dim ** -0.5, causal, window, softcap)
+                attention.backward(out, q, kv, kv, out, lse, cu, cu, head_dim ** -0.5, causal, window, softcap)
 
 
 def _advantages():

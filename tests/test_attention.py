@@ -323,3 +323,19 @@ def test_unequal_tiles_split_edge_and_inner_key_tiles(tiles, causal, window, len
     assert torch.equal(lse == float("inf"), ref_lse == float("inf"))
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close_scaled(g, r, 6e-5, f"d{name}")
+
+
+def test_block_table_lists_every_block_once():
+    """The Triton grid's work items: each (sequence, block) exactly once, at most S empty slots,
+    built on the device without reading lengths on the host, and cached on the offsets tensor."""
+    from r1kernels.triton.attention import _block_table
+    lengths = [0, 5, 33, 16, 1]
+    cu = _cu(lengths)
+    slot_seq, first_slot, bound = _block_table(cu, 16, sum(lengths))
+    assert bound == len(lengths) + sum(lengths) // 16
+    items = [(s, slot - int(first_slot[s])) for slot, s in enumerate(slot_seq.tolist()) if s < len(lengths)]
+    expected = [(s, b) for s, n in enumerate(lengths) for b in range(-(-n // 16))]
+    assert items == expected
+    assert bound - len(items) <= len(lengths)
+    assert _block_table(cu, 16, sum(lengths))[0] is slot_seq, "built once per offsets tensor"
+    assert _block_table(cu, 32, sum(lengths))[0] is not slot_seq

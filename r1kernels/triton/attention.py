@@ -1,7 +1,8 @@
 """Triton varlen FlashAttention-2: forward and backward, GQA without copying K and V.
 
-Forward: one program per (sequence, BLOCK_M queries, query head) over a flat 1-D grid; it
-streams the visible key blocks with an online softmax and saves the log-sum-exp. Backward
+Forward: one program per (BLOCK_M queries of a sequence, query head), the work items listed by a
+block table built on the device from cu_seqlens (no empty programs for short sequences, no host
+sync); it streams the visible key blocks with an online softmax and saves the log-sum-exp. Backward
 recomputes the probabilities from the log-sum-exp: one kernel owns a block of keys of one KV
 head and accumulates dK and dV over every query head of its group, another owns a block of
 queries and accumulates dQ. Every output is written by exactly one program, so gradients are
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.utils.weak import WeakTensorKeyDictionary
 import triton.language as tl
 
 from r1kernels import backends
@@ -58,10 +60,16 @@ def _head_rows(ptr, seq_start, offs, mask, head, stride_t, stride_h, offs_d, d_m
 
 
 @triton.jit
-def _seq_block_head(pid, heads, max_blocks):
+def _work_item(pid, heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK: tl.constexpr):
+    """(sequence, first row of its block, head) of this program, from the block table; the few
+    slots past the last block get a start of 2^30, which no sequence reaches, and do nothing."""
     head = pid % heads
-    rest = pid // heads
-    return rest // max_blocks, rest % max_blocks, head
+    slot = pid // heads
+    seq = tl.load(slot_seq_ptr + slot)
+    valid = seq < num_seqs
+    seq = tl.minimum(seq, num_seqs - 1)
+    start = tl.where(valid, (slot - tl.load(first_slot_ptr + seq)) * BLOCK, 1 << 30)
+    return seq, start, head
 
 
 @triton.jit
@@ -106,13 +114,13 @@ def _forward_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, k_start, k_len, q_len,
 @triton.jit
 def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh,
                            stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, heads, group,
-                           head_dim, max_m_blocks, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
+                           head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale2, softcap2, left, right,
+                           HAS_SOFTCAP: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """out and lse of BLOCK_M queries of one head: masked tiles at the band's edges, unmasked inside."""
-    seq, m_block, head = _seq_block_head(tl.program_id(0), heads, max_m_blocks)
+    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_M)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
-    m_start = m_block * BLOCK_M
     if m_start < q_len:
         kv_head = head // group
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -152,16 +160,15 @@ def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k
 @triton.jit
 def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr,
                                  cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                 stride_dot, stride_doh, total_q, kv_heads, group, head_dim, max_n_blocks, scale,
-                                 scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 stride_dot, stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr,
+                                 first_slot_ptr, num_seqs, scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                  PRECISION: tl.constexpr):
     """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. The products
     are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so that P^T and dS^T feed
     dV += P^T dO and dK += dS^T Q with no transpose of a register tile."""
-    seq, n_block, kv_head = _seq_block_head(tl.program_id(0), kv_heads, max_n_blocks)
+    seq, n_start, kv_head = _work_item(tl.program_id(0), kv_heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_N)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
-    n_start = n_block * BLOCK_N
     if n_start < k_len:
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -203,14 +210,13 @@ def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
 @triton.jit
 def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                               stride_doh, total_q, heads, group, head_dim, max_m_blocks, scale, scale2, softcap2,
-                               left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                               stride_doh, total_q, heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
+                               scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                PRECISION: tl.constexpr):
     """dQ of BLOCK_M queries of one head: dS = P (dO V^T - delta), dQ = scale * dS K."""
-    seq, m_block, head = _seq_block_head(tl.program_id(0), heads, max_m_blocks)
+    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_M)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
-    m_start = m_block * BLOCK_M
     if m_start < q_len:
         kv_head = head // group
         offs_m = m_start + tl.arange(0, BLOCK_M)
@@ -291,7 +297,29 @@ def _scales(scale, softcap):
     return scale * log2e, (softcap if softcap > 0 else 1.0) * log2e
 
 
-def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
+_BLOCK_TABLES = WeakTensorKeyDictionary()     # cu_seqlens -> {(block, version): table}
+
+
+def _block_table(cu, block, total):
+    """Work items of ``block`` rows over every sequence, built on the device with no host sync:
+    (slot -> sequence [bound] int32, first slot of each sequence [S] int32, bound). A sequence of
+    length L has cdiv(L, block) items, so bound = S + total // block covers them all and at most S
+    slots are empty, whatever the spread of lengths (a grid of max_seqlen blocks per sequence would
+    leave most programs empty on a packed RL batch). Cached on the offsets tensor: built once per
+    micro-batch, not per layer."""
+    key = (block, cu._version, total)
+    per_offsets = _BLOCK_TABLES.setdefault(cu, {})
+    if key not in per_offsets:
+        blocks = (cu[1:] - cu[:-1] + block - 1) // block
+        ends = blocks.cumsum(0)
+        bound = blocks.numel() + total // block
+        slots = torch.arange(bound, device=cu.device, dtype=ends.dtype)
+        per_offsets[key] = (torch.searchsorted(ends, slots, right=True).to(torch.int32),
+                            (ends - blocks).to(torch.int32), bound)
+    return per_offsets[key]
+
+
+def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
@@ -300,15 +328,15 @@ def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softc
         return out, lse.fill_(float("inf"))
     config, launch = _config("forward", q.dtype, head_dim)
     left, right = _window(causal, window_size)
-    max_blocks = triton.cdiv(max(max_q, 1), config["BLOCK_M"])
-    _r1k_attention_forward[(num_seqs * max_blocks * heads,)](
+    slot_seq, first_slot, bound = _block_table(cu_q, config["BLOCK_M"], total_q)
+    _r1k_attention_forward[(bound * heads,)](
         q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, max_blocks,
+        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, slot_seq, first_slot, num_seqs,
         *_scales(scale, softcap), left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window_size, softcap):
+def backward(do, q, k, v, out, lse, cu_q, cu_k, scale, causal, window_size, softcap):
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -321,13 +349,13 @@ def backward(do, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, win
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scales = (scale, *_scales(scale, softcap))
     config, launch = _config("dkdv", q.dtype, head_dim)
-    n_blocks = triton.cdiv(max(max_k, 1), config["BLOCK_N"])
-    _r1k_attention_backward_dkdv[(num_seqs * n_blocks * kv_heads,)](
+    slot_seq, first_slot, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0])
+    _r1k_attention_backward_dkdv[(bound * kv_heads,)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *strides, total_q, kv_heads, heads // kv_heads, head_dim,
-        n_blocks, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+        slot_seq, first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     config, launch = _config("dq", q.dtype, head_dim)
-    m_blocks = triton.cdiv(max(max_q, 1), config["BLOCK_M"])
-    _r1k_attention_backward_dq[(num_seqs * m_blocks * heads,)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, heads // kv_heads, head_dim, m_blocks,
-        *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+    slot_seq, first_slot, bound = _block_table(cu_q, config["BLOCK_M"], total_q)
+    _r1k_attention_backward_dq[(bound * heads,)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, heads // kv_heads, head_dim, slot_seq,
+        first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return dq, dk, dv
