@@ -5,7 +5,8 @@ import os
 
 import torch
 
-IGNORE_INDEX = -100
+from r1kernels.constants import IGNORE_INDEX
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

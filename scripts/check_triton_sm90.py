@@ -70,7 +70,7 @@ KNOWN_FAILURES = {
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("attention._r1k_attention_forward", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
-    ("linear_logprobs._backward_atomic_kernel", "spills", "in=fp32"):
+    ("linear_logprobs._r1k_linear_logprobs_backward_atomic", "spills", "in=fp32"):
         "issue 11: the fused-tile backward's fp32 tiles; its rewrite re-tiles the kernel",
 }
 
@@ -158,8 +158,8 @@ def _logprobs():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         e, shape = _elt(dtype), f"N={n} V={v}"
         per_row = 8 + 4 * 4                                   # target, logp, entropy, row max, log-sum
-        _workload.update(_forward_kernel=(0, n * v * e + n * per_row, "fp32", shape),
-                         _backward_kernel=(0, 2 * n * v * e + n * (per_row + 8), "fp32", shape))
+        _workload.update(_r1k_logprobs_forward=(0, n * v * e + n * per_row, "fp32", shape),
+                         _r1k_logprobs_backward=(0, 2 * n * v * e + n * (per_row + 8), "fp32", shape))
         rows, vocab = 64, 4352           # > 4096 (the BLOCK_V of every real vocab), divisible by 16 like 151936
         logits = torch.zeros(rows, vocab, dtype=dtype)
         targets = torch.zeros(rows, dtype=torch.long)
@@ -179,10 +179,11 @@ def _linear_logprobs():
         shape = f"N={n} H={h} V={v}"
         inputs, per_row = (n * h + v * h) * e, 8 + 4 * 4
         _workload.update(
-            _forward_kernel=(mm, inputs + n * per_row, math, shape),
-            _backward_atomic_kernel=(3 * mm, inputs + (n * h + v * h) * 4 + n * (per_row + 8), math, shape),
-            _backward_hidden_kernel=(2 * mm, inputs + n * h * 4 + n * (per_row + 8), math, shape),
-            _backward_weight_kernel=(2 * mm, inputs + v * h * 4 + n * (per_row + 8), math, shape))
+            _r1k_linear_logprobs_forward=(mm, inputs + n * per_row, math, shape),
+            _r1k_linear_logprobs_backward_atomic=(3 * mm, inputs + (n * h + v * h) * 4 + n * (per_row + 8), math,
+                                                  shape),
+            _r1k_linear_logprobs_backward_hidden=(2 * mm, inputs + n * h * 4 + n * (per_row + 8), math, shape),
+            _r1k_linear_logprobs_backward_weight=(2 * mm, inputs + v * h * 4 + n * (per_row + 8), math, shape))
         hidden, weight = torch.zeros(128, 256, dtype=dtype), torch.zeros(1024, 256, dtype=dtype)
         targets = torch.zeros(128, dtype=torch.long)
         grad = torch.zeros(128)
@@ -236,8 +237,8 @@ def _advantages():
     for dtype in (torch.float32, torch.float64):
         e = _elt(dtype)
         rows_bytes = batch * NUM_REWARDS * e + batch * e               # rewards in, advantages out
-        _workload.update(_group_advantages_kernel=(0, rows_bytes, "fp32", shape),
-                         _group_advantages_by_id_kernel=(0, rows_bytes + batch * 8, "fp32", shape))
+        _workload.update(_r1k_advantages_grouped=(0, rows_bytes, "fp32", shape),
+                         _r1k_advantages_by_id=(0, rows_bytes + batch * 8, "fp32", shape))
         rewards = torch.zeros(256, 3, dtype=dtype)
         weights = torch.ones(3, dtype=dtype)
         ids = torch.zeros(256, dtype=torch.long)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from r1kernels.constants import IGNORE_INDEX
 from r1kernels.reference import token_logprobs_ref
 
-IGNORE_INDEX = -100
 
 
 def sample_indices(n: int, count: int, device) -> torch.Tensor:

@@ -344,8 +344,8 @@ def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
             group_normalize_by_id(rewards, None, None, False, "group", 1e-4, None, True, group_size=12)
             group_normalize(rewards, weights, 8, False, "none", 1e-4, None)
         assert set(ops) <= {"empty", "empty_strided"}, ops
-    assert launches == ["_group_advantages_by_id_kernel", "_group_advantages_kernel"] + \
-        ["_group_advantages_by_id_kernel"] * 2 + ["_group_advantages_kernel"]
+    assert launches == ["_r1k_advantages_by_id", "_r1k_advantages_grouped"] + \
+        ["_r1k_advantages_by_id"] * 2 + ["_r1k_advantages_grouped"]
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")

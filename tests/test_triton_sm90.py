@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -41,14 +42,19 @@ def fresh(tmp_path_factory):
 
 
 def test_every_triton_kernel_is_in_the_gate(fresh):
-    """A kernel added to r1kernels/triton/ without a case in the gate would go unchecked."""
+    """A kernel added to r1kernels/triton/ without a case in the gate would go unchecked. Kernels (what
+    the host launches) are named _r1k_<op>_<phase>, unique across the package, so that a profiler
+    trace names each one."""
     records, _ = fresh
     compiled = {r["kernel"] for r in records}
     defined = set()
     for path in (ROOT / "r1kernels" / "triton").glob("*.py"):
-        # kernels (what the host launches) are named _r1k_<op>_<phase>, or still end in _kernel
-        for name in __import__("re").findall(r"@triton\.jit\ndef (_r1k_\w+|_\w+_kernel)\(", path.read_text()):
-            defined.add(f"{path.stem}.{name}")
+        text = path.read_text()
+        defined |= {f"{path.stem}.{name}" for name in re.findall(r"@triton\.jit\ndef (_r1k_\w+)\(", text)}
+        launched = set(re.findall(r"\b(_\w+)\[\(", text))        # kernel[(grid,)](...) launches
+        assert launched <= {name.split(".")[1] for name in defined}, f"{path.name}: launched but not _r1k_: {launched}"
+    bare = [name.split(".")[1] for name in defined]
+    assert len(bare) == len(set(bare)), "kernel names must be unique across the package"
     assert defined and defined == compiled
 
 

@@ -21,10 +21,8 @@ from typing import Optional
 
 import torch
 
+from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
-
-SCALE_CODES = {"none": 0, "group": 1, "batch": 2}
-
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Weighted nansum over the R rewards of each row (weights None: all ones); NaN where all R are NaN."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from r1kernels._checks import IGNORE_INDEX
+from r1kernels.constants import IGNORE_INDEX
 from r1kernels.kernels import accumulation_dtype
 
 # Each block of rows makes a few fp32 copies of itself; 4 MiB per copy keeps them cache-sized.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from r1kernels._checks import IGNORE_INDEX
+from r1kernels.constants import IGNORE_INDEX
 
 
 def token_logprobs_ref(logits, targets, temperature=1.0, dtype=torch.float64):

@@ -14,8 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+from r1kernels import constants
+from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
-from r1kernels.kernels.torch_advantages import SCALE_CODES
+
+SCALE_GROUP = tl.constexpr(constants.SCALE_GROUP)
+SCALE_BATCH = tl.constexpr(constants.SCALE_BATCH)
 
 INF = tl.constexpr(float("inf"))
 LARGE_GROUP = 4096
@@ -50,7 +54,7 @@ def _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0, NUM_R
 
 
 @triton.jit
-def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, batch_denominator_ptr,
+def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denominator_ptr,
                              adv_ptr, mean_ptr, std_ptr, constant_ptr, num_groups, group_size, eps,
                              NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, LEAVE_ONE_OUT: tl.constexpr,
                              SCALE: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr,
@@ -86,9 +90,9 @@ def _group_advantages_kernel(rewards_ptr, row_stride, weights_ptr, batch_denomin
     factor = tl.full([GROUPS_PER_PROGRAM], 1.0, ACC)
     if LEAVE_ONE_OUT:
         factor = tl.where(count > 1, count / tl.maximum(count - 1, 1.0), 1.0)
-    if SCALE == 1:
+    if SCALE == SCALE_GROUP:
         factor = factor / (std + eps)
-    elif SCALE == 2:
+    elif SCALE == SCALE_BATCH:
         factor = factor / tl.load(batch_denominator_ptr).to(ACC)
     for c0 in range(0, group_size, BLOCK):                       # pass 4: advantages
         x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
@@ -118,7 +122,7 @@ def group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, bat
     constant = torch.empty(groups, dtype=torch.bool, device=device)
     block = min(triton.next_power_of_2(group_size), 1024)
     per_program = max(1, min(2048 // block, triton.next_power_of_2(groups)))
-    _group_advantages_kernel[(triton.cdiv(groups, per_program),)](
+    _r1k_advantages_grouped[(triton.cdiv(groups, per_program),)](
         rewards, rewards.stride(0), weights if weights is not None else adv,
         batch_denominator if batch_denominator is not None else adv, adv, mean, std, constant, groups,
         group_size, eps, NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, LEAVE_ONE_OUT=leave_one_out,

@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from r1kernels import backends
+from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
-from r1kernels.kernels.torch_advantages import SCALE_CODES
-from r1kernels.triton.advantages import combined_rewards
+from r1kernels.triton.advantages import SCALE_BATCH, SCALE_GROUP, combined_rewards
 
 EMPTY = tl.constexpr(-(2 ** 63))                # an empty slot; the id -2^63 gets the reserved slot
 GOLDEN = tl.constexpr(-7046029254386353131)     # 2^64 / golden ratio, as a signed int64
@@ -110,7 +110,7 @@ def _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, slots, ma
 
 
 @triton.jit
-def _group_advantages_by_id_kernel(
+def _r1k_advantages_by_id(
         rewards_ptr, row_stride, weights_ptr, ids_ptr, group_size, batch_denominator_ptr, batch, eps,
         keys_ptr, slot_of_row_ptr, count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, capacity, hash_shift,
         barrier_ptr, adv_ptr, mean_ptr, std_ptr, constant_ptr, is_first_ptr,
@@ -188,9 +188,9 @@ def _group_advantages_by_id_kernel(
                                 factor = tl.full([BLOCK], 1.0, tl.float64)
                                 if LEAVE_ONE_OUT:
                                     factor = tl.where(count > 1, n / tl.maximum(n - 1, 1.0), 1.0)
-                                if SCALE == 1:
+                                if SCALE == SCALE_GROUP:
                                     factor = factor / (std + eps)
-                                elif SCALE == 2:
+                                elif SCALE == SCALE_BATCH:
                                     factor = factor / tl.load(batch_denominator_ptr).to(tl.float64)
                                 adv = tl.where(valid & ~constant, deviation * spread * factor, 0.0)
                                 tl.store(adv_ptr + rows, adv.to(ACC), mask=in_batch)
@@ -256,7 +256,7 @@ def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps
         programs = max(1, min(resident, triton.cdiv(batch, BLOCK)))
     launches = [(p, p) for p in range(PHASES)] if split_phases else [(0, PHASES - 1)]
     for first_phase, last_phase in launches:
-        _group_advantages_by_id_kernel[(programs,)](
+        _r1k_advantages_by_id[(programs,)](
             rewards, rewards.stride(0), weights if weights is not None else adv,
             adv if ids_from_rows else group_ids, max(group_size, 1),
             batch_denominator if batch_denominator is not None else adv, batch, eps,

@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
+from r1kernels import constants
+
 from r1kernels import backends
 from r1kernels.triton.dot import dot
 from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
 
-IGNORE_INDEX = tl.constexpr(-100)
+IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 
 
 @triton.jit
@@ -52,10 +54,10 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mas
 
 
 @triton.jit
-def _forward_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
-                    n_tokens, vocab, hidden_size, stride_hidden, stride_weight, inv_temperature,
-                    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _r1k_linear_logprobs_forward(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_ptr, entropy_ptr, max_ptr,
+                                 log_sum_ptr, n_tokens, vocab, hidden_size, stride_hidden, stride_weight,
+                                 inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                 BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_tokens
     target = tl.load(targets_ptr + rows, mask=row_mask, other=IGNORE_INDEX).to(tl.int64)
@@ -108,13 +110,13 @@ def _dlogits_tile(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_su
 
 
 @triton.jit
-def _backward_atomic_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
-                            grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
-                            n_tokens, vocab, hidden_size, stride_hidden, stride_weight, inv_temperature,
-                            HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, NEED_HIDDEN: tl.constexpr,
-                            NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
-                            PRECISION: tl.constexpr):
+def _r1k_linear_logprobs_backward_atomic(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr,
+                                         entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr, grad_weight_ptr,
+                                         grad_bias_ptr, n_tokens, vocab, hidden_size, stride_hidden, stride_weight,
+                                         inv_temperature, HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+                                         NEED_HIDDEN: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
+                                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # Flat 1-D grid over (token tile, vocab tile) pairs, so no grid axis can overflow. Token tiles
     # vary fastest and each token tile's vocab tiles are rotated by its index, so programs that run
     # at the same time add into different rows of d hidden and of d weight (a bijection: every pair
@@ -153,11 +155,12 @@ def _backward_atomic_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
 
 
 @triton.jit
-def _backward_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
-                            grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr, n_tokens, vocab, hidden_size,
-                            stride_hidden, stride_weight, inv_temperature, HAS_BIAS: tl.constexpr,
-                            HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _r1k_linear_logprobs_backward_hidden(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr,
+                                         entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_hidden_ptr, n_tokens, vocab,
+                                         hidden_size, stride_hidden, stride_weight, inv_temperature,
+                                         HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_N: tl.constexpr,
+                                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
+                                         PRECISION: tl.constexpr):
     """Deterministic d hidden: this program owns BLOCK_N rows and sums over vocab tiles in order."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_tokens
@@ -182,12 +185,13 @@ def _backward_hidden_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
 
 
 @triton.jit
-def _backward_weight_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr,
-                            grad_logp_ptr, grad_entropy_ptr, grad_weight_ptr, grad_bias_ptr, n_tokens, vocab,
-                            hidden_size, stride_hidden, stride_weight, inv_temperature, HAS_BIAS: tl.constexpr,
-                            HAS_GRAD_ENTROPY: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+def _r1k_linear_logprobs_backward_weight(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_ptr, log_sum_ptr,
+                                         entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_weight_ptr, grad_bias_ptr,
+                                         n_tokens, vocab, hidden_size, stride_hidden, stride_weight, inv_temperature,
+                                         HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+                                         NEED_WEIGHT: tl.constexpr, NEED_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
+                                         PRECISION: tl.constexpr):
     """Deterministic d weight / d bias: this program owns BLOCK_V vocab rows, sums over token tiles in order."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < vocab
@@ -202,7 +206,7 @@ def _backward_weight_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, max_p
         if NEED_BIAS:
             bias_acc += tl.sum(dz.to(tl.float32), axis=0)
         if NEED_WEIGHT:
-            tl.debug_barrier()          # as in _backward_hidden_kernel: read back the last token tile's sums
+            tl.debug_barrier()          # as in the hidden kernel: read back the last token tile's sums
             for k0 in range(0, hidden_size, BLOCK_H):
                 ks = k0 + tl.arange(0, BLOCK_H)
                 k_mask = ks < hidden_size
@@ -241,9 +245,10 @@ def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
         return outputs
     config = _config(hidden.dtype)
     grid = (triton.cdiv(n_tokens, config["BLOCK_N"]),)
-    _forward_kernel[grid](hidden, weight, bias if bias is not None else hidden, targets.contiguous(), *outputs,
-                          n_tokens, vocab, hidden_size, hidden.stride(0), weight.stride(0), inv_temperature,
-                          HAS_BIAS=bias is not None, **config, **_launch_options(config["DOT_FP32"]))
+    _r1k_linear_logprobs_forward[grid](hidden, weight, bias if bias is not None else hidden, targets.contiguous(),
+                                       *outputs, n_tokens, vocab, hidden_size, hidden.stride(0), weight.stride(0),
+                                       inv_temperature, HAS_BIAS=bias is not None, **config,
+                                       **_launch_options(config["DOT_FP32"]))
     return outputs
 
 
@@ -272,13 +277,13 @@ def backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_
         vocab_tiles = triton.cdiv(vocab, config["BLOCK_V"])
         if deterministic:
             if need_hidden:
-                _backward_hidden_kernel[(token_tiles,)](*common, grad_hidden, *sizes, **flags)
+                _r1k_linear_logprobs_backward_hidden[(token_tiles,)](*common, grad_hidden, *sizes, **flags)
             if need_weight or need_bias:
-                _backward_weight_kernel[(vocab_tiles,)](
+                _r1k_linear_logprobs_backward_weight[(vocab_tiles,)](
                     *common, grad_weight if need_weight else dummy, grad_bias if need_bias else dummy, *sizes,
                     NEED_WEIGHT=need_weight, NEED_BIAS=need_bias, **flags)
         else:
-            _backward_atomic_kernel[(token_tiles * vocab_tiles,)](
+            _r1k_linear_logprobs_backward_atomic[(token_tiles * vocab_tiles,)](
                 *common, grad_hidden if need_hidden else dummy, grad_weight if need_weight else dummy,
                 grad_bias if need_bias else dummy, *sizes, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                 NEED_BIAS=need_bias, **flags)

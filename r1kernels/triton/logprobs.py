@@ -10,13 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from r1kernels import constants
+
 from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
 
-IGNORE_INDEX = tl.constexpr(-100)
+IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 
 
 @triton.jit
-def _forward_kernel(logits_ptr, row_stride, targets_ptr, logp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
+def _r1k_logprobs_forward(logits_ptr, row_stride, targets_ptr, logp_ptr, entropy_ptr, max_ptr, log_sum_ptr,
                     vocab, inv_temperature, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
@@ -41,7 +43,7 @@ def _forward_kernel(logits_ptr, row_stride, targets_ptr, logp_ptr, entropy_ptr, 
 
 
 @triton.jit
-def _backward_kernel(logits_ptr, row_stride, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_logp_ptr,
+def _r1k_logprobs_backward(logits_ptr, row_stride, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_logp_ptr,
                      grad_entropy_ptr, out_ptr, out_row_stride, vocab, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
                      BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -74,8 +76,8 @@ def forward(logits, targets, inv_temperature):
     logp, entropy, row_max, row_log_sum = (torch.empty(rows, dtype=torch.float32, device=logits.device)
                                            for _ in range(4))
     if rows:
-        _forward_kernel[(rows,)](logits, logits.stride(0), targets.contiguous(), logp, entropy, row_max, row_log_sum,
-                                 vocab, inv_temperature, BLOCK_V=_block_v(vocab), num_warps=8)
+        _r1k_logprobs_forward[(rows,)](logits, logits.stride(0), targets.contiguous(), logp, entropy, row_max,
+                                       row_log_sum, vocab, inv_temperature, BLOCK_V=_block_v(vocab), num_warps=8)
     return logp, entropy, row_max, row_log_sum
 
 
@@ -85,7 +87,6 @@ def backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_ent
         grad_logp = grad_logp.float().contiguous()
         has_grad_entropy = grad_entropy is not None
         grad_entropy = grad_entropy.float().contiguous() if has_grad_entropy else grad_logp
-        _backward_kernel[(rows,)](logits, logits.stride(0), targets.contiguous(), row_max, row_log_sum, entropy,
-                                  grad_logp, grad_entropy, out, out.stride(0), vocab, inv_temperature,
-                                  HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab), num_warps=8)
+        _r1k_logprobs_backward[(rows,
+                                )](logits, logits.stride(0), targets.contiguous(), row_max, row_log_sum, entropy, grad_logp, grad_entropy, out, out.stride(0), vocab, inv_temperature, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab), num_warps=8)
     return out
