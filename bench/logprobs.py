@@ -25,7 +25,7 @@ def our_backends(device):
     for name in names:
         try:
             with r1kernels.use_backend(name):
-                r1kernels.backends.resolve(device)
+                r1kernels.backends.resolve("logprobs", device)
             usable.append(name)
         except (RuntimeError, ValueError):
             pass

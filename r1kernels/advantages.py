@@ -157,7 +157,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps)
     scale = scale or ("group" if estimator == "grpo" else "none")
     leave_one_out = estimator == "rloo"
-    backend = backends.resolve(rewards.device)
+    backend = backends.resolve("advantages", rewards.device)
     rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
     if rewards_2d.stride(1) != 1:
         rewards_2d = rewards_2d.contiguous()

@@ -1,10 +1,18 @@
-"""Backend choice: ``auto | triton | cuda | cpu | torch`` (and, for single ops, ``flash_attn`` and
-``triton_tile``, the fully fused Triton lm_head kernel).
+"""Backend choice per op: ``auto | triton | cuda | cpu | torch`` (and, for single ops,
+``flash_attn`` and ``triton_tile``, the fully fused Triton lm_head kernel).
 
 ``auto`` picks per call from the tensors' device: CUDA tensors use Triton (falling back to
 the CUDA C++ extension, then plain torch), CPU tensors use the C++ extension when it was
-built, else torch. ``R1K_BACKEND`` or :func:`use_backend` force one; a forced backend that
-cannot run on the given tensors raises instead of silently falling back.
+built, else torch. ``R1K_BACKEND`` or :func:`use_backend` force a choice:
+
+- a plain name (``R1K_BACKEND=cpu``, ``use_backend("cpu")``) forces every op that has that
+  backend and leaves the others on ``auto``;
+- ``op:name`` pairs (``R1K_BACKEND=attention:flash_attn,logprobs:cuda``,
+  ``use_backend(attention="flash_attn")``) force one op; an op forced by name to a backend it
+  lacks raises. Both combine: ``R1K_BACKEND=triton,attention:torch``.
+
+A forced backend that cannot run on the given tensors raises instead of silently falling back.
+The innermost ``use_backend`` replaces any outer one and the environment.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import threading
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn", "triton_tile")
+OPS = ("logprobs", "linear_logprobs", "attention", "advantages")
 
 _local = threading.local()
 
@@ -60,21 +69,38 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def requested_backend() -> str:
-    forced = getattr(_local, "forced", None)
-    name = forced if forced is not None else os.environ.get("R1K_BACKEND", "auto")
-    if name not in BACKENDS:
-        raise ValueError(f"R1K_BACKEND/use_backend: unknown backend {name!r}, expected one of {BACKENDS}")
-    return name
+def _parse(text: str, where: str) -> dict[str, str]:
+    """``"name"``, ``"op:name,op:name"`` or both -> {op, or "*" for every op: backend name}."""
+    spec = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        op, _, name = part.rpartition(":")
+        op = op or "*"
+        if op != "*" and op not in OPS:
+            raise ValueError(f"{where}: unknown op {op!r} in {text!r}, expected one of {OPS}")
+        if name not in BACKENDS:
+            raise ValueError(f"{where}: unknown backend {name!r} in {text!r}, expected one of {BACKENDS}")
+        spec[op] = name
+    return spec
+
+
+def requested_backend(op: str) -> tuple[str, bool]:
+    """(the backend asked for ``op``, whether it was named for this op rather than for all)."""
+    spec = getattr(_local, "forced", None)
+    if spec is None:
+        spec = _parse(os.environ.get("R1K_BACKEND", ""), "R1K_BACKEND")
+    if op in spec:
+        return spec[op], True
+    return spec.get("*", "auto"), False
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Force a backend inside a ``with`` block (thread-local; nests)."""
-    if name not in BACKENDS:
-        raise ValueError(f"use_backend: unknown backend {name!r}, expected one of {BACKENDS}")
+def use_backend(name: str | None = None, **per_op: str):
+    """Force backends inside a ``with`` block: ``use_backend("cpu")`` for every op that has it,
+    ``use_backend(attention="flash_attn")`` for one op, or both. Thread-local; the innermost wins."""
+    text = ",".join(([name] if name is not None else []) + [f"{op}:{b}" for op, b in per_op.items()])
+    spec = _parse(text, "use_backend")
     previous = getattr(_local, "forced", None)
-    _local.forced = name
+    _local.forced = spec
     try:
         yield
     finally:
@@ -110,19 +136,23 @@ def _why_not(name: str, device: torch.device) -> str | None:
     raise AssertionError(name)
 
 
-def resolve(device: torch.device, supported: tuple[str, ...] = ("triton", "cuda", "cpu", "torch")) -> str:
-    """Name of the backend that runs an op on ``device``.
+def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("triton", "cuda", "cpu", "torch")) -> str:
+    """Name of the backend that runs ``op`` (one of ``OPS``) on ``device``.
 
     ``supported`` lists the backends that implement the op, in order of preference for ``auto``.
     Under torch.compile the choice is made once, at trace time, and baked into the graph.
     """
-    return _resolve(torch.device(device).type, supported)
+    return _resolve(op, torch.device(device).type, supported)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(device_type: str, supported: tuple[str, ...]) -> str:
+def _resolve(op: str, device_type: str, supported: tuple[str, ...]) -> str:
     device = torch.device(device_type)
-    name = requested_backend()
+    name, named_for_op = requested_backend(op)
+    if name != "auto" and name not in supported:
+        if named_for_op:
+            raise ValueError(f"backend {name!r} does not implement {op}; it supports {supported}")
+        name = "auto"               # a plain name leaves the ops that lack it on auto
     if name == "auto":
         # auto never picks flash_attn (ours is the default; flash-attn must be asked for) nor the
         # fully fused Triton lm_head kernel (cuBLAS chunks are faster; it is the memory-minimal option)
@@ -132,8 +162,6 @@ def _resolve(device_type: str, supported: tuple[str, ...]) -> str:
             if _why_not(candidate, device) is None:
                 return candidate
         raise AssertionError("the torch backend always runs")
-    if name not in supported:
-        raise ValueError(f"backend {name!r} does not implement this op; it supports {supported}")
     reason = _why_not(name, device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} was forced but cannot run: {reason}")

@@ -112,7 +112,7 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
         raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     _checks.same_device(logits=logits, targets=targets)
-    backend = backends.resolve(logits.device)
+    backend = backends.resolve("logprobs", logits.device)
     _checks.backend_dtype(backend, "logits", logits)
     vocab = logits.shape[-1]
     logits_2d = logits.reshape(-1, vocab)
@@ -257,7 +257,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    backend = backends.resolve(hidden.device, LINEAR_BACKENDS)
+    backend = backends.resolve("linear_logprobs", hidden.device, LINEAR_BACKENDS)
     _checks.backend_dtype(backend, "hidden", hidden)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

@@ -25,7 +25,7 @@ def _require(name):
         pytest.skip("TRITON_INTERPRET is on: run through bench/gpu_check.sh (or with TRITON_INTERPRET=0)")
     try:
         with r1kernels.use_backend(name):
-            backends.resolve(torch.device("cuda"))
+            backends.resolve("logprobs", torch.device("cuda"))
     except RuntimeError as err:
         pytest.skip(f"{name} unavailable: {err}")
 

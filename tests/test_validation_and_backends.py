@@ -73,12 +73,12 @@ def test_unknown_backend_and_forced_backend_that_cannot_run(monkeypatch):
 def test_auto_on_cpu_prefers_the_extension(monkeypatch):
     monkeypatch.delenv("R1K_BACKEND", raising=False)
     expected = "cpu" if backends.extension_available() else "torch"
-    assert backends.resolve(torch.device("cpu")) == expected
+    assert backends.resolve("logprobs", torch.device("cpu")) == expected
     with r1kernels.use_backend("torch"):
-        assert backends.resolve(torch.device("cpu")) == "torch"
+        assert backends.resolve("logprobs", torch.device("cpu")) == "torch"
         with r1kernels.use_backend("cpu" if backends.extension_available() else "torch"):
-            assert backends.resolve(torch.device("cpu")) == expected
-        assert backends.resolve(torch.device("cpu")) == "torch"
+            assert backends.resolve("logprobs", torch.device("cpu")) == expected
+        assert backends.resolve("logprobs", torch.device("cpu")) == "torch"
 
 
 def test_float64_on_triton_is_refused():
@@ -86,3 +86,31 @@ def test_float64_on_triton_is_refused():
         pytest.skip("needs the Triton interpreter")
     with r1kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         r1kernels.token_logprobs(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]))
+
+
+def test_backend_per_op(monkeypatch):
+    """A plain name forces the ops that have it and leaves the others on auto; op:name forces one op
+    and raises if that op lacks the backend; the innermost use_backend wins."""
+    cpu = torch.device("cpu")
+    auto_logprobs = backends.resolve("logprobs", cpu)
+    monkeypatch.setenv("R1K_BACKEND", "torch")
+    assert backends.resolve("logprobs", cpu) == "torch"
+    monkeypatch.setenv("R1K_BACKEND", "attention:torch")
+    assert backends.resolve("logprobs", cpu) == auto_logprobs
+    assert backends.resolve("attention", cpu, ("triton", "flash_attn", "torch")) == "torch"
+    monkeypatch.setenv("R1K_BACKEND", "flash_attn")          # only attention has it; on CPU it cannot run
+    assert backends.resolve("logprobs", cpu) == auto_logprobs
+    with pytest.raises(RuntimeError, match="flash"):
+        backends.resolve("attention", cpu, ("triton", "flash_attn", "torch"))
+    monkeypatch.setenv("R1K_BACKEND", "logprobs:flash_attn")
+    with pytest.raises(ValueError, match="'flash_attn' does not implement logprobs"):
+        backends.resolve("logprobs", cpu)
+    monkeypatch.setenv("R1K_BACKEND", "softmax:torch")
+    with pytest.raises(ValueError, match="unknown op 'softmax'"):
+        backends.resolve("logprobs", cpu)
+    monkeypatch.setenv("R1K_BACKEND", "torch,logprobs:auto")
+    assert backends.resolve("logprobs", cpu) == auto_logprobs
+    assert backends.resolve("advantages", cpu) == "torch"
+    with r1kernels.use_backend(advantages="torch"):
+        assert backends.resolve("logprobs", cpu) == auto_logprobs, "use_backend replaces R1K_BACKEND"
+        assert backends.resolve("advantages", cpu) == "torch"
