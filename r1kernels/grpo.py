@@ -18,19 +18,125 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from r1kernels import _checks
+from r1kernels import _checks, constants
 from r1kernels.kernels import accumulation_dtype
 from r1kernels.logprobs import linear_token_logprobs, linear_token_logprobs_one_pass, token_logprobs
 
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")
-LOSS_TYPES = CLIPPED + ("cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3_clamped")
 IS_LEVELS = ("token", "sequence")
+
+
+# ---------------------------------------------------------------- the loss types, as data
+def _clipped_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+    """PPO's clipped surrogate, with verl's dual clip and TRL's delta cap."""
+    eps_low = 0.2 if o["epsilon_low"] is None else o["epsilon_low"]
+    eps_high = eps_low if o["epsilon_high"] is None else o["epsilon_high"]
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    capped = ratio if o["delta"] is None else torch.clamp(ratio, max=o["delta"])
+    per_token = -torch.min(capped * adv, clipped * adv)
+    if o["clip_ratio_c"] is not None:
+        per_token = torch.where(adv < 0, torch.min(per_token, -o["clip_ratio_c"] * adv), per_token)
+    return per_token, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+
+
+def _cispo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+    """CISPO: the capped ratio, detached, weights the log-prob's gradient."""
+    per_token = -torch.clamp(ratio, max=o["epsilon_high"]).detach() * adv * logp
+    return per_token, torch.zeros_like(adv, dtype=torch.bool), ratio > o["epsilon_high"]
+
+
+def _sapo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+    """SAPO: a sigmoid gate in place of the clip, temperature by the advantage's sign."""
+    tau_pos = 1.0 if o["sapo_temperature_pos"] is None else o["sapo_temperature_pos"]
+    tau_neg = 1.05 if o["sapo_temperature_neg"] is None else o["sapo_temperature_neg"]
+    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
+    never = torch.zeros_like(adv, dtype=torch.bool)
+    return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv, never, never
+
+
+@dataclasses.dataclass(frozen=True)
+class Normaliser:
+    """How the masked token losses of a batch are summed into the loss. ``weights(t)`` gives w [N]
+    with loss = sum_t w_t l_t (known before any log-prob: the one-pass fused loss needs that);
+    ``reduce(t, masked)`` computes the same from the masked losses; ``share(mb_seqs, mb_tokens,
+    seqs, tokens)`` is a micro-batch's part of the whole batch's normaliser, by which a trainer
+    that averages over micro-batches and ranks scales each micro-batch's loss."""
+    weights: Callable
+    reduce: Callable
+    share: Callable
+    options: tuple[str, ...] = ()           # options this normaliser reads
+    required: tuple[str, ...] = ()          # ... of which these must be given
+
+
+NORMALISERS = {
+    # mean over sequences of each sequence's token mean
+    "sequence": Normaliser(
+        weights=lambda t: t.m / (t.tokens_per_seq.clamp(min=1.0)[t.layout.seq_ids] * max(t.layout.num_seqs, 1)),
+        reduce=lambda t, masked: ((t.layout.seq_sum(masked) / t.tokens_per_seq.clamp(min=1.0)).sum()
+                                  / max(t.layout.num_seqs, 1)),
+        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_seqs / seqs),
+    # mean over the batch's tokens
+    "tokens": Normaliser(
+        weights=lambda t: t.m / t.m.sum().clamp(min=1.0),
+        reduce=lambda t, masked: masked.sum() / t.m.sum().clamp(min=1.0),
+        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_tokens / max(tokens, 1.0)),
+    # sum over B sequences of max_completion_length tokens each (Dr. GRPO's constant)
+    "fixed_length": Normaliser(
+        weights=lambda t: t.m / (t.layout.num_seqs * t.options["max_completion_length"]),
+        reduce=lambda t, masked: masked.sum() / (t.layout.num_seqs * t.options["max_completion_length"]),
+        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_seqs / seqs,
+        options=("max_completion_length",), required=("max_completion_length",)),
+    # sum over the tokens of the whole batch on every rank (num_items_in_batch / num_processes);
+    # the local token count when not given
+    "items": Normaliser(
+        weights=lambda t: t.m / (t.m.sum().clamp(min=1.0) if t.normaliser is None else t.normaliser),
+        reduce=lambda t, masked: masked.sum() / (t.m.sum().clamp(min=1.0) if t.normaliser is None
+                                                 else t.normaliser),
+        share=lambda mb_seqs, mb_tokens, seqs, tokens: 1.0,
+        options=("num_items_in_batch",)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossType:
+    """One loss type (its name is TRL's ``GRPOConfig.loss_type``): the per-token loss
+    ``token_loss(ratio, adv, logp, options) -> (l, clipped low, clipped high)``, a key of
+    NORMALISERS, and the type-specific options it accepts and needs. Adding a loss type is one
+    entry here plus its float64 reference (``r1kernels/reference/grpo.py``)."""
+    token_loss: Callable
+    normaliser: str
+    options: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+
+    @property
+    def accepts(self) -> tuple[str, ...]:
+        return self.options + NORMALISERS[self.normaliser].options
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return self.required + NORMALISERS[self.normaliser].required
+
+
+_CLIP_OPTIONS = ("epsilon_low", "epsilon_high", "delta", "clip_ratio_c")
+LOSS_TYPES = {
+    "grpo": LossType(_clipped_token_loss, "sequence", _CLIP_OPTIONS),
+    "bnpo": LossType(_clipped_token_loss, "tokens", _CLIP_OPTIONS),
+    "dr_grpo": LossType(_clipped_token_loss, "fixed_length", _CLIP_OPTIONS),
+    "dapo": LossType(_clipped_token_loss, "items", _CLIP_OPTIONS),
+    "cispo": LossType(_cispo_token_loss, "items", ("epsilon_high",), required=("epsilon_high",)),
+    "sapo": LossType(_sapo_token_loss, "sequence", ("sapo_temperature_pos", "sapo_temperature_neg")),
+}
+# every option that only some loss types accept
+TYPE_OPTIONS = tuple(dict.fromkeys(name for entry in LOSS_TYPES.values() for name in entry.accepts))
+_WHY_NEEDED = {
+    "epsilon_high": "the cap on the importance ratio (e.g. 5.0)",
+    "max_completion_length": "its normaliser is B * max_completion_length",
+}
 
 
 @dataclasses.dataclass
@@ -110,30 +216,27 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
                       entropy_coef, sapo_temperature_pos, sapo_temperature_neg, ref_logprobs):
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
 
-    def only_for(name, value, types):
-        if value is not None and loss_type not in types:
+    given = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
+                 num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
+                 sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+    entry = LOSS_TYPES[loss_type]
+    for name in TYPE_OPTIONS:
+        if given[name] is not None and name not in entry.accepts:
+            types = tuple(lt for lt, e in LOSS_TYPES.items() if name in e.accepts)
             raise ValueError(f"{name} applies to loss_type in {types}, not {loss_type!r}")
-
-    only_for("delta", delta, CLIPPED)
-    only_for("clip_ratio_c", clip_ratio_c, CLIPPED)
-    only_for("epsilon_low", epsilon_low, CLIPPED)
-    only_for("epsilon_high", epsilon_high, CLIPPED + ("cispo",))
-    only_for("num_items_in_batch", num_items_in_batch, ("dapo", "cispo"))
-    only_for("max_completion_length", max_completion_length, ("dr_grpo",))
-    only_for("sapo_temperature_pos", sapo_temperature_pos, ("sapo",))
-    only_for("sapo_temperature_neg", sapo_temperature_neg, ("sapo",))
+    for name in entry.needs:
+        if given[name] is None:
+            raise ValueError(f"{loss_type} needs {name}: {_WHY_NEEDED[name]}")
     if epsilon_low is not None and not 0 <= epsilon_low < 1:
         raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}")
     if epsilon_high is not None and not epsilon_high >= 0:
         raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    if loss_type == "cispo" and epsilon_high is None:
-        raise ValueError("cispo needs epsilon_high: the cap on the importance ratio (e.g. 5.0)")
     if delta is not None and not delta > 1:
         raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {delta}")
     if clip_ratio_c is not None and not clip_ratio_c > 1:
@@ -142,8 +245,6 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
         raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("dr_grpo needs max_completion_length (its normaliser is B * max_completion_length)")
     if max_completion_length is not None and not max_completion_length >= 1:
         raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
     for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
@@ -189,29 +290,8 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Te
     """(l, ratio, low, high, kl) for the tokens ``rows``: the loss of each token before masking and
     normalisation. ``log_ratio`` is log(pi / pi_old) per token (already broadcast for GSPO)."""
     o = t.options
-    adv = t.adv[rows]
     ratio = torch.exp(log_ratio)
-    eps_low = 0.2 if o["epsilon_low"] is None else o["epsilon_low"]
-    eps_high = eps_low if o["epsilon_high"] is None else o["epsilon_high"]
-    loss_type = o["loss_type"]
-    if loss_type in CLIPPED:
-        clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-        capped = ratio if o["delta"] is None else torch.clamp(ratio, max=o["delta"])
-        per_token = -torch.min(capped * adv, clipped * adv)
-        if o["clip_ratio_c"] is not None:
-            per_token = torch.where(adv < 0, torch.min(per_token, -o["clip_ratio_c"] * adv), per_token)
-        low = (ratio < 1 - eps_low) & (adv < 0)
-        high = (ratio > 1 + eps_high) & (adv > 0)
-    elif loss_type == "cispo":
-        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * logp
-        low = torch.zeros_like(adv, dtype=torch.bool)
-        high = ratio > eps_high
-    else:  # sapo
-        tau_pos = 1.0 if o["sapo_temperature_pos"] is None else o["sapo_temperature_pos"]
-        tau_neg = 1.05 if o["sapo_temperature_neg"] is None else o["sapo_temperature_neg"]
-        tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-        per_token = -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv
-        low = high = torch.zeros_like(adv, dtype=torch.bool)
+    per_token, low, high = LOSS_TYPES[o["loss_type"]].token_loss(ratio, t.adv[rows], logp, o)
     if t.is_ratio is not None:
         per_token = per_token * t.is_ratio[rows]
     kl = None if t.ref is None else _kl(o["kl_estimator"], logp, t.ref[rows])
@@ -227,14 +307,7 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Te
 def _token_weights(t: _Terms) -> Tensor:
     """w [N] with loss = sum_t w_t l_t: the mask over each loss type's normaliser. It depends only on
     the mask and the layout, so it is known before any log-prob is (the one-pass fused loss needs that)."""
-    loss_type, layout = t.options["loss_type"], t.layout
-    if loss_type in ("grpo", "sapo"):
-        return t.m / (t.tokens_per_seq.clamp(min=1.0)[layout.seq_ids] * max(layout.num_seqs, 1))
-    if loss_type == "bnpo":
-        return t.m / t.m.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return t.m / (layout.num_seqs * t.options["max_completion_length"])
-    return t.m / (t.m.sum().clamp(min=1.0) if t.normaliser is None else t.normaliser)   # dapo, cispo
+    return NORMALISERS[LOSS_TYPES[t.options["loss_type"]].normaliser].weights(t)
 
 
 def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
@@ -285,16 +358,8 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
         log_ratio = seq_log_ratio[layout.seq_ids]
     per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, ent)
 
-    masked = per_token * m
     active = m.sum()
-    if loss_type in ("grpo", "sapo"):
-        loss = (layout.seq_sum(masked) / t.tokens_per_seq.clamp(min=1.0)).sum() / max(layout.num_seqs, 1)
-    elif loss_type == "bnpo":
-        loss = masked.sum() / active.clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        loss = masked.sum() / (layout.num_seqs * t.options["max_completion_length"])
-    else:  # dapo, cispo
-        loss = masked.sum() / (active.clamp(min=1.0) if t.normaliser is None else t.normaliser)
+    loss = NORMALISERS[LOSS_TYPES[loss_type].normaliser].reduce(t, per_token * m)
 
     metrics = _metrics(m, active, ratio, low, high, kl, ent)
     return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach())
@@ -325,7 +390,7 @@ def _metrics(m, active, ratio, low, high, kl, ent) -> dict:
 
 def _mask_from_targets(targets: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Tokens with target -100 are masked too, whatever ``mask`` says."""
-    valid = targets != _checks.IGNORE_INDEX
+    valid = targets != constants.IGNORE_INDEX
     return valid if mask is None else mask.to(torch.bool) & valid
 
 

@@ -6,6 +6,7 @@ import torch
 from conftest import assert_close_scaled, cpu_backends, exact_backends
 
 import r1kernels
+from r1kernels.grpo import LOSS_TYPES
 from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref, token_logprobs_ref
 
 B, T = 6, 9
@@ -26,8 +27,8 @@ def _batch(dtype=torch.float64, spread=0.6):
 
 
 def _cases():
-    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"):
-        clipped = loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")
+    for loss_type, entry in LOSS_TYPES.items():
+        clipped = "delta" in entry.accepts
         for level, beta in itertools.product(("token", "sequence"), (0.0, 0.04)):
             for delta, clip_c in ([(None, None), (1.5, None), (None, 3.0), (1.5, 3.0)] if clipped else [(None, None)]):
                 yield loss_type, level, beta, delta, clip_c
@@ -35,14 +36,10 @@ def _cases():
 
 def _options(loss_type, level, beta, delta, clip_c):
     opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
-    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        opts.update(epsilon_low=0.2, epsilon_high=0.28, delta=delta, clip_ratio_c=clip_c)
-    if loss_type == "cispo":
-        opts.update(epsilon_high=1.5)
-    if loss_type == "dr_grpo":
-        opts.update(max_completion_length=12)
-    if loss_type in ("dapo", "cispo"):
-        opts.update(num_items_in_batch=37.0)
+    values = dict(epsilon_low=0.2, epsilon_high=0.28 if "delta" in LOSS_TYPES[loss_type].accepts else 1.5,
+                  delta=delta, clip_ratio_c=clip_c, max_completion_length=12, num_items_in_batch=37.0,
+                  sapo_temperature_pos=None, sapo_temperature_neg=None)
+    opts.update({name: values[name] for name in LOSS_TYPES[loss_type].accepts})
     return {k: v for k, v in opts.items() if v is not None}
 
 

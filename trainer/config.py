@@ -9,6 +9,8 @@ import os
 import typing
 from typing import Optional
 
+from r1kernels.grpo import LOSS_TYPES
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -133,7 +135,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.task": ("arithmetic", "countdown", "jsonl"),
     "grpo.lr_schedule": ("cosine", "linear", "constant"),
-    "grpo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"),
+    "grpo.loss_type": tuple(LOSS_TYPES),
     "grpo.importance_sampling_level": ("token", "sequence"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.advantage_estimator": ("grpo", "rloo", "dr_grpo"),

@@ -14,9 +14,8 @@ from typing import Optional
 import torch
 
 import r1kernels
-from r1kernels.grpo import CLIPPED
+from r1kernels.grpo import LOSS_TYPES, NORMALISERS
 
-SEQUENCE_NORMALISED = ("grpo", "sapo", "dr_grpo")
 
 
 @dataclasses.dataclass
@@ -128,32 +127,28 @@ def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> tor
 
 
 def loss_options(cfg, global_tokens: float) -> dict:
-    lt = cfg.loss_type
-    options = dict(loss_type=lt, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
-    if lt in CLIPPED:
-        options.update(epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high)
-    if lt == "cispo":
-        options.update(epsilon_high=cfg.epsilon_high)
-    if lt in ("dapo", "cispo"):
+    """The library's keyword arguments for this config's loss type: the ones its table entry accepts.
+    (max_completion_length is added per micro-batch, by micro_batch_loss.)"""
+    accepts = LOSS_TYPES[cfg.loss_type].accepts
+    options = dict(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
+    options.update({name: getattr(cfg, name) for name in ("epsilon_low", "epsilon_high") if name in accepts})
+    if "num_items_in_batch" in accepts:
         options.update(num_items_in_batch=global_tokens)
     return options
 
 
 def micro_batch_scale(loss_type: str, mb: MicroBatch, global_seqs: float, global_tokens: float,
                       world_size: int) -> float:
-    if loss_type in SEQUENCE_NORMALISED:
-        share = mb.num_seqs / global_seqs
-    elif loss_type == "bnpo":
-        share = mb.num_tokens / max(global_tokens, 1.0)
-    else:  # dapo, cispo: already divided by the global token count
-        share = 1.0
-    return share * world_size
+    """Factor on a micro-batch's loss so that summing over micro-batches and averaging over ranks
+    gives the whole batch's loss: the micro-batch's share of its normaliser, times the world size."""
+    share = NORMALISERS[LOSS_TYPES[loss_type].normaliser].share
+    return share(mb.num_seqs, mb.num_tokens, global_seqs, global_tokens) * world_size
 
 
 def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):
     """The (unscaled) loss output of one micro-batch, gradients attached."""
     extra = dict(old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio)
-    if cfg.loss_type == "dr_grpo":
+    if "max_completion_length" in LOSS_TYPES[cfg.loss_type].accepts:
         extra["max_completion_length"] = max_completion_length
     layout = dict(cu_seqlens=mb.cu_seqlens) if mb.cu_seqlens is not None else {}
 
