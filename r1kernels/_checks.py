@@ -31,11 +31,22 @@ def integer_ids(name: str, value) -> torch.Tensor:
 
 
 def positive(name: str, value) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)):
+    """A finite Python number > 0 (not a bool, not a tensor)."""
+    if isinstance(value, (torch.Tensor, bool)) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return float(value)
+
+
+def all_finite(name: str, value: torch.Tensor) -> None:
+    """No NaN or inf in ``value``: a host check where :func:`host_checks` allows, else a device assert."""
+    ok = torch.isfinite(value).all()
+    if host_checks(value.device):
+        if not bool(ok):
+            raise ValueError(f"{name} must be finite, got {value.tolist() if value.numel() <= 16 else 'NaN/inf'}")
+    else:
+        torch._assert_async(ok, f"{name} must be finite")
 
 
 def same_device(**tensors) -> None:

@@ -1,12 +1,12 @@
 """Group-relative advantages from rewards: GRPO, Dr. GRPO and RLOO, in one kernel launch.
 
-For each prompt's group of completions, with NaN rewards (unscorable) left out:
+For each prompt's group of completions, with NaN or +-inf rewards (failed: unscorable) left out:
     grpo:    A_i = (r_i - mean_g) / (std_g + eps)   (scale="group"; "batch": the batch std; "none")
     dr_grpo: A_i = r_i - mean_g                      (grpo with scale="none")
     rloo:    A_i = r_i - mean_{g without i} = n/(n-1) (r_i - mean_g)   (then / scale, default none)
 std is Bessel-corrected (as torch.std), from min-shifted two-pass sums in the accumulation
 dtype, never E[x^2] - E[x]^2. A group with fewer than two valid rewards, or all equal, gets
-advantages of exactly 0; NaN rewards get 0. Rewards [B, R] of several reward functions are
+advantages of exactly 0; failed rewards get 0. Rewards [B, R] of several reward functions are
 weighted and summed first (TRL), or, with multi_reward="normalize_then_sum" (GDPO), each is
 normalised in its group, the weighted sum is taken, and the result is normalised over the batch.
 """
@@ -31,6 +31,7 @@ class AdvantageStats:
     group_mean: Tensor          # [G] (or [G, R] with normalize_then_sum), NaN for groups with no valid reward
     group_std: Tensor           # [G] (or [G, R]), Bessel-corrected
     zero_std_fraction: Tensor   # 0-d: share of groups whose advantages are 0 (constant, or < 2 valid rewards)
+    failed_rewards: Tensor      # 0-d: reward entries that were NaN or +-inf (failed: they take no part)
 
 
 def _segment_kernel(backend: str):
@@ -139,6 +140,8 @@ def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, 
             raise ValueError(f"reward_weights must have shape [R] = ({num_rewards},), "
                              f"got {tuple(reward_weights.shape)}")
     _checks.same_device(rewards=rewards, group_ids=group_ids, reward_weights=reward_weights)
+    if reward_weights is not None:
+        _checks.all_finite("reward_weights", reward_weights)
 
 
 def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
@@ -155,6 +158,9 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     the stats list groups in order of first appearance in the batch.
     """
     _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps)
+    # +-inf is a failed reward like NaN (a reward function's error, not a score): it takes no part
+    failed = ~torch.isfinite(rewards)
+    rewards = torch.where(torch.isinf(rewards), torch.nan, rewards)
     scale = scale or ("group" if estimator == "grpo" else "none")
     leave_one_out = estimator == "rloo"
     backend = backends.resolve("advantages", rewards.device)
@@ -195,7 +201,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
             return adv
     if is_first is not None:                     # per-row statistics -> per group, by first appearance
         mean, std, constant = mean[is_first], std[is_first], constant[is_first]
-    return adv, AdvantageStats(mean, std, constant.float().mean())
+    return adv, AdvantageStats(mean, std, constant.float().mean(), failed.sum())
 
 
 def expand_to_tokens(advantages: Tensor, cu_seqlens: Optional[Tensor] = None, mask: Optional[Tensor] = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -235,10 +236,14 @@ def pack(sequences: Sequence[Tensor]) -> Packed:
     """Concatenate 1-D token sequences into one row, with position ids and cu_seqlens."""
     if not sequences:
         raise ValueError("pack needs at least one sequence")
-    lengths = [int(s.shape[0]) for s in sequences]
     for i, s in enumerate(sequences):
+        _checks.tensor(f"sequences[{i}]", s)
         if s.dim() != 1:
             raise ValueError(f"sequences[{i}] must be 1-D, got shape {tuple(s.shape)}")
+        if s.dtype != sequences[0].dtype or s.device != sequences[0].device:
+            raise TypeError(f"sequences[{i}] is {s.dtype} on {s.device}, sequences[0] {sequences[0].dtype} on "
+                            f"{sequences[0].device}: every sequence must share them")
+    lengths = [int(s.shape[0]) for s in sequences]
     device = sequences[0].device
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
     cu[1:] = torch.tensor(lengths, device=device).cumsum(0)
@@ -248,7 +253,15 @@ def pack(sequences: Sequence[Tensor]) -> Packed:
 
 def unpack(packed_values: Tensor, cu_seqlens: Tensor) -> list[Tensor]:
     """Split a packed [N, ...] tensor back into its sequences."""
-    bounds = cu_seqlens.tolist()
+    _checks.tensor("packed_values", packed_values)
+    _checks.tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D int32/int64 [S+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()                 # unpack reads the offsets on the host anyway
+    total = packed_values.shape[0] if packed_values.dim() else 0
+    if bounds[0] != 0 or bounds[-1] != total or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at packed_values.shape[0] = "
+                         f"{total}, got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
     return [packed_values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -262,8 +275,12 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, num_ranks: int =
     most 4/3 of the optimum); each rank uses at most 11/9 OPT + 6/9 micro-batches (FFD's bound).
     Every rank gets at least one micro-batch (possibly empty) so that ranks step together.
     """
-    if max_tokens < 1 or num_ranks < 1:
-        raise ValueError("max_tokens and num_ranks must be >= 1")
+    for name, value in (("max_tokens", max_tokens), ("num_ranks", num_ranks)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    bad = [i for i, n in enumerate(lengths) if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0]
+    if bad:
+        raise ValueError(f"lengths must be ints >= 0; lengths[{bad[0]}] = {lengths[bad[0]]!r}")
     too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
     if too_long:
         raise ValueError(f"sequences {too_long[:5]} are longer than max_tokens={max_tokens}")

@@ -118,6 +118,9 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
     logits_2d = logits.reshape(-1, vocab)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
+    if inplace_backward and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(logits_2d) == 1:
+        raise ValueError("inplace_backward=True needs logits whose elements do not share memory; these are "
+                         "expanded (a stride of 0): pass logits.contiguous() or inplace_backward=False")
     logp, entropy = _TokenLogprobs.apply(logits_2d, targets.reshape(-1), inv_temperature, backend,
                                          inplace_backward)
     logp = logp.view(targets.shape)
@@ -251,6 +254,8 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None:
         _checks.floating("bias", bias)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):

@@ -1,6 +1,7 @@
 """Bad input raises a clear error naming the argument; backend forcing never falls back silently."""
 import pytest
 import torch
+from conftest import cpu_backends
 
 import r1kernels
 from r1kernels import backends
@@ -114,3 +115,58 @@ def test_backend_per_op(monkeypatch):
     with r1kernels.use_backend(advantages="torch"):
         assert backends.resolve("logprobs", cpu) == auto_logprobs, "use_backend replaces R1K_BACKEND"
         assert backends.resolve("advantages", cpu) == "torch"
+
+
+SILENT_BEFORE = [
+    # (what, call, exception, words in the message)
+    ("temperature inf", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), float("inf")),
+     ValueError, "temperature"),
+    ("temperature True", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), True),
+     TypeError, "temperature"),
+    ("bias dtype", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0, 1]),
+                                                          bias=torch.randn(6, dtype=torch.float64)),
+     TypeError, "bias dtype"),
+    ("inplace_backward on expanded logits",
+     lambda: r1kernels.token_logprobs(torch.randn(1, 5).expand(3, 5), torch.tensor([0, 1, 2]), inplace_backward=True),
+     ValueError, "inplace_backward"),
+    ("num_items_in_batch 0", lambda: r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), loss_type="dapo",
+                                                           num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    ("num_items_in_batch -3 tensor", lambda: r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), loss_type="dapo",
+                                                                   num_items_in_batch=torch.tensor(-3.0)),
+     ValueError, "num_items_in_batch"),
+    ("per-token or per-sequence advantages", lambda: r1kernels.policy_loss(
+        torch.randn(3), torch.randn(3), cu_seqlens=torch.tensor([0, 2, 2, 3], dtype=torch.int32)),
+     ValueError, "advantages has 3 values"),
+    ("NaN reward weight", lambda: r1kernels.group_advantages(torch.randn(4, 2), 2,
+                                                             reward_weights=torch.tensor([1.0, float("nan")])),
+     ValueError, "reward_weights must be finite"),
+    ("unpack past N", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([0, 3, 7])), ValueError, "cu_seqlens"),
+    ("unpack decreasing", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([0, 4, 2, 5])), ValueError,
+     "non-decreasing"),
+    ("unpack negative", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([-1, 2, 5])), ValueError,
+     "start at 0"),
+    ("pack mixed dtypes", lambda: r1kernels.pack([torch.arange(3), torch.arange(2).int()]), TypeError,
+     r"sequences\[1\]"),
+    ("plan negative length", lambda: r1kernels.plan_micro_batches([3, -1], 8), ValueError, r"lengths\[1\]"),
+    ("plan NaN budget", lambda: r1kernels.plan_micro_batches([3, 1], float("nan")), ValueError, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("what, call, error, words", SILENT_BEFORE, ids=[c[0] for c in SILENT_BEFORE])
+def test_inputs_that_used_to_pass_silently_now_raise(what, call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_infinite_reward_is_a_failed_reward(backend):
+    """+-inf is a reward function's failure, like NaN: advantage 0, the rest of its group unaffected,
+    counted in the stats."""
+    rewards = torch.tensor([1.0, 2.0, 4.0, float("inf"), 3.0, 0.0, float("-inf"), 5.0])
+    as_nan = torch.where(torch.isinf(rewards), torch.nan, rewards)
+    with r1kernels.use_backend(advantages=backend):
+        adv, stats = r1kernels.group_advantages(rewards, 4, return_stats=True)
+        expected = r1kernels.group_advantages(as_nan, 4)
+    assert torch.isfinite(adv).all() and adv[3] == 0 and adv[6] == 0
+    torch.testing.assert_close(adv, expected)
+    assert int(stats.failed_rewards) == 2
