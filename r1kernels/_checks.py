@@ -1,6 +1,7 @@
 """Argument checks shared by the public ops: clear errors that name the argument."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -39,14 +40,15 @@ def positive(name: str, value) -> float:
     return float(value)
 
 
-def all_finite(name: str, value: torch.Tensor) -> None:
-    """No NaN or inf in ``value``: a host check where :func:`host_checks` allows, else a device assert."""
-    ok = torch.isfinite(value).all()
+def small_all_finite(name: str, value: torch.Tensor) -> None:
+    """No NaN or inf in a small tensor (a few weights): read as a Python list where :func:`host_checks`
+    allows, else one device-side assert."""
     if host_checks(value.device):
-        if not bool(ok):
-            raise ValueError(f"{name} must be finite, got {value.tolist() if value.numel() <= 16 else 'NaN/inf'}")
+        values = value.tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name} must be finite, got {values}")
     else:
-        torch._assert_async(ok, f"{name} must be finite")
+        torch._assert_async(torch.isfinite(value).all(), f"{name} must be finite")
 
 
 def same_device(**tensors) -> None:

@@ -141,7 +141,7 @@ def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, 
                              f"got {tuple(reward_weights.shape)}")
     _checks.same_device(rewards=rewards, group_ids=group_ids, reward_weights=reward_weights)
     if reward_weights is not None:
-        _checks.all_finite("reward_weights", reward_weights)
+        _checks.small_all_finite("reward_weights", reward_weights)
 
 
 def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group_ids: Optional[Tensor] = None,
@@ -158,9 +158,6 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     the stats list groups in order of first appearance in the batch.
     """
     _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps)
-    # +-inf is a failed reward like NaN (a reward function's error, not a score): it takes no part
-    failed = ~torch.isfinite(rewards)
-    rewards = torch.where(torch.isinf(rewards), torch.nan, rewards)
     scale = scale or ("group" if estimator == "grpo" else "none")
     leave_one_out = estimator == "rloo"
     backend = backends.resolve("advantages", rewards.device)
@@ -188,7 +185,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     if multi_reward == "normalize_then_sum" and num_rewards > 1:
         per_column = [normalise(rewards_2d[:, k:k + 1], None) for k in range(num_rewards)]
         summed = sum(out[0] if weights is None else weights[k] * out[0] for k, out in enumerate(per_column))
-        unscorable = torch.isnan(rewards_2d).all(1)
+        unscorable = (~torch.isfinite(rewards_2d)).all(1)
         summed = torch.where(unscorable, torch.nan, summed)
         adv = torch.where(unscorable, 0.0, (summed - torch.nanmean(summed)) / _batch_denominator(summed, eps))
         if not return_stats:
@@ -201,7 +198,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
             return adv
     if is_first is not None:                     # per-row statistics -> per group, by first appearance
         mean, std, constant = mean[is_first], std[is_first], constant[is_first]
-    return adv, AdvantageStats(mean, std, constant.float().mean(), failed.sum())
+    return adv, AdvantageStats(mean, std, constant.float().mean(), (~torch.isfinite(rewards)).sum())
 
 
 def expand_to_tokens(advantages: Tensor, cu_seqlens: Optional[Tensor] = None, mask: Optional[Tensor] = None,

@@ -25,9 +25,10 @@ from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """Weighted nansum over the R rewards of each row (weights None: all ones); NaN where all R are NaN."""
+    """Weighted sum over the R rewards of each row (weights None: all ones), failed rewards (NaN, +-inf)
+    skipped; NaN where all R failed."""
     x = rewards.to(accumulation_dtype(rewards.dtype))
-    ok = ~torch.isnan(x)
+    ok = torch.isfinite(x)
     total = torch.where(ok, x if weights is None else x * weights, 0.0).sum(1)
     return torch.where(ok.any(1), total, torch.nan)
 

@@ -28,13 +28,13 @@ LARGE_GROUP = 4096
 @triton.jit
 def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
                      HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
-    """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), NaNs skipped; NaN
-    where all are NaN or masked."""
+    """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), failed rewards (NaN,
+    +-inf) skipped; NaN where all failed or are masked."""
     total = tl.zeros(rows.shape, ACC)
     seen = mask & False
     for k in tl.static_range(NUM_REWARDS):
         x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=float("nan")).to(ACC)
-        ok = x == x
+        ok = tl.abs(x) < INF
         if HAS_WEIGHTS:
             x = tl.load(weights_ptr + k).to(ACC) * x
         total += tl.where(ok, x, 0.0)

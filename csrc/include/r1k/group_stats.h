@@ -79,7 +79,7 @@ R1K_HOST_DEVICE acc_t combine_rewards(const scalar_t* row, int64_t num_rewards, 
   bool any = false;
   for (int64_t k = 0; k < num_rewards; ++k) {
     const acc_t x = static_cast<acc_t>(row[k]);
-    if (x == x) {
+    if (x - x == acc_t(0)) {  // finite: NaN and +-inf are failed rewards and take no part
       total += weights[k] * x;
       any = true;
     }
