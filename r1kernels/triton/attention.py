@@ -88,17 +88,26 @@ def _key_tiles(m_start, shift, left, right, k_len, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+             stride_vh):
+    """K and V rows offs_n of one sequence and KV head (zeros past its end), and their mask."""
+    kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
+    k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    return k, v, kv_mask
+
+
+@triton.jit
 def _forward_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, k_start, k_len, q_len, n_start, offs_m, offs_d, d_mask,
                   kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2, softcap2, left, right,
                   MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
                   PRECISION: tl.constexpr):
     """One online-softmax step over keys [n_start, n_start + BLOCK_N), in log2 units."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-    k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+                       stride_vh)
     s, _ = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
     if MASKED:
         s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
@@ -158,10 +167,10 @@ def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k
 
 
 @triton.jit
-def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr,
-                                 cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                                 stride_dot, stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr,
-                                 first_slot_ptr, num_seqs, scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
+                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                                 stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
+                                 scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                  PRECISION: tl.constexpr):
     """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. The products
@@ -173,11 +182,8 @@ def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < head_dim
-        kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-        k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
+        k, v, kv_mask = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                                 stride_vt, stride_vh)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         shift = k_len - q_len
@@ -231,11 +237,8 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
         lo, _, _, hi = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
-            k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
+            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                               stride_vt, stride_vh)
             s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
             p = tl.math.exp2(s - lse2[:, None])

@@ -87,6 +87,7 @@ def backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_ent
         grad_logp = grad_logp.float().contiguous()
         has_grad_entropy = grad_entropy is not None
         grad_entropy = grad_entropy.float().contiguous() if has_grad_entropy else grad_logp
-        _r1k_logprobs_backward[(rows,
-                                )](logits, logits.stride(0), targets.contiguous(), row_max, row_log_sum, entropy, grad_logp, grad_entropy, out, out.stride(0), vocab, inv_temperature, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab), num_warps=8)
+        _r1k_logprobs_backward[(rows,)](logits, logits.stride(0), targets.contiguous(), row_max, row_log_sum, entropy,
+                                        grad_logp, grad_entropy, out, out.stride(0), vocab, inv_temperature,
+                                        HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(vocab), num_warps=8)
     return out
