@@ -143,3 +143,28 @@ def test_backends_agree_bitwise_where_they_should():
             a = r1kernels.token_logprobs(logits, targets, return_entropy=True)
             b = r1kernels.token_logprobs(logits, targets, return_entropy=True)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), backend
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nan_propagates_like_the_reference(backend):
+    """A block of logits that is all NaN (more than the C++ kernel's 512-element block), or NaN rows of
+    the lm_head weight, make logp and every gradient NaN where the float64 reference does: never a
+    finite log-prob with a NaN gradient."""
+    logits = torch.randn(3, 1300)
+    logits[0, 512:1024] = float("nan")      # exactly one of the C++ kernel's blocks, the rest finite
+    targets = torch.tensor([5, 7, 1299])
+    with r1kernels.use_backend(backend):
+        leaf = logits.clone().requires_grad_()
+        logp = r1kernels.token_logprobs(leaf, targets)
+        logp.sum().backward()
+    expected = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+    assert torch.equal(torch.isnan(logp), torch.isnan(expected)) and torch.isnan(logp[0])
+    assert torch.isnan(leaf.grad[0]).all() and torch.isfinite(leaf.grad[1:]).all()
+
+    hidden, weight = torch.randn(4, 8), torch.randn(1300, 8)
+    weight[512:1024] = float("nan")
+    with r1kernels.use_backend(linear_logprobs=backend):
+        h = hidden.clone().requires_grad_()
+        logp = r1kernels.linear_token_logprobs(h, weight, torch.tensor([1, 2, 3, 4]))
+        logp.sum().backward()
+    assert torch.isnan(logp).all() and torch.isnan(h.grad).all()

@@ -111,7 +111,9 @@ SoftmaxStats<acc_t> row_stats(const scalar_t* row, int64_t vocab, acc_t inv_t) {
     acc_t block_max = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
       z[j] = static_cast<acc_t>(row[start + j]) * inv_t;
-      block_max = std::max(block_max, z[j]);
+      // NaN wins: std::max would drop it, and a block of only NaN would then be skipped as empty,
+      // giving a finite logp (and a NaN gradient) where the reference gives NaN
+      block_max = (z[j] > block_max || z[j] != z[j]) ? z[j] : block_max;
     }
     if (block_max == -INFINITY) continue;
     SoftmaxStats<acc_t> block{block_max, acc_t(0), acc_t(0)};
