@@ -234,7 +234,8 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
         lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        lo, _, _, hi = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
+        tiles = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
+        lo, hi = tiles[0], tiles[3]     # every visible key; dQ masks each tile
         for n_start in range(lo, hi, BLOCK_N):
             offs_n = n_start + tl.arange(0, BLOCK_N)
             k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
