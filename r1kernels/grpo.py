@@ -9,10 +9,11 @@ Per token, with r = exp(logp - old) (GSPO: the masked sequence mean of logp - ol
                                 dual-clip (clip_ratio_c): for A < 0, l = min(l, -clip_ratio_c A)
     cispo:                      l = -sg(min(r, eps_high)) A logp
     sapo:                       l = -sigmoid(tau (r - 1)) 4 / tau A,  tau = tau_pos if A > 0 else tau_neg
-then l *= is_ratio (vLLM importance-sampling correction), l += beta KL(ref || policy) and
-l -= entropy_coef H. Normalisers (m = mask): grpo, sapo: mean over sequences of
-sum(l m) / max(sum m, 1); bnpo: sum(l m) / max(sum m, 1); dr_grpo: sum(l m) / (B max_completion_length);
-dapo, cispo: sum(l m) / (num_items_in_batch / num_processes), local max(sum m, 1) when not given.
+then l *= is_ratio (vLLM importance-sampling correction), l += beta KL(ref || policy) (times r with
+use_bias_correction_kl, TRL's default) and l -= entropy_coef H. Normalisers (m = mask): grpo, sapo:
+mean over sequences of sum(l m) / max(sum m, 1); bnpo: sum(l m) / max(sum m, 1); dr_grpo:
+sum(l m) / (B max_completion_length); dapo, cispo: sum(l m) / (num_items_in_batch / num_processes),
+local max(sum m, 1) when not given.
 """
 from __future__ import annotations
 
@@ -237,7 +238,8 @@ def _positive_count(name: str, value) -> None:
 
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
-                      entropy_coef, sapo_temperature_pos, sapo_temperature_neg, ref_logprobs):
+                      entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
+                      ref_logprobs):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -277,6 +279,8 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
     for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         if tau is not None and not tau > 0:
             raise ValueError(f"{name} must be > 0, got {tau}")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
     if not entropy_coef >= 0:
         raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
 
@@ -322,6 +326,10 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Te
     if t.is_ratio is not None:
         per_token = per_token * t.is_ratio[rows]
     kl = None if t.ref is None else _kl(o["kl_estimator"], logp, t.ref[rows])
+    if kl is not None and o["beta"] > 0 and o["use_bias_correction_kl"]:
+        # TRL's default: the KL gradient is unbiased off-policy (DeepSeek-V3.2); TRL's KL metric is this
+        # corrected term when beta > 0, and the plain estimate is logged otherwise
+        kl = kl * ratio
     if o["beta"] > 0:
         per_token = per_token + o["beta"] * kl
     if o["entropy_coef"] > 0:
@@ -345,7 +353,8 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                 num_items_in_batch=None, num_processes: int = 1, max_completion_length: Optional[int] = None,
                 is_ratio: Optional[Tensor] = None, clip_ratio_c: Optional[float] = None, kl_estimator: str = "k3",
                 entropy_coef: float = 0.0, sapo_temperature_pos: Optional[float] = None,
-                sapo_temperature_neg: Optional[float] = None) -> GRPOLossOutput:
+                sapo_temperature_neg: Optional[float] = None,
+                use_bias_correction_kl: bool = True) -> GRPOLossOutput:
     """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
 
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
@@ -356,6 +365,8 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     ``old_logprobs=None`` is on-policy (ratio 1, gradient still flows). ``epsilon_low`` defaults
     to 0.2 and ``epsilon_high`` to ``epsilon_low`` for the clipped types; cispo needs ``epsilon_high``
     (a raw cap, e.g. 5.0); sapo's temperatures default to 1.0 (A > 0) and 1.05 (A < 0).
+    ``use_bias_correction_kl`` (TRL's default, True) multiplies the per-token KL by the importance
+    ratio, which makes its gradient the unbiased reverse-KL gradient off-policy (DeepSeek-V3.2).
     An option that does not apply to ``loss_type`` raises rather than being ignored.
     """
     _checks.floating("logprobs", logprobs)
@@ -364,7 +375,7 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                    num_items_in_batch=num_items_in_batch, num_processes=num_processes,
                    max_completion_length=max_completion_length, clip_ratio_c=clip_ratio_c,
                    kl_estimator=kl_estimator, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-                   sapo_temperature_neg=sapo_temperature_neg)
+                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
     t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options)
     return _loss_from_terms(t, logprobs, entropy)

@@ -293,3 +293,29 @@ def test_bad_cu_seqlens(cu, words):
         r1kernels.policy_loss(torch.zeros(5), torch.zeros(len(cu) - 1), cu_seqlens=torch.tensor(cu, dtype=torch.int32))
     with pytest.raises(TypeError, match="int32"):
         r1kernels.policy_loss(torch.zeros(5), torch.zeros(2), cu_seqlens=torch.tensor([0, 2, 5.0]))
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_bias_corrected_kl_is_trls_formula(level):
+    """use_bias_correction_kl (TRL's default): the k3 KL term times the importance ratio
+    exp(logp - old) (per sequence for GSPO), loss and gradient, as TRL's _compute_loss writes it."""
+    d = _batch()
+    m = d["mask"].double()
+    results = {}
+    for corrected in (True, False):
+        logp = d["logp"].clone().requires_grad_()
+        out = r1kernels.policy_loss(logp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                    beta=0.1, importance_sampling_level=level, use_bias_correction_kl=corrected)
+        results[corrected] = (out.loss, torch.autograd.grad(out.loss, logp)[0])
+    logp = d["logp"].clone().requires_grad_()          # TRL 1.16's lines, written out
+    log_ratio = logp - d["old"]
+    if level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 0.8, 1.2)
+    per_token_kl = (torch.exp(d["ref"] - logp) - (d["ref"] - logp) - 1) * coef_1
+    per_token_loss = -torch.min(coef_1 * d["adv"][:, None], coef_2 * d["adv"][:, None]) + 0.1 * per_token_kl
+    trl = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    torch.testing.assert_close(results[True][0], trl)
+    torch.testing.assert_close(results[True][1], torch.autograd.grad(trl, logp)[0])
+    assert not torch.allclose(results[True][1], results[False][1]), "the correction must change the gradient"

@@ -9,7 +9,7 @@ import torch
 def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, loss_type="grpo",
                   importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, delta=None, beta=0.0,
                   num_items_in_batch=None, max_completion_length=None, is_ratio=None, clip_ratio_c=None,
-                  kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05):
+                  kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=True):
     """Scalar loss in the inputs' dtype (use float64)."""
     batch, _ = logp.shape
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -49,6 +49,8 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
                 kl = torch.exp(d) - d - 1
                 if kl_estimator == "k3_clamped":
                     kl = torch.clamp(kl, -10, 10)
+            if use_bias_correction_kl:       # TRL's default: the KL term times the importance ratio
+                kl = kl * r
             loss = loss + beta * kl
         if entropy_coef:
             loss = loss - entropy_coef * entropy[b]
