@@ -40,6 +40,23 @@ def positive(name: str, value) -> float:
     return float(value)
 
 
+def positive_count(name: str, value) -> None:
+    """A finite count > 0, given as a number or a one-element tensor (TRL passes a tensor): checked on
+    the host where :func:`host_checks` allows, else by a device-side assert."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        ok = torch.isfinite(value) & (value > 0)
+        if host_checks(value.device):
+            if not bool(ok.all()):
+                raise ValueError(f"{name} must be finite and > 0, got {value.item()}")
+        else:
+            torch._assert_async(ok.all(), f"{name} must be finite and > 0")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
 def small_all_finite(name: str, value: torch.Tensor) -> None:
     """No NaN or inf in a small tensor (a few weights): read as a Python list where :func:`host_checks`
     allows, else one device-side assert."""

@@ -80,16 +80,16 @@ def _(q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
 
 
 @torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, cu_q: Tensor,
               cu_k: Tensor, scale: float, causal: bool, window_left: int, window_right: int,
               softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     from r1kernels.triton import attention as triton_attention
-    return triton_attention.backward(grad_out, q, k, v, out, lse, cu_q, cu_k, scale, causal,
+    return triton_attention.backward(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal,
                                      (window_left, window_right), softcap)
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
+def _(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -122,10 +122,10 @@ class _VarlenAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+        delta = (grad_out.float() * out.float()).sum(-1).T                      # [Hq, total_q]: rowsum(dO * O)
+        dq, dk, dv = _backward(grad_out, q, k, v, delta, lse, cu_q, cu_k, *ctx.args)
         d_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            delta = (grad_out.float() * out.float()).sum(-1).T                  # [Hq, total_q]
             d_sinks = -(torch.exp(sinks.float()[:, None] - lse) * delta).sum(1).to(sinks.dtype)
         return dq, dk, dv, d_sinks, None, None, None, None, None, None
 

@@ -69,8 +69,10 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=16)
 def _parse(text: str, where: str) -> dict[str, str]:
-    """``"name"``, ``"op:name,op:name"`` or both -> {op, or "*" for every op: backend name}."""
+    """``"name"``, ``"op:name,op:name"`` or both -> {op, or "*" for every op: backend name}. Cached:
+    every op call reads R1K_BACKEND; the dict returned is shared and never modified."""
     spec = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         op, _, name = part.rpartition(":")

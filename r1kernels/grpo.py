@@ -219,23 +219,6 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
     return k3.clamp(-10.0, 10.0) if estimator == "k3_clamped" else k3
 
 
-def _positive_count(name: str, value) -> None:
-    """A finite count > 0, given as a number or a one-element tensor (TRL passes a tensor): checked on
-    the host where ``_checks.host_checks`` allows, else by a device-side assert."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        ok = torch.isfinite(value) & (value > 0)
-        if _checks.host_checks(value.device):
-            if not bool(ok.all()):
-                raise ValueError(f"{name} must be finite and > 0, got {value.item()}")
-        else:
-            torch._assert_async(ok.all(), f"{name} must be finite and > 0")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-
-
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
                       entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
@@ -259,7 +242,7 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
         if given[name] is None:
             raise ValueError(f"{loss_type} needs {name}: {_WHY_NEEDED[name]}")
     if num_items_in_batch is not None:
-        _positive_count("num_items_in_batch", num_items_in_batch)
+        _checks.positive_count("num_items_in_batch", num_items_in_batch)
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
     if epsilon_low is not None and not 0 <= epsilon_low < 1:

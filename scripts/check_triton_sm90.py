@@ -226,7 +226,8 @@ def _attention():
             kv = torch.zeros(128, 2, head_dim, dtype=dtype)
             for causal, window, softcap in ((True, (-1, -1), 0.0), (False, (32, 0), 30.0)):
                 out, lse = attention.forward(q, kv, kv, cu, cu, head_dim ** -0.5, causal, window, softcap)
-                attention.backward(out, q, kv, kv, out, lse, cu, cu, head_dim ** -0.5, causal, window, softcap)
+                delta = torch.zeros(lse.shape, dtype=torch.float32)
+                attention.backward(out, q, kv, kv, delta, lse, cu, cu, head_dim ** -0.5, causal, window, softcap)
 
 
 def _advantages():

@@ -340,15 +340,15 @@ def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
     return out, lse
 
 
-def backward(do, q, k, v, out, lse, cu_q, cu_k, scale, causal, window_size, softcap):
+def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, softcap):
+    """dq, dk, dv; ``delta`` [Hq, total_q] fp32 is rowsum(dO * O), computed once by the caller."""
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     num_seqs = cu_q.numel() - 1
     if total_q == 0 or num_seqs == 0:
         return dq, dk, dv
-    do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1).T.contiguous()           # [Hq, total_q]: rowsum(dO * O)
+    do, delta = do.contiguous(), delta.contiguous()
     left, right = _window(causal, window_size)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scales = (scale, *_scales(scale, softcap))
