@@ -40,15 +40,18 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
     grad = torch.randn_like(q)
     fwd_flops = 4 * d * heads * sum(n * (n + 1) // 2 for n in lengths)
 
-    def ours(backend):
+    def ours(backend, deterministic=False):
         def f():
             with r1kernels.use_backend(backend):
-                return r1kernels.varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=True)
+                return r1kernels.varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=True,
+                                                  deterministic=deterministic)
         return f
 
     impls = {}
     for backend in (["triton"] if device.type == "cuda" else []) + ["torch"]:
         impls[f"ours varlen_attention [{backend}]"] = ours(backend)
+    if device.type == "cuda":    # dQ by its own kernel (7 GEMMs) rather than atomic adds (5)
+        impls["ours varlen_attention [triton, deterministic]"] = ours("triton", deterministic=True)
     fa2 = optional("flash_attn", "flash_attn_varlen_func")
     if fa2 is not None and device.type == "cuda":
         impls["flash-attn 2 varlen"] = lambda: fa2(q, k, v, cu, cu, max_len, max_len, causal=True)

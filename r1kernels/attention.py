@@ -81,15 +81,15 @@ def _(q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
 
 @torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
 def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, cu_q: Tensor,
-              cu_k: Tensor, scale: float, causal: bool, window_left: int, window_right: int,
-              softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+              cu_k: Tensor, scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+              deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     from r1kernels.triton import attention as triton_attention
     return triton_attention.backward(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal,
-                                     (window_left, window_right), softcap)
+                                     (window_left, window_right), softcap, deterministic)
 
 
 @_backward.register_fake
-def _(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
+def _(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -109,12 +109,12 @@ class _VarlenAttention(torch.autograd.Function):
     """Triton forward and backward; with sinks, d sink_h = -sum_i P(sink | query i) * rowsum(dO_i * O_i)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, cu_q, cu_k, scale, causal, window, softcap):
+    def forward(ctx, q, k, v, sinks, cu_q, cu_k, scale, causal, window, softcap, deterministic):
         out, lse = _forward(q, k, v, cu_q, cu_k, scale, causal, window[0], window[1], softcap)
         if sinks is not None:
             out, lse = _add_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
-        ctx.args = (scale, causal, window[0], window[1], softcap)
+        ctx.args = (scale, causal, window[0], window[1], softcap, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -127,7 +127,7 @@ class _VarlenAttention(torch.autograd.Function):
         d_sinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             d_sinks = -(torch.exp(sinks.float()[:, None] - lse) * delta).sum(1).to(sinks.dtype)
-        return dq, dk, dv, d_sinks, None, None, None, None, None, None
+        return dq, dk, dv, d_sinks, None, None, None, None, None, None, None
 
 
 def _validate_tensors(q, k, v, softcap, window_size, sinks):
@@ -188,7 +188,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: i
     _checks.backend_dtype(backend, "q", q)
     if backend == "triton":
         return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, scale, causal,
-                                      window, softcap)
+                                      window, softcap, deterministic)
     if backend == "flash_attn":
         if sinks is not None:
             raise NotImplementedError("sinks: flash-attn 2 has no attention sinks; use the triton or torch backend")
@@ -208,8 +208,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     not differentiable; +inf for a query that sees no key and has no sink, as in flash-attn 2).
 
     ``sinks [Hq]`` (optional, differentiable): GPT-OSS's attention sinks, one extra logit per head
-    in each softmax denominator. Our backends are deterministic (each Triton output is written by one
-    program), so ``deterministic`` only matters for the flash_attn backend, to which it is passed.
+    in each softmax denominator. ``deterministic`` (flash-attn's switch, off by default as there):
+    the Triton backward adds dQ atomically in one 5-GEMM kernel unless it is set, and then runs a dK/dV
+    kernel and a dQ kernel that each write every output once (7 GEMMs); the torch backend always is.
     """
     _validate_tensors(q, k, v, softcap, window_size, sinks)
     max_q, max_k = _validate_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],

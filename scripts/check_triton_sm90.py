@@ -66,6 +66,10 @@ KNOWN_FAILURES = {
         "head dim 256: a tensor-core tile of 64 keys (wgmma's smallest M) with dK, dV and the K, V tiles "
         "needs more than 255 registers and spills 200-400 B; the 32-key tile runs mma.sync without spilling, "
         "which is the one taken (FlashAttention-3 keeps K and V in shared memory, a choice Triton does not expose)",
+    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=256"):
+        "head dim 256: as for _r1k_attention_backward_dkdv, plus the dQ product's operands",
+    ("attention._r1k_attention_backward", "spills", "in=fp32"):
+        "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("attention._r1k_attention_backward_dkdv", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("attention._r1k_attention_forward", "spills", "in=fp32"):
@@ -219,6 +223,8 @@ def _attention():
             shape = f"{len(lengths)} seqs {total} tok H={heads}/{kv_heads} D={head_dim} causal"
             _workload.update(
                 _r1k_attention_forward=(2 * one_matmul, 2 * q_bytes + kv_bytes + lse_bytes, math, shape),
+                _r1k_attention_backward=(5 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes + total * heads
+                                         * head_dim * 4, math, shape),        # + the fp32 dQ accumulator's adds
                 _r1k_attention_backward_dkdv=(4 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes, math,
                                               shape),
                 _r1k_attention_backward_dq=(3 * one_matmul, 3 * q_bytes + kv_bytes + 2 * lse_bytes, math, shape))
@@ -227,7 +233,9 @@ def _attention():
             for causal, window, softcap in ((True, (-1, -1), 0.0), (False, (32, 0), 30.0)):
                 out, lse = attention.forward(q, kv, kv, cu, cu, head_dim ** -0.5, causal, window, softcap)
                 delta = torch.zeros(lse.shape, dtype=torch.float32)
-                attention.backward(out, q, kv, kv, delta, lse, cu, cu, head_dim ** -0.5, causal, window, softcap)
+                for deterministic in (False, True):
+                    attention.backward(out, q, kv, kv, delta, lse, cu, cu, head_dim ** -0.5, causal, window, softcap,
+                                       deterministic)
 
 
 def _advantages():

@@ -59,18 +59,21 @@ CASES = [
 ]
 
 
-# every backend with lse; the torch backend also without it (its SDPA route where that is exact)
-ROUTES = [(backend, True) for backend in BACKENDS] + [("torch", False)]
+# (backend, return_lse, deterministic): every backend with lse; the torch backend also without it (its
+# SDPA route where that is exact); Triton's two backwards (dQ by atomic adds, or by its own kernel)
+ROUTES = [(backend, True, False) for backend in BACKENDS] + [("torch", False, False)]
+ROUTES += [("triton", True, True)] if "triton" in BACKENDS else []
 
 
-@pytest.mark.parametrize("backend, return_lse", ROUTES, ids=lambda r: str(r))
+@pytest.mark.parametrize("backend, return_lse, deterministic", ROUTES, ids=lambda r: str(r))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-h{c[2]}/{c[3]}-d{c[4]}-c{int(c[5])}")
-def test_fp32_matches_float64(backend, return_lse, case):
+def test_fp32_matches_float64(backend, return_lse, deterministic, case):
     lens_q, lens_k, hq, hkv, d, causal, window, softcap = case
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, d, torch.float32)
     grad = torch.randn(sum(lens_q), hq, d)
     kw = dict(causal=causal, window_size=window, softcap=softcap)
-    out, lse, grads = _run(backend, q, k, v, cu_q, cu_k, lens_q, lens_k, grad, return_lse=return_lse, **kw)
+    out, lse, grads = _run(backend, q, k, v, cu_q, cu_k, lens_q, lens_k, grad, return_lse=return_lse,
+                           deterministic=deterministic, **kw)
     ref_out, ref_lse, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float64, **kw)
     tol = 2e-5 if softcap == 0 else 5e-5
     assert_close_scaled(out, ref_out, tol, "out")
@@ -296,13 +299,16 @@ def test_compiled_graph_rejects_bad_offsets(backend):
             compiled(q, k, v, short, short)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-kernel"])
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["M32-N16", "M16-N32"])
 @pytest.mark.parametrize("causal, window, lens_q, lens_k", [
     (True, (-1, -1), [70, 3, 41], [70, 3, 41]), (True, (21, -1), [70, 41], [70, 41]),
     (False, (9, 13), [45, 7], [52, 7]), (True, (-1, -1), [30, 12], [61, 12])])
-def test_unequal_tiles_split_edge_and_inner_key_tiles(tiles, causal, window, lens_q, lens_k, monkeypatch):
+def test_unequal_tiles_split_edge_and_inner_key_tiles(deterministic, tiles, causal, window, lens_q, lens_k,
+                                                     monkeypatch):
     """The GPU configurations have BLOCK_M != BLOCK_N (128 x 64 forward, 32 x 64 dK/dV); the split of
-    each query block's keys into masked edge tiles and unmasked inner tiles must hold for them too."""
+    each block's tiles (keys of a query block, queries of a key block) into masked edge tiles and
+    unmasked inner tiles must hold for them too, in both backwards."""
     if "triton" not in BACKENDS:
         pytest.skip("needs the Triton interpreter")
     from r1kernels.triton import attention as triton_attention
@@ -317,7 +323,7 @@ def test_unequal_tiles_split_edge_and_inner_key_tiles(tiles, causal, window, len
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 2, 1, 16, torch.float32)
     grad = torch.randn(sum(lens_q), 2, 16)
     kw = dict(causal=causal, window_size=window)
-    out, lse, grads = _run("triton", q, k, v, cu_q, cu_k, lens_q, lens_k, grad, **kw)
+    out, lse, grads = _run("triton", q, k, v, cu_q, cu_k, lens_q, lens_k, grad, deterministic=deterministic, **kw)
     ref_out, ref_lse, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float64, **kw)
     assert_close_scaled(out, ref_out, 2e-5, "out")
     assert torch.equal(lse == float("inf"), ref_lse == float("inf"))

@@ -3,10 +3,11 @@
 Forward: one program per (BLOCK_M queries of a sequence, query head), the work items listed by a
 block table built on the device from cu_seqlens (no empty programs for short sequences, no host
 sync); it streams the visible key blocks with an online softmax and saves the log-sum-exp. Backward
-recomputes the probabilities from the log-sum-exp: one kernel owns a block of keys of one KV
-head and accumulates dK and dV over every query head of its group, another owns a block of
-queries and accumulates dQ. Every output is written by exactly one program, so gradients are
-deterministic and each sequence's results are independent of what else is packed with it.
+recomputes the probabilities from the log-sum-exp. Each program owns a block of keys of one KV
+head and accumulates dK and dV over every query head of its group; by default it also adds its
+queries' dQ atomically (FlashAttention-2's 5 GEMMs), and with ``deterministic`` a second kernel owns
+a block of queries and accumulates dQ instead (7 GEMMs, every output written by exactly one
+program). Either way a sequence's results do not depend on what else is packed with it.
 """
 from __future__ import annotations
 
@@ -167,15 +168,47 @@ def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k
 
 
 @triton.jit
-def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
-                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                                 stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
-                                 scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-                                 PRECISION: tl.constexpr):
-    """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. The products
-    are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so that P^T and dS^T feed
-    dV += P^T dO and dK += dS^T Q with no transpose of a register tile."""
+def _backward_tile(dk, dv, k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, q_len, k_len, m_start,
+                   head, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q, offs_d, d_mask,
+                   scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of one key block += the part from queries [m_start, m_start + BLOCK_M) of one head;
+    with ATOMIC_DQ also those queries' dQ += dS K, unscaled, into an fp32 accumulator (FlashAttention-2's
+    5 GEMMs). The products are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so
+    that P^T and dS^T feed dV += P^T dO and dK += dS^T Q as they are; dQ reads dS^T through a
+    transposed shared-memory view (the tile passes through shared memory for any dot)."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+    do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
+    lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
+    delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
+    s_t, tanh_t = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+    s_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right), s_t, float("-inf"))
+    p_t = tl.math.exp2(s_t - lse2[None, :])                     # lse = +inf: P = 0
+    dv += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
+    ds_t = p_t * (dot(v, tl.trans(do), None, DOT_FP32, PRECISION) - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+    ds_t = ds_t.to(q.dtype)
+    dk += dot(ds_t, q, None, DOT_FP32, PRECISION)
+    if ATOMIC_DQ:
+        dq = dot(tl.trans(ds_t), k, None, DOT_FP32, PRECISION)
+        # relaxed: the adds need no order among themselves, so no memory fence enters the loop
+        tl.atomic_add(dq_ptr + (q_start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq,
+                      mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
+                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2,
+                softcap2, left, right, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. Every query tile
+    is masked: split into masked edges and an unmasked inside as in the forward, the loop bodies
+    spill at head dims 64 and 128 (the sm_90 gate measured 40-450 B), which costs more than the masks."""
     seq, n_start, kv_head = _work_item(tl.program_id(0), kv_heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_N)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     if n_start < k_len:
@@ -186,31 +219,65 @@ def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr
                                  stride_vt, stride_vh)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        shift = k_len - q_len
-        lo = (tl.maximum(n_start - shift - right, 0) // BLOCK_M) * BLOCK_M
-        hi = tl.minimum(n_start + BLOCK_N - 1 - shift + left + 1, q_len)
+        # the queries' view of _key_tiles: query and key swap roles, the shift changes sign, the window's sides swap
+        lo, _, _, hi = _key_tiles(n_start, q_len - k_len, right, left, q_len, BLOCK_N, BLOCK_M)
+        tile = (k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, q_len, k_len)
+        strides = (stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q)
         for h in range(0, group):
             head = kv_head * group + h
             for m_start in range(lo, hi, BLOCK_M):
-                offs_m = m_start + tl.arange(0, BLOCK_M)
-                m_mask = offs_m < q_len
-                q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
-                do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-                lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
-                delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
-                s_t, tanh_t = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
-                s_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right), s_t,
-                               float("-inf"))
-                p_t = tl.math.exp2(s_t - lse2[None, :])                     # lse = +inf: P = 0
-                dv += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
-                ds_t = p_t * (dot(v, tl.trans(do), None, DOT_FP32, PRECISION) - delta[None, :])
-                if HAS_SOFTCAP:
-                    ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-                dk += dot(ds_t.to(q.dtype), q, None, DOT_FP32, PRECISION)
+                dk, dv = _backward_tile(dk, dv, *tile, m_start, head, *strides, offs_d, d_mask, scale2, softcap2, left,
+                                        right, HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, DOT_FP32, PRECISION)
         out = (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
         tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
         out = (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
         tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _r1k_attention_backward(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr,
+                            cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                            stride_doh, stride_dqt, stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr,
+                            first_slot_ptr, num_seqs, scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """The default backward, one kernel of 5 GEMMs: dK and dV of a key block, and its queries' dQ
+    added atomically into an fp32 accumulator (bitwise run-to-run order varies, as in flash-attn)."""
+    _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
+                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2,
+                softcap2, left, right, HAS_SOFTCAP, True, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+
+
+@triton.jit
+def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
+                                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
+                                 stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
+                                 scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+    """The deterministic backward's first kernel (4 GEMMs): dK and dV only; dQ is the next kernel's."""
+    _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_ptr, cu_q_ptr, cu_k_ptr,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, 0, 0,
+                total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2, softcap2,
+                left, right, HAS_SOFTCAP, False, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, k_start, k_len, q_len, n_start, offs_m, offs_d, d_mask, kv_head,
+             stride_kt, stride_kh, stride_vt, stride_vh, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
+             BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ += dS K over keys [n_start, n_start + BLOCK_N), with dS = P (dO V^T - delta)."""
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+                       stride_vh)
+    s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+    s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    ds = p * (dot(do, tl.trans(v), None, DOT_FP32, PRECISION) - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - capped_tanh * capped_tanh)
+    return dq + dot(ds.to(k.dtype), k, None, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -220,7 +287,8 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                                scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
                                PRECISION: tl.constexpr):
-    """dQ of BLOCK_M queries of one head: dS = P (dO V^T - delta), dQ = scale * dS K."""
+    """The deterministic backward's second kernel (3 GEMMs): dQ of BLOCK_M queries of one head, each
+    row written by one program."""
     seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_M)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     if m_start < q_len:
@@ -234,19 +302,11 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
         lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        tiles = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
-        lo, hi = tiles[0], tiles[3]     # every visible key; dQ masks each tile
-        for n_start in range(lo, hi, BLOCK_N):
-            offs_n = n_start + tl.arange(0, BLOCK_N)
-            k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
-                               stride_vt, stride_vh)
-            s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
-            p = tl.math.exp2(s - lse2[:, None])
-            ds = p * (dot(do, tl.trans(v), None, DOT_FP32, PRECISION) - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - capped_tanh * capped_tanh)
-            dq += dot(ds.to(k.dtype), k, None, DOT_FP32, PRECISION)
+        lo, _, _, hi = _key_tiles(m_start, k_len - q_len, left, right, k_len, BLOCK_M, BLOCK_N)
+        for n_start in range(lo, hi, BLOCK_N):     # every tile masked, as in the dK/dV kernel (register pressure)
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, k_start, k_len, q_len, n_start, offs_m, offs_d, d_mask,
+                          kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2, softcap2, left, right,
+                          HAS_SOFTCAP, BLOCK_N, DOT_FP32, PRECISION)
         tl.store(dq_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
@@ -256,13 +316,18 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
 # with the sm_90 static gate (scripts/check_triton_sm90.py): the forward runs BLOCK_M = 128 with
 # 8 warps, i.e. one warpgroup per 64 query rows as in FlashAttention-2/3; the backward kernels keep
 # their fp32 accumulators (dK and dV, or dQ) within the register file: no spills in bf16/fp16 up to
-# head dim 256 (dK/dV at 128 trades pipelining, stages=1, for two CTAs per SM; at 256 it takes a
-# 32-key tile, mma.sync rather than a spilling wgmma). fp32 spills; the gate's report lists it.
+# head dim 256 (dK/dV at 128 trades pipelining, stages=1, for two CTAs per SM, and the one-kernel
+# backward, which also holds a dQ tile, takes 8 warps there; at 256 both take a 32-key tile,
+# mma.sync rather than a spilling wgmma). fp32 spills; the gate's report lists it.
 _CONFIGS = {
     "forward": {"low": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2),
                         256: (128, 32, 8, 1)},
                 "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
                          256: (16, 32, 4, 2)}},
+    "backward": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 1),
+                         256: (32, 32, 8, 2)},
+                 "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
+                          256: (16, 16, 4, 2)}},
     "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 1),
                      256: (32, 32, 8, 2)},
              "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
@@ -340,26 +405,39 @@ def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
     return out, lse
 
 
-def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, softcap):
-    """dq, dk, dv; ``delta`` [Hq, total_q] fp32 is rowsum(dO * O), computed once by the caller."""
+def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, softcap, deterministic):
+    """dq, dk, dv; ``delta`` [Hq, total_q] fp32 is rowsum(dO * O), computed once by the caller.
+    Default: one kernel, dQ by atomic adds (5 GEMMs). ``deterministic``: dK/dV and dQ kernels that
+    each write every output row once (7 GEMMs: S and dP are computed by both)."""
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     num_seqs = cu_q.numel() - 1
     if total_q == 0 or num_seqs == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), dk, dv
     do, delta = do.contiguous(), delta.contiguous()
     left, right = _window(causal, window_size)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scales = (scale, *_scales(scale, softcap))
+    group = heads // kv_heads
+    if not deterministic:
+        config, launch = _config("backward", q.dtype, head_dim)
+        slot_seq, first_slot, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0])
+        dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _r1k_attention_backward[(bound * kv_heads,)](
+            q, k, v, do, lse, delta, dk, dv, dq_sum, cu_q, cu_k, *strides, dq_sum.stride(0), dq_sum.stride(1), total_q,
+            kv_heads, group, head_dim, slot_seq, first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0,
+            **config, **launch)
+        return dq_sum.mul_(scale).to(q.dtype), dk, dv
+    dq = torch.zeros_like(q)
     config, launch = _config("dkdv", q.dtype, head_dim)
     slot_seq, first_slot, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0])
     _r1k_attention_backward_dkdv[(bound * kv_heads,)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *strides, total_q, kv_heads, heads // kv_heads, head_dim,
-        slot_seq, first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *strides, total_q, kv_heads, group, head_dim, slot_seq,
+        first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     config, launch = _config("dq", q.dtype, head_dim)
     slot_seq, first_slot, bound = _block_table(cu_q, config["BLOCK_M"], total_q)
     _r1k_attention_backward_dq[(bound * heads,)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, heads // kv_heads, head_dim, slot_seq,
-        first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, group, head_dim, slot_seq, first_slot,
+        num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return dq, dk, dv
