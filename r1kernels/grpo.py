@@ -62,45 +62,40 @@ def _sapo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
 
 @dataclasses.dataclass(frozen=True)
 class Normaliser:
-    """How the masked token losses of a batch are summed into the loss. ``weights(t)`` gives w [N]
-    with loss = sum_t w_t l_t (known before any log-prob: the one-pass fused loss needs that);
-    ``reduce(t, masked)`` computes the same from the masked losses; ``share(mb_seqs, mb_tokens,
-    seqs, tokens)`` is a micro-batch's part of the whole batch's normaliser, by which a trainer
-    that averages over micro-batches and ranks scales each micro-batch's loss."""
-    weights: Callable
-    reduce: Callable
-    share: Callable
+    """How the masked token losses l_t m_t of a batch become the loss:
+    loss = sum_t u_t m_t l_t / count, with u_t = 1 / (tokens of t's sequence) when ``per_sequence``
+    (a mean of sequence means) and 1 otherwise. ``count(seqs, tokens, options)`` is the denominator
+    from the batch's sequence and token counts (0-d tensors or numbers); counted locally, it adds up
+    over micro-batches and ranks, so a trainer divides the summed loss_sum by the summed count once."""
+    per_sequence: bool
+    count: Callable
     options: tuple[str, ...] = ()           # options this normaliser reads
     required: tuple[str, ...] = ()          # ... of which these must be given
 
 
+def _items(seqs, tokens, o):
+    """dapo/cispo: TRL's num_items_in_batch / num_processes (the whole batch, all ranks), or the local count."""
+    return tokens if o.get("num_items_in_batch") is None else o["num_items_in_batch"] / o.get("num_processes", 1)
+
+
 NORMALISERS = {
-    # mean over sequences of each sequence's token mean
-    "sequence": Normaliser(
-        weights=lambda t: t.m / (t.tokens_per_seq.clamp(min=1.0)[t.layout.seq_ids] * max(t.layout.num_seqs, 1)),
-        reduce=lambda t, masked: ((t.layout.seq_sum(masked) / t.tokens_per_seq.clamp(min=1.0)).sum()
-                                  / max(t.layout.num_seqs, 1)),
-        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_seqs / seqs),
-    # mean over the batch's tokens
-    "tokens": Normaliser(
-        weights=lambda t: t.m / t.m.sum().clamp(min=1.0),
-        reduce=lambda t, masked: masked.sum() / t.m.sum().clamp(min=1.0),
-        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_tokens / max(tokens, 1.0)),
-    # sum over B sequences of max_completion_length tokens each (Dr. GRPO's constant)
-    "fixed_length": Normaliser(
-        weights=lambda t: t.m / (t.layout.num_seqs * t.options["max_completion_length"]),
-        reduce=lambda t, masked: masked.sum() / (t.layout.num_seqs * t.options["max_completion_length"]),
-        share=lambda mb_seqs, mb_tokens, seqs, tokens: mb_seqs / seqs,
-        options=("max_completion_length",), required=("max_completion_length",)),
-    # sum over the tokens of the whole batch on every rank (num_items_in_batch / num_processes);
-    # the local token count when not given
-    "items": Normaliser(
-        weights=lambda t: t.m / (t.m.sum().clamp(min=1.0) if t.normaliser is None else t.normaliser),
-        reduce=lambda t, masked: masked.sum() / (t.m.sum().clamp(min=1.0) if t.normaliser is None
-                                                 else t.normaliser),
-        share=lambda mb_seqs, mb_tokens, seqs, tokens: 1.0,
-        options=("num_items_in_batch",)),
+    "sequence": Normaliser(True, lambda seqs, tokens, o: seqs),          # mean over sequences of token means
+    "tokens": Normaliser(False, lambda seqs, tokens, o: tokens),         # mean over the batch's tokens
+    # Dr. GRPO's constant: B sequences of max_completion_length tokens each
+    "fixed_length": Normaliser(False, lambda seqs, tokens, o: seqs * o["max_completion_length"],
+                               options=("max_completion_length",), required=("max_completion_length",)),
+    "items": Normaliser(False, _items, options=("num_items_in_batch",)),
 }
+
+
+def loss_normaliser(loss_type: str, num_seqs, num_tokens, max_completion_length: Optional[int] = None):
+    """The denominator of ``loss_type``'s loss for a batch of ``num_seqs`` sequences with
+    ``num_tokens`` unmasked tokens. Sum it over micro-batches and ranks (it is additive), then scale
+    each micro-batch's ``loss_sum`` by 1 / that sum: the loss of the whole batch at once."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
+    return NORMALISERS[LOSS_TYPES[loss_type].normaliser].count(
+        num_seqs, num_tokens, {"max_completion_length": max_completion_length})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +137,17 @@ _WHY_NEEDED = {
 
 @dataclasses.dataclass
 class GRPOLossOutput:
-    loss: Tensor                  # scalar, differentiable
+    loss: Tensor                  # scalar, differentiable: loss_sum / normaliser
     logprobs: Tensor              # fp32 per-token log-probs, detached (next step's old_logprobs)
     metrics: dict                 # 0-d detached tensors: kl_mean, clip ratios, entropy_mean, ratio stats
     entropy: Optional[Tensor] = None  # per-token entropy, detached, when computed
+    normaliser: Optional[Tensor] = None  # 0-d: the loss type's denominator (its count, or 1 where that is 0)
+
+    @property
+    def loss_sum(self) -> Tensor:
+        """The loss before normalisation (differentiable), for a trainer that normalises once over
+        micro-batches and ranks by the summed ``loss_normaliser`` counts."""
+        return self.loss * self.normaliser
 
 
 @dataclasses.dataclass
@@ -278,7 +280,6 @@ class _Terms:
     ref: Optional[Tensor]
     is_ratio: Optional[Tensor]
     tokens_per_seq: Tensor    # [S]
-    normaliser: Optional[Tensor]  # dapo/cispo: num_items_in_batch / num_processes (or None: local count)
     options: dict
 
 
@@ -293,11 +294,8 @@ def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_log
     ref = layout.per_token("ref_logprobs", ref_logprobs)
     is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
     m = layout.mask.to(acc)
-    n_items = options["num_items_in_batch"]
-    normaliser = (None if n_items is None else
-                  torch.as_tensor(n_items, dtype=acc, device=m.device) / options["num_processes"])
     return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
-                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), normaliser, options)
+                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options)
 
 
 def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Tensor], rows=slice(None)):
@@ -322,10 +320,14 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Te
     return per_token, ratio, low, high, kl
 
 
-def _token_weights(t: _Terms) -> Tensor:
-    """w [N] with loss = sum_t w_t l_t: the mask over each loss type's normaliser. It depends only on
-    the mask and the layout, so it is known before any log-prob is (the one-pass fused loss needs that)."""
-    return NORMALISERS[LOSS_TYPES[t.options["loss_type"]].normaliser].weights(t)
+def _normalisation(t: _Terms) -> tuple[Tensor, Tensor]:
+    """(u m [N], denominator 0-d) with loss = sum_t u_t m_t l_t / denominator (see Normaliser); a
+    zero count divides by 1, as the loss is then 0. Both depend only on the mask and the layout, so they
+    are known before any log-prob is (the one-pass fused loss needs that)."""
+    entry = NORMALISERS[LOSS_TYPES[t.options["loss_type"]].normaliser]
+    unit = t.m / t.tokens_per_seq.clamp(min=1.0)[t.layout.seq_ids] if entry.per_sequence else t.m
+    count = torch.as_tensor(entry.count(t.layout.num_seqs, t.m.sum(), t.options), dtype=t.m.dtype, device=t.m.device)
+    return unit, torch.where(count > 0, count, torch.ones_like(count))
 
 
 def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
@@ -367,7 +369,6 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
 def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> GRPOLossOutput:
     """policy_loss after validation: the per-token loss, its normalisation and the metrics."""
     layout, m, acc = t.layout, t.m, t.m.dtype
-    loss_type = t.options["loss_type"]
     logp = logprobs.reshape(-1).to(acc)
     ent = layout.per_token("entropy", entropy)
     ent = None if ent is None else ent.to(acc)
@@ -379,11 +380,12 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
         log_ratio = seq_log_ratio[layout.seq_ids]
     per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, ent)
 
-    active = m.sum()
-    loss = NORMALISERS[LOSS_TYPES[loss_type].normaliser].reduce(t, per_token * m)
+    unit, denominator = _normalisation(t)
+    loss = (per_token * unit).sum() / denominator
 
-    metrics = _metrics(m, active, ratio, low, high, kl, ent)
-    return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach())
+    metrics = _metrics(m, m.sum(), ratio, low, high, kl, ent)
+    return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach(),
+                          denominator)
 
 
 @torch.no_grad()
@@ -471,7 +473,8 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
     full = dict(_POLICY_DEFAULTS, **options)
     t = _prepare(targets, advantages, token_mask, full["old_logprobs"], full["ref_logprobs"], full["cu_seqlens"],
                  full["is_ratio"], acc, {k: full[k] for k in _OPTION_NAMES})
-    weights = _token_weights(t)
+    unit, denominator = _normalisation(t)
+    weights = unit / denominator
     entropy_grad = t.options["entropy_coef"] > 0
 
     def token_grads(rows, logp, entropy):

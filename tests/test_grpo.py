@@ -319,3 +319,29 @@ def test_bias_corrected_kl_is_trls_formula(level):
     torch.testing.assert_close(results[True][0], trl)
     torch.testing.assert_close(results[True][1], torch.autograd.grad(trl, logp)[0])
     assert not torch.allclose(results[True][1], results[False][1]), "the correction must change the gradient"
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_loss_sum_over_summed_normalisers_is_the_whole_batch_loss(loss_type):
+    """Micro-batches normalised once: sum of loss_sum / sum of loss_normaliser counts = the loss of
+    the batch in one call, and each output's loss = loss_sum / normaliser."""
+    b = _batch()
+    opts = dict(loss_type=loss_type, beta=0.04)
+    if "epsilon_high" in LOSS_TYPES[loss_type].needs:
+        opts["epsilon_high"] = 1.5
+    if "max_completion_length" in LOSS_TYPES[loss_type].accepts:
+        opts["max_completion_length"] = 12
+
+    def call(rows):
+        return r1kernels.policy_loss(b["logp"][rows], b["adv"][rows], b["mask"][rows], old_logprobs=b["old"][rows],
+                                     ref_logprobs=b["ref"][rows], **opts)
+
+    whole = call(slice(None))
+    parts = [call(slice(0, 2)), call(slice(2, B))]
+    counts = [r1kernels.loss_normaliser(loss_type, rows.stop - rows.start, int(b["mask"][rows].sum()), 12)
+              for rows in (slice(0, 2), slice(2, B))]
+    combined = sum(p.loss_sum for p in parts) / sum(counts)
+    torch.testing.assert_close(combined, whole.loss, rtol=1e-12, atol=1e-14)
+    for out in (whole, *parts):
+        torch.testing.assert_close(out.loss_sum / out.normaliser, out.loss, rtol=1e-12, atol=0)
+    assert parts[0].loss.item() != pytest.approx(whole.loss.item()), "the split must change the per-part loss"

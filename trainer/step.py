@@ -2,9 +2,9 @@
 log-probs through the fused LM head, and the loss normalised for every loss type so that the
 sum over micro-batches and ranks equals the loss of the whole global batch at once.
 
-Normalisation: policy_loss normalises each micro-batch by its own sequences or tokens; we rescale
-by (micro-batch count / global count), the global counts all-reduced over ranks, and multiply by
-the world size because FSDP averages gradients over ranks.
+Normalisation, once: each micro-batch's un-normalised ``loss_sum`` is divided by the loss type's
+denominator summed over every micro-batch and rank (``r1kernels.loss_normaliser`` counts are
+additive), and multiplied by the world size because FSDP averages gradients over ranks.
 """
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 
 import r1kernels
-from r1kernels.grpo import LOSS_TYPES, NORMALISERS
-
+from r1kernels.grpo import LOSS_TYPES, loss_normaliser
 
 
 @dataclasses.dataclass
@@ -126,23 +125,24 @@ def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> tor
     return torch.where(mb.mask.reshape(ratio.shape), ratio, torch.ones_like(ratio))
 
 
-def loss_options(cfg, global_tokens: float) -> dict:
+def loss_options(cfg) -> dict:
     """The library's keyword arguments for this config's loss type: the ones its table entry accepts.
     (max_completion_length is added per micro-batch, by micro_batch_loss.)"""
     accepts = LOSS_TYPES[cfg.loss_type].accepts
     options = dict(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
     options.update({name: getattr(cfg, name) for name in ("epsilon_low", "epsilon_high") if name in accepts})
-    if "num_items_in_batch" in accepts:
-        options.update(num_items_in_batch=global_tokens)
     return options
 
 
-def micro_batch_scale(loss_type: str, mb: MicroBatch, global_seqs: float, global_tokens: float,
-                      world_size: int) -> float:
-    """Factor on a micro-batch's loss so that summing over micro-batches and averaging over ranks
-    gives the whole batch's loss: the micro-batch's share of its normaliser, times the world size."""
-    share = NORMALISERS[LOSS_TYPES[loss_type].normaliser].share
-    return share(mb.num_seqs, mb.num_tokens, global_seqs, global_tokens) * world_size
+def local_normaliser(loss_type: str, batches: list, max_completion_length: int) -> float:
+    """This rank's part of the loss type's denominator (all-reduce it for the whole batch's)."""
+    return sum(float(loss_normaliser(loss_type, mb.num_seqs, mb.num_tokens, max_completion_length)) for mb in batches)
+
+
+def loss_scale(global_normaliser: float, world_size: int) -> float:
+    """The factor on each micro-batch's loss_sum: 1 / the whole batch's denominator (1 when it is 0,
+    the loss then being 0), times the world size that FSDP's gradient mean divides by."""
+    return world_size / (global_normaliser if global_normaliser > 0 else 1.0)
 
 
 def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):

@@ -186,7 +186,9 @@ class Trainer:
         temperature = self.cfg.rollout.temperature
         batches = grpo_step.build_micro_batches(prompt_ids, completion_ids, advantages, cfg.micro_batch_tokens,
                                                 cfg.packing, self.tokenizer.pad_token_id, self.world.device)
-        global_seqs, global_tokens = self._global(len(prompt_ids), sum(mb.num_tokens for mb in batches))
+        max_completion_length = self.cfg.rollout.max_new_tokens
+        (normaliser,) = self._global(grpo_step.local_normaliser(cfg.loss_type, batches, max_completion_length))
+        scale = grpo_step.loss_scale(normaliser, self.world.size)
         if cfg.num_iterations > 1 or sampling_logprobs is not None:
             for mb in batches:
                 mb.old_logprobs = grpo_step.token_logprobs(self.model, mb, temperature, cfg.kernels)
@@ -199,16 +201,15 @@ class Trainer:
         if self.ref_model is not None:
             for mb in batches:
                 mb.ref_logprobs = grpo_step.token_logprobs(self.ref_model, mb, temperature, cfg.kernels)
-        options = grpo_step.loss_options(cfg, global_tokens)
+        options = grpo_step.loss_options(cfg)
         sums, weight_total = {}, 0.0
         for _ in range(cfg.num_iterations):
             loss_total = 0.0
             for mb in batches:
-                out = grpo_step.micro_batch_loss(self.model, mb, cfg, temperature, self.cfg.rollout.max_new_tokens,
-                                                 options)
-                scale = grpo_step.micro_batch_scale(cfg.loss_type, mb, global_seqs, global_tokens, self.world.size)
-                (out.loss * scale).backward()
-                loss_total += out.loss.item() * scale / self.world.size
+                out = grpo_step.micro_batch_loss(self.model, mb, cfg, temperature, max_completion_length, options)
+                loss = out.loss_sum * scale
+                loss.backward()
+                loss_total += loss.item() / self.world.size
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * mb.num_tokens
                 weight_total += mb.num_tokens
