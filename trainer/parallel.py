@@ -40,13 +40,20 @@ class World:
             dist.destroy_process_group()
 
 
+def backend_spec(use_cuda: bool) -> str:
+    """The process group's backends by device: FSDP2's collectives on CUDA tensors go to NCCL, and the
+    trainer's host-side counts and metrics (CPU tensors, which NCCL rejects) to gloo."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "cpu:gloo"
+
+
 def init_world() -> World:
-    """torchrun sets RANK/WORLD_SIZE: nccl on GPU, gloo on CPU. A plain ``python -m trainer`` is one process."""
+    """torchrun sets RANK/WORLD_SIZE: one process group with gloo for CPU tensors and, on GPU, NCCL
+    for CUDA tensors. A plain ``python -m trainer`` is one process."""
     use_cuda = torch.cuda.is_available()
     if "RANK" not in os.environ and not dist.is_initialized():
         return World(0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend_spec(use_cuda))
     rank, size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
