@@ -224,7 +224,7 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
                       entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
-                      ref_logprobs):
+                      has_ref: bool):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -257,7 +257,7 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
         raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logprobs is None:
+    if beta > 0 and not has_ref:
         raise ValueError("beta > 0 needs ref_logprobs")
     if max_completion_length is not None and not max_completion_length >= 1:
         raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
@@ -287,7 +287,7 @@ def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_log
              acc: torch.dtype, options: dict) -> _Terms:
     """Validation and flattening shared by policy_loss and the one-pass fused loss."""
     _checks.floating("advantages", advantages)
-    _validate_options(ref_logprobs=ref_logprobs, **options)
+    _validate_options(has_ref=ref_logprobs is not None, **options)
     layout = _layout(shape_like, mask, cu_seqlens)
     adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
     old = layout.per_token("old_logprobs", old_logprobs)
@@ -501,6 +501,15 @@ _POLICY_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss
                     if p.kind == inspect.Parameter.KEYWORD_ONLY}
 _OPTION_NAMES = tuple(name for name in _POLICY_DEFAULTS
                       if name not in ("old_logprobs", "ref_logprobs", "entropy", "cu_seqlens", "is_ratio"))
+
+
+def check_options(**options) -> None:
+    """Raise as ``policy_loss`` would on these keyword options (every one but the tensors), before any
+    work: a trainer checks its config with it. ``beta > 0`` is taken to come with ref_logprobs."""
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}")
+    _validate_options(has_ref=True, **{**{name: _POLICY_DEFAULTS[name] for name in _OPTION_NAMES}, **options})
 
 
 class _LossWithGradients(torch.autograd.Function):

@@ -28,10 +28,48 @@ from trainer.config import ConfigError, parse_args  # noqa: E402
     (["--grpo.beta=0.1"], "needs model.reference_model"),
     (["--data.operators=/"], "data.operators"),
     (["--grpo.packing=maybe"], "expected true/false"),
+    # loss options by the library's rules, before any work (SFT included) starts
+    (["--grpo.epsilon_low=1.5"], r"grpo: epsilon_low must be in \[0, 1\)"),
+    (["--grpo.loss_type=sapo", "--grpo.epsilon_high=0.3"], "epsilon_high applies to loss_type in"),
+    (["--grpo.loss_type=cispo", "--grpo.epsilon_high=0.3"], "its ratio cap is grpo.cispo_cap"),
+    (["--grpo.cispo_cap=5"], "grpo.cispo_cap applies to loss_type 'cispo'"),
+    (["--grpo.lr=inf"], "grpo.lr: must be finite"),
+    (["--rollout.temperature=nan"], "rollout.temperature: must be finite"),
 ])
 def test_config_rejects_bad_values(argv, words):
     with pytest.raises(ConfigError, match=words):
         parse_args(argv)
+
+
+def test_cispo_caps_its_ratio_at_five_and_clipped_types_keep_their_defaults():
+    cispo = parse_args(["--grpo.loss_type=cispo"]).grpo
+    assert S.loss_options(cispo)["epsilon_high"] == 5.0
+    assert S.loss_options(parse_args(["--grpo.loss_type=cispo", "--grpo.cispo_cap=2.5"]).grpo)["epsilon_high"] == 2.5
+    grpo = S.loss_options(parse_args([]).grpo)
+    assert (grpo["epsilon_low"], grpo["epsilon_high"]) == (0.2, 0.28)
+    assert "epsilon_low" not in S.loss_options(parse_args(["--grpo.loss_type=sapo"]).grpo)
+
+
+def test_reference_model_is_the_policy_at_the_start_of_grpo(tmp_path, monkeypatch):
+    """With SFT, the KL anchors to the SFT model (R1), not to the initial weights."""
+    from trainer.train import Trainer
+    snapshots = []
+    original = Trainer.evaluate
+
+    def evaluate(self):     # the first evaluation runs right before GRPO, after SFT
+        if not snapshots:
+            snapshots.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    trainer = Trainer(tiny_config(tmp_path, grpo={"beta": 0.05, "steps": 1}, model={"reference_model": True}))
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.run()
+    ref = dict(trainer.ref_model.named_parameters())
+    for name, value in snapshots[0].items():
+        assert torch.equal(ref[name], value), name
+    assert any(not torch.equal(initial[n], v) for n, v in snapshots[0].items()), "SFT must have moved the policy"
+    assert not any(p.requires_grad for p in ref.values()), "the reference is frozen"
 
 
 def test_config_file_and_unknown_keys(tmp_path):
@@ -139,7 +177,8 @@ def test_grpo_step_equals_float64_reference(loss_type, tmp_path):
         masks.append(torch.nn.functional.pad(mask, (0, width - len(ids))))
     extra = dict(num_items_in_batch=float(tokens)) if "num_items_in_batch" in LOSS_TYPES[loss_type].accepts else {}
     ref = grpo_loss_ref(torch.stack(logps), torch.tensor(adv, dtype=torch.float64), torch.stack(masks),
-                        loss_type=loss_type, epsilon_high=0.28, max_completion_length=12, **extra)
+                        loss_type=loss_type, epsilon_high=options.get("epsilon_high"), max_completion_length=12,
+                        **extra)
     ref.backward()
     assert total == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
     for name, p in model.named_parameters():

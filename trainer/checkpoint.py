@@ -10,7 +10,8 @@ import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 
 def _rng_state():
@@ -35,8 +36,12 @@ def _set_rng_state(state):
         np.random.set_state(state["numpy"])
 
 
+def path(directory: str, phase: str, step: int) -> str:
+    return os.path.join(directory, f"{phase}_step_{step:06d}")
+
+
 def save(directory: str, step: int, phase: str, model, optimizer, scheduler, world) -> str:
-    final = os.path.join(directory, f"{phase}_step_{step:06d}")
+    final = path(directory, phase, step)
     tmp = final + ".tmp"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,6 +70,16 @@ def latest(directory: str):
     with open(pointer) as f:
         path = os.path.join(directory, f.read().strip())
     return path if os.path.isdir(path) else None
+
+
+def load_model(checkpoint_dir: str, model) -> None:
+    """The model weights of a checkpoint only (e.g. the reference model: the policy at a phase's end)."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} is missing: the reference model is the policy "
+                                "saved there at the end of SFT")
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=checkpoint_dir)
+    set_model_state_dict(model, state["model"])
 
 
 def load(path: str, model, optimizer, scheduler, world) -> tuple:

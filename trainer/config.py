@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import typing
 from typing import Optional
 
-from r1kernels.grpo import LOSS_TYPES
+from r1kernels.grpo import LOSS_TYPES, check_options
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -67,10 +68,11 @@ class GRPOConfig:
     is_cap: float = 2.0                 # truncation of the sampler importance ratio (vLLM rollouts)
     loss_type: str = "grpo"
     beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.28
+    epsilon_low: Optional[float] = None   # clipped types: 0.2 when not set
+    epsilon_high: Optional[float] = None  # clipped types: 0.28 when not set (DAPO's clip-higher)
+    cispo_cap: Optional[float] = None     # cispo: the cap on the importance ratio, 5.0 when not set
     importance_sampling_level: str = "token"
-    scale_rewards: str = "group"        # group | batch | none
+    scale_rewards: Optional[str] = None   # group | batch | none; not set: group for grpo, none for rloo, dr_grpo
     advantage_estimator: str = "grpo"   # grpo | rloo | dr_grpo
     micro_batch_tokens: int = 4096      # token budget per packed micro-batch
     packing: bool = True                # packed varlen micro-batches (False: padded batches)
@@ -144,12 +146,13 @@ CHOICES = {
     "parallel.fsdp": ("auto", "on", "off"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
 }
+OPTIONAL_CHOICES = {"grpo.scale_rewards"}     # None: the library's default for the estimator
 POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
             "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers"}
 NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm",
-                "grpo.weight_decay", "sft.lr"}
+                "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
 
 
 def _fields(cls):
@@ -158,6 +161,8 @@ def _fields(cls):
 
 
 def _coerce(key: str, value, kind):
+    if typing.get_origin(kind) is typing.Union:      # Optional[X]: an X when given
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -199,14 +204,19 @@ def _apply(obj, updates: dict, prefix: str = ""):
 
 
 def validate(cfg: TrainerConfig) -> TrainerConfig:
+    bad = list(_non_finite(cfg))
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: must be finite")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
+        if value not in allowed and not (value is None and key in OPTIONAL_CHOICES):
             raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
     for key in POSITIVE | NON_NEGATIVE:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
         if key in POSITIVE and not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
         if key in NON_NEGATIVE and not value >= 0:
@@ -221,7 +231,37 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
         raise ConfigError(f"data.operators: any of '+-*', got {cfg.data.operators!r}")
     if cfg.data.task == "jsonl" and not cfg.data.train_jsonl:
         raise ConfigError("data.task = 'jsonl' needs data.train_jsonl")
+    _validate_loss(cfg)
     return cfg
+
+
+def _non_finite(obj, prefix=""):
+    """Keys of float fields that are NaN or infinite."""
+    for name, kind in _fields(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(kind):
+            yield from _non_finite(value, f"{prefix}{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            yield f"{prefix}{name}"
+
+
+def _validate_loss(cfg: TrainerConfig) -> None:
+    """The GRPO loss options, by the library's own rules, before any work starts."""
+    from trainer.step import loss_options
+
+    g = cfg.grpo
+    if g.loss_type == "cispo" and (g.epsilon_low is not None or g.epsilon_high is not None):
+        raise ConfigError("grpo.epsilon_low / grpo.epsilon_high do not apply to loss_type 'cispo': its ratio cap "
+                          "is grpo.cispo_cap")
+    if g.loss_type != "cispo" and g.cispo_cap is not None:
+        raise ConfigError(f"grpo.cispo_cap applies to loss_type 'cispo', not {g.loss_type!r}")
+    options = loss_options(g)
+    if "max_completion_length" in LOSS_TYPES[g.loss_type].accepts:
+        options["max_completion_length"] = cfg.rollout.max_new_tokens
+    try:
+        check_options(**options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"grpo: {error}") from None
 
 
 def load_file(path: str) -> dict:
@@ -233,6 +273,12 @@ def load_file(path: str) -> dict:
             import yaml
             return yaml.safe_load(f) or {}
     raise ConfigError(f"config file must be .toml or .yaml, got {path!r}")
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is typing.Union:
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    return kind.__name__
 
 
 def _flat_fields(cls, prefix=""):
@@ -254,7 +300,7 @@ def parse_args(argv=None) -> TrainerConfig:
         section = defaults
         for part in key.split("."):
             section = getattr(section, part)
-        parser.add_argument(f"--{key}", dest=key, default=None, metavar=kind.__name__.upper(),
+        parser.add_argument(f"--{key}", dest=key, default=None, metavar=_type_name(kind).upper(),
                             help=f"(default: {section!r})")
     args = parser.parse_args(argv)
     cfg = TrainerConfig()

@@ -125,12 +125,24 @@ def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> tor
     return torch.where(mb.mask.reshape(ratio.shape), ratio, torch.ones_like(ratio))
 
 
+CLIP_DEFAULTS = {"epsilon_low": 0.2, "epsilon_high": 0.28}   # DAPO's clip-higher, for the clipped loss types
+CISPO_CAP = 5.0                                                # TRL's recommended cap on cispo's ratio
+
+
 def loss_options(cfg) -> dict:
-    """The library's keyword arguments for this config's loss type: the ones its table entry accepts.
+    """The library's keyword arguments for this GRPO config: its loss type, each option the user set
+    (one that does not apply then raises in the library's check), and our defaults where the type
+    takes one. cispo's ratio cap, the library's epsilon_high, is ``grpo.cispo_cap``.
     (max_completion_length is added per micro-batch, by micro_batch_loss.)"""
     accepts = LOSS_TYPES[cfg.loss_type].accepts
     options = dict(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
-    options.update({name: getattr(cfg, name) for name in ("epsilon_low", "epsilon_high") if name in accepts})
+    if cfg.loss_type == "cispo":
+        options["epsilon_high"] = CISPO_CAP if cfg.cispo_cap is None else cfg.cispo_cap
+        return options
+    for name, default in CLIP_DEFAULTS.items():
+        value = getattr(cfg, name)
+        if value is not None or name in accepts:
+            options[name] = default if value is None else value
     return options
 
 

@@ -1,7 +1,6 @@
 """The R1 pipeline: optional cold-start SFT on worked traces, then GRPO (R1-Zero: sft.steps = 0)."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -43,12 +42,7 @@ class Trainer:
         model = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
         attach_fused_head(model)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.ref_model = None
-        if cfg.model.reference_model:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-            attach_fused_head(self.ref_model)
-            parallel.shard_model(self.ref_model, decoder_layers(self.ref_model), self.world, cfg.parallel.fsdp,
-                                 cfg.parallel.mixed_precision)
+        self.ref_model = None            # built at the start of GRPO (see reference_model)
         self.model = parallel.shard_model(model, decoder_layers(model), self.world, cfg.parallel.fsdp,
                                           cfg.parallel.mixed_precision)
         torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
@@ -73,6 +67,26 @@ class Trainer:
     def _global(self, *values):
         total = self.world.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
         return total.tolist()
+
+    def reference_model(self, resumed_in_grpo: bool):
+        """The frozen reference of the KL term: the policy at the start of GRPO, after SFT, as in R1.
+        It is copied shard by shard from the policy (both sharded alike, so nothing is gathered); on a
+        resume inside GRPO it is the SFT phase's last checkpoint, or without SFT the seeded initial weights."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        cfg = self.cfg
+        devices = [self.world.device] if self.world.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):     # the sampling streams go on untouched
+            torch.manual_seed(cfg.seed)                   # the policy's initial weights
+            dtype = next(self.model.parameters()).dtype
+            ref = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
+        attach_fused_head(ref)
+        ref = parallel.shard_model(ref, decoder_layers(ref), self.world, cfg.parallel.fsdp, cfg.parallel.mixed_precision)
+        if not resumed_in_grpo:
+            set_model_state_dict(ref, get_model_state_dict(self.model))
+        elif cfg.sft.steps:
+            checkpoint.load_model(checkpoint.path(cfg.checkpoint.dir, "sft", cfg.sft.steps), ref)
+        return ref.eval().requires_grad_(False)
 
     def _clip_and_step(self, optimizer, scheduler):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grpo.max_grad_norm or float("inf"))
@@ -151,7 +165,7 @@ class Trainer:
                                   dtype=torch.float32)
             advantages = r1kernels.group_advantages(scores, group_size=cfg.num_generations,
                                                     estimator=cfg.advantage_estimator,
-                                                    scale=None if cfg.advantage_estimator != "grpo" else cfg.scale_rewards,
+                                                    scale=cfg.scale_rewards,
                                                     reward_weights=weights)
             t1 = time.perf_counter()
             row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler,
@@ -238,6 +252,10 @@ class Trainer:
             if cfg.sft.steps and cfg.checkpoint.every and start < cfg.sft.steps:
                 checkpoint.save(cfg.checkpoint.dir, cfg.sft.steps, "sft", self.model, optimizer, scheduler, self.world)
             phase, start, optimizer, scheduler = "grpo", 0, None, None
+        elif cfg.model.reference_model:
+            self.ref_model = self.reference_model(resumed_in_grpo=True)
+        if cfg.model.reference_model and self.ref_model is None:
+            self.ref_model = self.reference_model(resumed_in_grpo=False)
         before = self.evaluate()
         if self.world.is_main:
             print(f"held-out accuracy before GRPO: {before * 100:.1f}%")
