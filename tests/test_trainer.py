@@ -35,6 +35,7 @@ from trainer.config import ConfigError, parse_args  # noqa: E402
     (["--grpo.cispo_cap=5"], "grpo.cispo_cap applies to loss_type 'cispo'"),
     (["--grpo.lr=inf"], "grpo.lr: must be finite"),
     (["--rollout.temperature=nan"], "rollout.temperature: must be finite"),
+    (["--model.dtype=bfloat16"], "model.allow_bf16_params"),
 ])
 def test_config_rejects_bad_values(argv, words):
     with pytest.raises(ConfigError, match=words):

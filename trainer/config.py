@@ -27,7 +27,8 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 256
-    dtype: str = "float32"              # float32 | bfloat16 (parameters)
+    dtype: str = "float32"              # float32 | bfloat16: the parameters and AdamW's state (compute: parallel)
+    allow_bf16_params: bool = False     # bf16 parameters with AdamW: updates below bf16's spacing are lost
     reference_model: bool = False       # load a frozen copy (needed when grpo.beta > 0)
     gradient_checkpointing: bool = False
     reward_model: str = ""              # optional sequence-classification checkpoint
@@ -225,6 +226,11 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.grpo.num_generations < 2:
         raise ConfigError("grpo.num_generations: GRPO needs at least 2 completions per prompt")
+    if cfg.model.dtype == "bfloat16" and not cfg.model.allow_bf16_params:
+        raise ConfigError("model.dtype = 'bfloat16' stores the parameters in bf16: AdamW updates smaller than bf16's "
+                          "spacing (most of them at lr 1e-6) are rounded away and training silently stalls. Keep "
+                          "float32 parameters with parallel.mixed_precision = 'bf16' (bf16 compute), or set "
+                          "model.allow_bf16_params = true if you mean it")
     if cfg.grpo.beta > 0 and not cfg.model.reference_model:
         raise ConfigError("grpo.beta > 0 needs model.reference_model = true")
     if set(cfg.data.operators) - set("+-*") or not cfg.data.operators:
