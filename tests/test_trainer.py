@@ -1,6 +1,7 @@
 """The trainer's pieces: config, rewards, the GRPO step against the float64 reference, packed vs
 padded, save/resume, and two FSDP2 ranks against one process."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -131,6 +132,62 @@ def test_a_reward_that_raises_costs_only_that_completion():
     rows = rs.score(["<answer>46</answer>", "boom"], [ARITH, ARITH])
     assert rows[0] == [1.0, 1.0] and rows[1][0] == 0.0 and rows[1][1] != rows[1][1]   # NaN
     assert rs.failures["fragile"] == 1
+
+
+def test_rewards_that_hang_or_return_non_numbers_fail_only_their_completion():
+    import time
+
+    def unreliable(text, example):
+        if text == "hang":
+            time.sleep(30)
+        return {"inf": math.inf, "nan": math.nan, "str": "0.5", "bool": True}.get(text, 0.25)
+
+    rs = R.RewardSet({"accuracy": 1.0}, timeout=0.2)
+    rs.functions["unreliable"] = unreliable
+    rs.weights.append(1.0)
+    started = time.perf_counter()
+    rows = rs.score(["hang", "inf", "nan", "str", "bool", "ok"], [ARITH] * 6)
+    assert time.perf_counter() - started < 5, "a hung reward must not hold the run"
+    assert [math.isnan(r[1]) for r in rows] == [True] * 5 + [False] and rows[5][1] == 0.25
+    assert rs.failures["unreliable"] == 5
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """A NaN loss skips its update (the weights stay as they were) and is logged; max_bad_steps of
+    them in a row stop the run with an error naming the step."""
+    from trainer.train import Trainer
+    poisoned = set()
+    original = S.micro_batch_loss
+
+    def loss(model, mb, *args):
+        out = original(model, mb, *args)
+        if trainer.current_step in poisoned:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(S, "micro_batch_loss", loss)
+    trainer = Trainer(tiny_config(tmp_path, sft={"steps": 0}, grpo={"steps": 4, "max_bad_steps": 2}))
+    original_update = trainer.update
+
+    def update(*args, step=0, **kwargs):
+        trainer.current_step = step
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        row = original_update(*args, step=step, **kwargs)
+        if step in poisoned:
+            assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters()), "update not skipped"
+        return row
+
+    trainer.update = update
+    poisoned.update({1})
+    result = trainer.run()
+    grad_norms = [r["grad_norm"] for r in result["rows"] if r["phase"] == "grpo"]
+    assert [math.isfinite(g) for g in grad_norms] == [True, False, True, True]
+    assert "failed rewards, skipped updates" in result["summary"] and trainer.skipped_steps == 1
+    trainer = Trainer(tiny_config(tmp_path / "again", sft={"steps": 0}, grpo={"steps": 4, "max_bad_steps": 2}))
+    trainer.update, original_update = update, trainer.update
+    poisoned.update({2})
+    with pytest.raises(RuntimeError, match="grpo step 2: 2 updates in a row"):
+        trainer.run()
 
 
 # ------------------------------------------------------------------ the GRPO step

@@ -78,6 +78,7 @@ class GRPOConfig:
     micro_batch_tokens: int = 4096      # token budget per packed micro-batch
     packing: bool = True                # packed varlen micro-batches (False: padded batches)
     kernels: str = "r1kernels"          # r1kernels | naive (materialised logits, for comparison)
+    max_bad_steps: int = 3              # updates in a row with a non-finite gradient norm before the run stops
 
 
 @dataclasses.dataclass
@@ -97,6 +98,7 @@ class RewardConfig:
     language: float = 0.0
     repetition: float = 0.0
     reward_model: float = 0.0
+    timeout_s: float = 10.0             # per reward call; a call past it is a failed reward (NaN)
 
 
 @dataclasses.dataclass
@@ -151,7 +153,8 @@ OPTIONAL_CHOICES = {"grpo.scale_rewards"}     # None: the library's default for 
 POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-            "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers"}
+            "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers", "rewards.timeout_s",
+            "grpo.max_bad_steps"}
 NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm",
                 "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -59,6 +60,9 @@ class MetricsLog:
                 values = [r[key] for r in grpo if r.get(key) is not None]
                 if values:
                     lines.append(f"{'GRPO ' + key + ' (first -> last)':36s} {values[0]:.4g} -> {values[-1]:.4g}")
+            failed = sum(r.get("reward_failures", 0) for r in grpo)
+            skipped = sum(not math.isfinite(r["grad_norm"]) for r in grpo if r.get("grad_norm") is not None)
+            lines.append(f"{'failed rewards, skipped updates':36s} {failed}, {skipped}")
         lines.append(f"{'wall time':36s} {time.time() - self.start:.0f} s")
         text = "\n".join(lines)
         print(text)

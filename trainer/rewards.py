@@ -1,14 +1,18 @@
 """Rule-based rewards (and an optional learned reward model), weighted and summed.
 
-Every function maps (completion text, example) to a float. A function that raises on one
-completion costs that completion that reward (NaN, left out of its group's statistics by
-group_advantages) and is logged; the run goes on.
+Every function maps (completion text, example) to a float. A function that raises, returns
+something other than a finite real number, or runs past the timeout on one completion costs that
+completion that reward (NaN: a failed reward, left out of its group's statistics by
+group_advantages), is counted and logged; the run goes on.
 """
 from __future__ import annotations
 
 import ast
 import logging
 import math
+import numbers
+import queue
+import threading
 import re
 import unicodedata
 from collections import Counter
@@ -147,9 +151,12 @@ BUILTIN = {"accuracy": accuracy, "format_strict": format_strict, "format_lenient
 
 
 class RewardSet:
-    """Named reward functions with weights; ``score`` returns a [B, R] list of floats (NaN on failure)."""
+    """Named reward functions with weights; ``score`` returns a [B, R] list of floats (NaN on failure).
+    Each call runs on a daemon worker thread and is waited for at most ``timeout`` seconds: a call
+    that hangs is abandoned with its thread (Python cannot stop one; being a daemon, it does not hold
+    the process at exit) and later calls go to a fresh worker."""
 
-    def __init__(self, weights: dict, reward_model=None):
+    def __init__(self, weights: dict, reward_model=None, timeout: float = 10.0):
         self.functions = {name: fn for name, fn in BUILTIN.items() if weights.get(name, 0.0)}
         if weights.get("reward_model", 0.0) and reward_model is not None:
             self.functions["reward_model"] = reward_model
@@ -157,21 +164,61 @@ class RewardSet:
             raise ValueError("at least one reward needs a non-zero weight")
         self.weights = [float(weights[name]) for name in self.functions]
         self.failures = Counter()
+        self.timeout = timeout
+        self._jobs = self._start_worker()
 
     @property
     def names(self):
         return list(self.functions)
 
+    @staticmethod
+    def _start_worker() -> queue.Queue:
+        """A daemon thread that runs each job (a list of (fn, args)) and replies with every call's
+        (ok, value) in turn, on the reply queue that came with the job."""
+        jobs: queue.Queue = queue.Queue()
+
+        def serve():
+            while True:
+                calls, reply = jobs.get()
+                for fn, args in calls:
+                    try:
+                        reply.put((True, fn(*args)))
+                    except Exception as err:  # noqa: BLE001 - reported to the caller
+                        reply.put((False, err))
+
+        threading.Thread(target=serve, daemon=True, name="reward-worker").start()
+        return jobs
+
+    def _checked(self, name, ok, value) -> float:
+        """A call's result as a finite float, or NaN (counted and logged) when it failed."""
+        if ok and not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value):
+            return float(value)
+        if ok:
+            value = (ValueError(f"returned {value}") if isinstance(value, numbers.Real) and not isinstance(value, bool)
+                     else TypeError(f"returned {type(value).__name__} {value!r}, not a real number"))
+        self.failures[name] += 1
+        log.warning("reward %s failed on a completion: %s: %s", name, type(value).__name__, value)
+        return math.nan
+
     def score(self, texts, examples):
-        rows = []
-        for text, example in zip(texts, examples):
-            row = []
-            for name, fn in self.functions.items():
+        """The batch's calls go to the worker as one job; each result is waited for at most ``timeout``
+        seconds after the previous one, and after a timeout the remaining calls go to a fresh worker."""
+        calls = [(name, fn, (text, example)) for text, example in zip(texts, examples)
+                 for name, fn in self.functions.items()]
+        values, done = [], 0
+        while done < len(calls):
+            reply: queue.Queue = queue.Queue()
+            self._jobs.put(([(fn, args) for _, fn, args in calls[done:]], reply))
+            while done < len(calls):
                 try:
-                    row.append(float(fn(text, example)))
-                except Exception as err:  # noqa: BLE001 - one bad completion must not stop the run
-                    self.failures[name] += 1
-                    log.warning("reward %s failed on a completion: %s: %s", name, type(err).__name__, err)
-                    row.append(math.nan)
-            rows.append(row)
-        return rows
+                    ok, value = reply.get(timeout=self.timeout)
+                except queue.Empty:
+                    self._jobs = self._start_worker()     # the hung call keeps the old worker
+                    ok, value = False, TimeoutError(f"no result within {self.timeout} s")
+                    values.append(self._checked(calls[done][0], ok, value))
+                    done += 1
+                    break
+                values.append(self._checked(calls[done][0], ok, value))
+                done += 1
+        width = len(self.functions)
+        return [values[i:i + width] for i in range(0, len(values), width)]

@@ -42,13 +42,14 @@ class Trainer:
         model = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
         attach_fused_head(model)
         self.n_params = sum(p.numel() for p in model.parameters())
+        self.bad_steps = self.skipped_steps = 0   # updates skipped for a non-finite gradient norm (in a row, in all)
         self.ref_model = None            # built at the start of GRPO (see reference_model)
         self.model = parallel.shard_model(model, decoder_layers(model), self.world, cfg.parallel.fsdp,
                                           cfg.parallel.mixed_precision)
         torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
         self.data = TaskSource(cfg.data)
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
-        self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model)
+        self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s)
         if cfg.rollout.engine == "vllm":
             self.engine = VLLMEngine(cfg.model.name, self.tokenizer, cfg.rollout, self.world)
         else:
@@ -88,12 +89,26 @@ class Trainer:
             checkpoint.load_model(checkpoint.path(cfg.checkpoint.dir, "sft", cfg.sft.steps), ref)
         return ref.eval().requires_grad_(False)
 
-    def _clip_and_step(self, optimizer, scheduler):
+    def _clip_and_step(self, optimizer, scheduler, phase: str, step: int) -> float:
+        """Clip and apply the gradients; returns the gradient norm. A non-finite norm (a NaN or inf loss
+        or gradient on any rank: the norm is global) skips the update and is logged; grpo.max_bad_steps
+        such steps in a row stop the run with an error naming the step."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grpo.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(norm):
+            optimizer.step()
+            scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.world.is_main:
+                print(f"{phase} step {step}: gradient norm {norm}: update skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= self.cfg.grpo.max_bad_steps:
+                raise RuntimeError(f"{phase} step {step}: {self.bad_steps} updates in a row had a non-finite loss or "
+                                   f"gradient norm (grpo.max_bad_steps = {self.cfg.grpo.max_bad_steps}); stopping")
         optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm
 
     def _maybe_checkpoint(self, phase, step, total, optimizer, scheduler, force=False):
         every = self.cfg.checkpoint.every
@@ -122,7 +137,7 @@ class Trainer:
                 loss = -(logp * mb.mask.reshape(logp.shape)).sum() / max(global_tokens, 1.0) * self.world.size
                 loss.backward()
                 total_loss += loss.item() / self.world.size
-            self._clip_and_step(optimizer, scheduler)
+            self._clip_and_step(optimizer, scheduler, "sft", step)
             self.log.log({"phase": "sft", "step": step, "loss": total_loss}, cfg.steps)
             self._maybe_checkpoint("sft", step, cfg.steps, optimizer, scheduler)
         return optimizer, scheduler
@@ -161,6 +176,7 @@ class Trainer:
             t0 = time.perf_counter()
             rollouts = self.engine.generate(self.model, prompts, cfg.num_generations)
             t_rollout = time.perf_counter() - t0
+            failures_before = sum(self.rewards.failures.values())
             scores = torch.tensor(self.rewards.score(rollouts.texts, [examples[g] for g in rollouts.group]),
                                   dtype=torch.float32)
             advantages = r1kernels.group_advantages(scores, group_size=cfg.num_generations,
@@ -169,7 +185,7 @@ class Trainer:
                                                     reward_weights=weights)
             t1 = time.perf_counter()
             row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler,
-                              sampling_logprobs=rollouts.sampling_logprobs)
+                              sampling_logprobs=rollouts.sampling_logprobs, step=step)
             t_train = time.perf_counter() - t1
             self.engine.sync_weights(self.model)
             generated = sum(len(c) for c in rollouts.completion_ids)
@@ -181,6 +197,7 @@ class Trainer:
                        peak_mem_mib=peak_memory_bytes(self.world.device) / 2**20, lr=scheduler.get_last_lr()[0])
             for k, name in enumerate(self.rewards.names):
                 row[f"reward_{name}"] = float(torch.nanmean(scores[:, k]))
+            row["reward_failures"] = sum(self.rewards.failures.values()) - failures_before
             if accuracy_column is not None:
                 row["accuracy"] = float(torch.nanmean(scores[:, accuracy_column]))
             if self.world.device.type == "cuda":
@@ -191,7 +208,8 @@ class Trainer:
             self._maybe_checkpoint("grpo", step, cfg.steps, optimizer, scheduler)
         return optimizer, scheduler
 
-    def update(self, prompt_ids, completion_ids, advantages, optimizer, scheduler, sampling_logprobs=None) -> dict:
+    def update(self, prompt_ids, completion_ids, advantages, optimizer, scheduler, sampling_logprobs=None,
+               step: int = 0) -> dict:
         """num_iterations optimizer steps on one batch of rollouts; returns averaged loss metrics.
 
         With the sampler's per-token log-probs (vLLM), the policy term is multiplied by the truncated
@@ -227,7 +245,7 @@ class Trainer:
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * mb.num_tokens
                 weight_total += mb.num_tokens
-            grad_norm = self._clip_and_step(optimizer, scheduler)
+            grad_norm = self._clip_and_step(optimizer, scheduler, "grpo", step)
         (loss_total,) = self._global(loss_total)
         row = {key: value / max(weight_total, 1.0) for key, value in sums.items()}
         row.update(loss=loss_total, grad_norm=grad_norm,
