@@ -190,6 +190,45 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch)
         trainer.run()
 
 
+def _jsonl(path, records):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+GOOD = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(12)]
+
+
+@pytest.mark.parametrize("records, words", [
+    (GOOD[:3] + ['{"prompt": "1+1=", "answer": '], "train.jsonl:4: not valid JSON"),
+    (GOOD[:3] + [{"prompt": "1+1=", "answer": None}], "train.jsonl:4: 'answer' must be a string, got null"),
+    (GOOD[:2] + [{"prompt": 7, "answer": "7"}], "train.jsonl:3: 'prompt' must be a string"),
+    (GOOD[:2] + [{"question": "1+1="}], "train.jsonl:3: the record has no 'prompt'"),
+    (GOOD[:8], "has 8 records, too few to hold out data.eval_size = 200"),
+    (GOOD + [{"prompt": "ça fait combien ?", "answer": "2"}], "builtin-tiny tokenizer has no token for"),
+    (GOOD, "sft.steps = 2 needs worked traces"),
+])
+def test_jsonl_tasks_fail_clearly_before_training(records, words, tmp_path):
+    from trainer.train import Trainer
+    data = dict(task="jsonl", train_jsonl=_jsonl(tmp_path / "train.jsonl", records),
+                eval_size=200 if len(records) == 8 else 4)
+    with pytest.raises(ValueError, match=words):
+        Trainer(tiny_config(tmp_path, data=data, sft={"steps": 2 if "traces" in words else 0}))
+
+
+def test_jsonl_held_out_is_disjoint_and_sft_jsonl_is_read(tmp_path):
+    from trainer.tasks import TaskSource
+    from trainer.config import DataConfig
+    traces = [{"prompt": "9+9=", "completion": "<think>9+9=18</think><answer>18</answer>"}]
+    repeated = GOOD + [GOOD[-1]]                        # a held-out prompt also early in the file
+    repeated.insert(0, GOOD[-1])
+    source = TaskSource(DataConfig(task="jsonl", train_jsonl=_jsonl(tmp_path / "t.jsonl", repeated), eval_size=3,
+                                   sft_jsonl=_jsonl(tmp_path / "s.jsonl", traces)))
+    held = {e["prompt"] for e in source.held_out()}
+    trained = {e["prompt"] for step in range(20) for e in source.train("grpo", step, 8)}
+    assert held and trained and not held & trained
+    assert {e["trace"] for e in source.train("sft", 0, 4)} == {traces[0]["completion"]}
+
+
 # ------------------------------------------------------------------ the GRPO step
 def _model(dtype=torch.float32):
     from trainer.model import attach_fused_head, build_model
@@ -268,8 +307,8 @@ def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
 
     real_save = checkpoint.save
 
-    def save_then_crash(directory, step, phase, *args):
-        path = real_save(directory, step, phase, *args)
+    def save_then_crash(directory, step, phase, *args, **kwargs):
+        path = real_save(directory, step, phase, *args, **kwargs)
         if phase == "grpo" and step == 2:
             raise KeyboardInterrupt("simulated crash")
         return path
@@ -283,9 +322,98 @@ def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
                                   checkpoint={"every": 2, "resume": True})).run()
     keys = ("loss", "reward", "completion_len", "kl_mean", "grad_norm")
     tail_full = [{k: r.get(k) for k in keys} for r in full["rows"] if r["phase"] == "grpo" and r["step"] >= 2]
-    tail_resumed = [{k: r.get(k) for k in keys} for r in resumed["rows"] if r["phase"] == "grpo"]
+    tail_resumed = [{k: r.get(k) for k in keys} for r in resumed["rows"] if r["phase"] == "grpo" and r["step"] >= 2]
     assert tail_full == tail_resumed
     assert full["after"] == resumed["after"]
+    # the resumed run appended to metrics.jsonl: every step once, the rows before the checkpoint kept
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in logged] == [("sft", 0), ("sft", 1)] + [("grpo", i) for i in range(4)]
+    assert [r["loss"] for r in logged] == [r["loss"] for r in full["rows"]]
+
+
+def test_two_runs_print_identical_figures(tmp_path):
+    """The main job's figures are a function of the config and the machine: two runs in one process
+    (SFT, GRPO, evaluation) print the same summary, step by step."""
+    from trainer.train import Trainer
+    runs = [Trainer(tiny_config(tmp_path / name, grpo={"steps": 3})).run() for name in ("a", "b")]
+    timings = ("elapsed_s", "rollout_tok_s", "train_tok_s", "peak_mem_mib")     # of the machine, not the run
+    strip = [[{k: v for k, v in r.items() if k not in timings} for r in run["rows"]] for run in runs]
+    assert strip[0] == strip[1]
+    assert (runs[0]["before"], runs[0]["after"]) == (runs[1]["before"], runs[1]["after"])
+    figures = [[line for line in run["summary"].splitlines() if "accuracy" in line or "reward" in line]
+               for run in runs]
+    assert figures[0] == figures[1] and figures[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny run that checkpointed at SFT's end and after GRPO steps 2 and 4."""
+    from trainer.train import Trainer
+    directory = tmp_path_factory.mktemp("finished")
+    Trainer(tiny_config(directory, grpo={"steps": 4}, checkpoint={"every": 2})).run()
+    return directory
+
+
+def _copy_run(finished_run, tmp_path):
+    import shutil
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(finished_run, tmp_path, capsys):
+    from trainer import checkpoint
+    run = _copy_run(finished_run, tmp_path)
+    assert checkpoint.latest(str(run)).endswith("grpo_step_000004")
+    for pointer in ("grpo_step_000009", ""):               # dangling, then empty
+        (run / "latest").write_text(pointer)
+        assert checkpoint.latest(str(run)).endswith("grpo_step_000004")
+        assert "not a complete checkpoint: resuming from" in capsys.readouterr().out
+    (run / "grpo_step_000004" / "checksums.json").unlink()    # an incomplete newest checkpoint is skipped too
+    assert checkpoint.latest(str(run)).endswith("grpo_step_000002")
+    for name in ("grpo_step_000002", "grpo_step_000004", "sft_step_000002"):
+        (run / name / "checksums.json").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="holds none to fall back to"):
+        checkpoint.latest(str(run))
+
+
+def test_a_corrupt_checkpoint_file_is_named(finished_run, tmp_path):
+    from trainer.train import Trainer
+    run = _copy_run(finished_run, tmp_path)
+    shard = max((run / "grpo_step_000002").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])     # 16 bytes changed
+    shard.write_bytes(bytes(data))
+    (run / "latest").write_text("grpo_step_000002")
+    with pytest.raises(RuntimeError, match=f"{shard.name} does not match its recorded SHA-256"):
+        Trainer(tiny_config(run, grpo={"steps": 4}, checkpoint={"every": 2, "resume": True})).run()
+
+
+def test_resume_with_a_changed_config_lists_it_or_applies_it(finished_run, tmp_path):
+    from trainer.train import Trainer
+    run = _copy_run(finished_run, tmp_path)
+    (run / "latest").write_text("grpo_step_000002")
+    changed = dict(grpo={"steps": 4, "lr": 3e-4}, checkpoint={"every": 2, "resume": True})
+    with pytest.raises(ValueError, match=r"grpo.lr: 0.0001 -> 0.0003"):
+        Trainer(tiny_config(run, **changed)).run()
+    trainer = Trainer(tiny_config(run, grpo={"steps": 3, "lr": 3e-4},
+                                  checkpoint={"every": 2, "resume": True, "allow_config_change": True}))
+    seen = []
+    original = trainer.grpo
+
+    def grpo(start, optimizer, scheduler):
+        seen.append((start, scheduler.base_lrs[0], optimizer.param_groups[0]["initial_lr"]))
+        return original(start, optimizer, scheduler)
+
+    trainer.grpo = grpo
+    trainer.run()
+    assert seen == [(2, 3e-4, 3e-4)], "the new lr applies to the resumed optimizer and schedule"
+
+
+def test_resuming_a_finished_run_says_so(finished_run, tmp_path, capsys):
+    from trainer.train import Trainer
+    run = _copy_run(finished_run, tmp_path)
+    result = Trainer(tiny_config(run, grpo={"steps": 4}, checkpoint={"every": 2, "resume": True})).run()
+    assert "already finished its 4 GRPO steps" in result["summary"] in capsys.readouterr().out
 
 
 def test_two_fsdp2_ranks_equal_one_process(tmp_path):

@@ -1,17 +1,29 @@
 """Checkpoints with torch.distributed.checkpoint: model and optimizer (sharded under FSDP2), LR
-scheduler, step (the data position: every batch is a function of the seed and the step) and RNG
-states. Written to ``step_N.tmp`` and renamed once complete, and ``latest`` is replaced
-atomically after that, so a crash during a save leaves the previous checkpoint usable."""
+scheduler, step (the data position: every batch is a function of the seed and the step), RNG
+states and the run's config. Written to ``<phase>_step_N.tmp`` with a SHA-256 of every file
+(``checksums.json``, written last: its presence marks a complete checkpoint), renamed once complete,
+and ``latest`` is replaced atomically after that, so a crash during a save leaves the previous
+checkpoint usable. Loading verifies the checksums; a dangling or empty ``latest`` falls back to the
+newest complete checkpoint."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+
+
+PHASES = ("sft", "grpo")
+CHECKSUMS = "checksums.json"
+CONFIG = "config.json"
+_NAME = re.compile(r"(sft|grpo)_step_(\d+)")
 
 
 def _rng_state():
@@ -40,7 +52,8 @@ def path(directory: str, phase: str, step: int) -> str:
     return os.path.join(directory, f"{phase}_step_{step:06d}")
 
 
-def save(directory: str, step: int, phase: str, model, optimizer, scheduler, world) -> str:
+def save(directory: str, step: int, phase: str, model, optimizer, scheduler, world, config=None) -> str:
+    """``config``: the run's config as a dict, compared on resume (see ``saved_config``)."""
     final = path(directory, phase, step)
     tmp = final + ".tmp"
     if world.is_main:
@@ -53,6 +66,12 @@ def save(directory: str, step: int, phase: str, model, optimizer, scheduler, wor
                os.path.join(tmp, f"extra_rank{world.rank}.pt"))
     world.barrier()
     if world.is_main:
+        if config is not None:
+            with open(os.path.join(tmp, CONFIG), "w") as f:
+                json.dump(config, f, indent=1, sort_keys=True)
+        sums = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, CHECKSUMS), "w") as f:
+            json.dump(sums, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = os.path.join(directory, "latest.tmp")
@@ -63,13 +82,60 @@ def save(directory: str, step: int, phase: str, model, optimizer, scheduler, wor
     return final
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _complete(directory: str) -> list:
+    """Complete checkpoints (with their checksums) in run order: SFT before GRPO, then by step."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = _NAME.fullmatch(name)
+        if match and os.path.isfile(os.path.join(directory, name, CHECKSUMS)):
+            found.append((PHASES.index(match[1]), int(match[2]), os.path.join(directory, name)))
+    return [path for *_, path in sorted(found)]
+
+
 def latest(directory: str):
+    """The checkpoint ``latest`` names; when it is dangling, empty or unreadable, the newest complete
+    checkpoint (with a message), or an error when there is none. None when nothing was ever saved."""
     pointer = os.path.join(directory, "latest")
+    complete = _complete(directory)
     if not os.path.exists(pointer):
-        return None
+        return complete[-1] if complete else None
     with open(pointer) as f:
-        path = os.path.join(directory, f.read().strip())
-    return path if os.path.isdir(path) else None
+        name = f.read().strip()
+    path = os.path.join(directory, name)
+    if name and os.path.isfile(os.path.join(path, CHECKSUMS)):
+        return path
+    if not complete:
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint, and {directory} "
+                                "holds none to fall back to")
+    print(f"{pointer} names {name!r}, which is not a complete checkpoint: resuming from {complete[-1]}, the newest "
+          "complete one")
+    return complete[-1]
+
+
+def verify(path: str) -> None:
+    """Every file of the checkpoint against its recorded SHA-256; a mismatch names the file."""
+    with open(os.path.join(path, CHECKSUMS)) as f:
+        sums = json.load(f)
+    for name, digest in sums.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise RuntimeError(f"checkpoint file {file} is missing")
+        if _sha256(file) != digest:
+            raise RuntimeError(f"checkpoint file {file} does not match its recorded SHA-256: the checkpoint is corrupt")
+
+
+def saved_config(path: str):
+    """The config dict saved with the checkpoint (None for one saved without it)."""
+    file = os.path.join(path, CONFIG)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
 
 
 def load_model(checkpoint_dir: str, model) -> None:
@@ -77,13 +143,15 @@ def load_model(checkpoint_dir: str, model) -> None:
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint {checkpoint_dir} is missing: the reference model is the policy "
                                 "saved there at the end of SFT")
+    verify(checkpoint_dir)
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=checkpoint_dir)
     set_model_state_dict(model, state["model"])
 
 
 def load(path: str, model, optimizer, scheduler, world) -> tuple:
-    """Restores everything saved; returns (phase, step) of the checkpoint."""
+    """Restores everything saved, after verifying the checksums; returns (phase, step) of the checkpoint."""
+    verify(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)

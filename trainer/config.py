@@ -112,6 +112,7 @@ class CheckpointConfig:
     dir: str = "runs/default"
     every: int = 0                      # steps between checkpoints (0: only at the end)
     resume: bool = False
+    allow_config_change: bool = False   # resume with a changed config (the new values apply); else an error
     export: bool = True                 # save_pretrained of the final policy
 
 

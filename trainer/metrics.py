@@ -29,9 +29,24 @@ class MetricsLog:
         self.rows = []
         self.start = time.time()
         self.path = os.path.join(directory, "metrics.jsonl")
-        if enabled:
-            os.makedirs(directory, exist_ok=True)
-            open(self.path, "w").close()
+
+    def begin(self, resumed_at: tuple | None = None):
+        """Start the file: empty for a new run; on a resume from checkpoint (phase, step), the rows
+        logged before that point are kept (and shown in the summary) and the later ones dropped,
+        since the resumed run logs those steps again."""
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if resumed_at is not None and os.path.exists(self.path):
+            phases = ("sft", "grpo")
+            cut = (phases.index(resumed_at[0]), resumed_at[1])
+            with open(self.path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            self.rows = [r for r in rows if (phases.index(r["phase"]), r["step"]) < cut]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+        os.replace(tmp, self.path)
 
     def log(self, row: dict, total: int):
         row = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in row.items()}

@@ -64,12 +64,30 @@ class TaskSource:
         self.cfg = cfg
         self._jsonl_train = self._jsonl_eval = None
         if cfg.task == "jsonl":
-            self._jsonl_train = _read_jsonl(cfg.train_jsonl)
-            self._jsonl_eval = _read_jsonl(cfg.eval_jsonl) if cfg.eval_jsonl else self._jsonl_train[-cfg.eval_size:]
-            if not cfg.eval_jsonl:
-                self._jsonl_train = self._jsonl_train[:-cfg.eval_size] or self._jsonl_train
+            self._jsonl_train, self._jsonl_eval = _jsonl_splits(cfg)
         self._held_out = self._make_held_out()
         self._held_out_prompts = {e["prompt"] for e in self._held_out}
+        # SFT traces: data.sft_jsonl when given, else the task's own (built-in tasks and JSONL completions)
+        self._sft = None
+        if cfg.sft_jsonl:
+            self._sft = [e for e in _read_jsonl(cfg.sft_jsonl, needs="completion")
+                         if e["prompt"] not in self._held_out_prompts]
+            if not self._sft:
+                raise ValueError(f"data.sft_jsonl {cfg.sft_jsonl}: every record's prompt is in the held-out set")
+
+    @property
+    def has_traces(self) -> bool:
+        """Whether SFT has worked traces to learn from."""
+        return self._sft is not None or self._jsonl_train is None or any(e["trace"] for e in self._jsonl_train)
+
+    def texts(self):
+        """Every prompt, answer and trace a run reads (for the tokenizer's coverage check)."""
+        records = (self._jsonl_train or []) + (self._jsonl_eval or []) + (self._sft or [])
+        tags = (THINK, END_THINK, ANSWER, END_ANSWER)      # special tokens of their own
+        texts = [text for e in records for text in (e["prompt"], e["answer"], e["trace"] or "")]
+        for tag in tags:
+            texts = [text.replace(tag, "") for text in texts]
+        return texts
 
     def _example(self, rng):
         if self.cfg.task == "countdown":
@@ -94,6 +112,9 @@ class TaskSource:
         return list(self._held_out)
 
     def train(self, stream: str, step: int, n: int):
+        if stream == "sft" and self._sft is not None:
+            rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
+            return [rng.choice(self._sft) for _ in range(n)]
         if self._jsonl_train is not None:
             rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
             return [rng.choice(self._jsonl_train) for _ in range(n)]
@@ -106,16 +127,48 @@ class TaskSource:
         return out
 
 
-def _read_jsonl(path: str):
+def _jsonl_splits(cfg):
+    """(train, held-out) records: data.eval_jsonl, or the last data.eval_size records of the training
+    file; either way no held-out prompt is trained on, and a file too small to split is an error."""
+    records = _read_jsonl(cfg.train_jsonl, needs="answer")
+    if cfg.eval_jsonl:
+        held_out = _read_jsonl(cfg.eval_jsonl, needs="answer")[: cfg.eval_size]
+    else:
+        if len(records) <= cfg.eval_size:
+            raise ValueError(f"data.train_jsonl {cfg.train_jsonl} has {len(records)} records, too few to hold out "
+                             f"data.eval_size = {cfg.eval_size} and train on the rest: lower data.eval_size or give "
+                             "data.eval_jsonl")
+        held_out = records[-cfg.eval_size:]
+        records = records[:-cfg.eval_size]
+    prompts = {e["prompt"] for e in held_out}
+    train = [e for e in records if e["prompt"] not in prompts]
+    if not train:
+        raise ValueError(f"data.train_jsonl {cfg.train_jsonl}: every prompt is also in the held-out set")
+    return train, held_out
+
+
+def _read_jsonl(path: str, needs: str):
+    """Records {"prompt": str, "answer": str, "completion": str (optional)}; ``needs`` names the
+    field besides the prompt that each must have. Errors name the file and the line."""
     records = []
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if "prompt" not in record or ("answer" not in record and "completion" not in record):
-                raise ValueError(f"{path}:{number}: each record needs 'prompt' and 'answer' (or 'completion')")
-            records.append({"task": "jsonl", "prompt": record["prompt"], "answer": str(record.get("answer", "")),
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+            for field in ("prompt", needs):
+                if field not in record:
+                    raise ValueError(f"{where}: the record has no {field!r}")
+            for field in ("prompt", "answer", "completion"):
+                if field in record and not isinstance(record[field], str):
+                    raise ValueError(f"{where}: {field!r} must be a string, got {json.dumps(record[field])}")
+            records.append({"task": "jsonl", "prompt": record["prompt"], "answer": record.get("answer", ""),
                             "trace": record.get("completion")})
     if not records:
         raise ValueError(f"{path}: no records")

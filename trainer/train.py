@@ -1,6 +1,7 @@
 """The R1 pipeline: optional cold-start SFT on worked traces, then GRPO (R1-Zero: sft.steps = 0)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -14,9 +15,22 @@ from trainer.metrics import MetricsLog, peak_memory_bytes
 from trainer.model import attach_fused_head, build_model, decoder_layers
 from trainer.rollout import HFGenerateEngine, VLLMEngine
 from trainer.tasks import TaskSource
-from trainer.tokenizer import load_tokenizer, prompt_text
+from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
 
 PEAK_BF16_FLOPS = 989e12   # H100/H200 dense bf16, for MFU
+
+
+RESUME_FREE = ("checkpoint.", "log.")   # where and how often to save, and what to print: free to differ on a resume
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -48,6 +62,14 @@ class Trainer:
                                           cfg.parallel.mixed_precision)
         torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
         self.data = TaskSource(cfg.data)
+        if cfg.sft.steps and not self.data.has_traces:
+            raise ValueError(f"sft.steps = {cfg.sft.steps} needs worked traces: give data.sft_jsonl ({{\"prompt\", "
+                             "\"completion\"} records) or completions in data.train_jsonl, or set sft.steps = 0")
+        if cfg.model.name == "builtin-tiny":
+            missing = sorted(set("".join(self.data.texts())) - set(BUILTIN_CHARS))
+            if missing:
+                raise ValueError(f"the builtin-tiny tokenizer has no token for {''.join(missing[:20])!r} in the task's "
+                                 "text (it would become <unk>): use a model with its own tokenizer (model.name)")
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
         self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s)
         if cfg.rollout.engine == "vllm":
@@ -110,10 +132,39 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def _save(self, phase, step, optimizer, scheduler):
+        checkpoint.save(self.cfg.checkpoint.dir, step, phase, self.model, optimizer, scheduler, self.world,
+                        config=dataclasses.asdict(self.cfg))
+
+    def _check_config(self, path):
+        """Resuming with another config than the checkpoint's is an error listing the differences,
+        unless checkpoint.allow_config_change (then the new values apply)."""
+        saved = checkpoint.saved_config(path)
+        if saved is None:
+            return
+        now = _flat(dataclasses.asdict(self.cfg))
+        before = _flat(saved)
+        changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(before))
+                   if before.get(key) != now.get(key) and not key.startswith(RESUME_FREE)]
+        if changed and not self.cfg.checkpoint.allow_config_change:
+            raise ValueError(f"the config differs from the one {path} was saved with:\n  " + "\n  ".join(changed)
+                             + "\nresume with the same config, or set checkpoint.allow_config_change = true to "
+                             "apply the new values")
+        if changed and self.world.is_main:
+            print("resuming with a changed config (the new values apply):\n  " + "\n  ".join(changed))
+
+    def _apply_optimizer_config(self, optimizer, scheduler, phase):
+        """The config's lr and weight decay on a loaded optimizer (its state carries the saved ones): the
+        schedule itself is rebuilt from the config, the base lr is restored from the state, so set it."""
+        lr = self.cfg.sft.lr if phase == "sft" else self.cfg.grpo.lr
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group.update(initial_lr=lr, lr=lr * schedule(scheduler.last_epoch), weight_decay=self.cfg.grpo.weight_decay)
+
     def _maybe_checkpoint(self, phase, step, total, optimizer, scheduler, force=False):
         every = self.cfg.checkpoint.every
         if force or (every and (step + 1) % every == 0 and step + 1 < total):
-            checkpoint.save(self.cfg.checkpoint.dir, step + 1, phase, self.model, optimizer, scheduler, self.world)
+            self._save(phase, step + 1, optimizer, scheduler)
 
     # ------------------------------------------------------------------ stages
     def sft(self, start_step=0, optimizer=None, scheduler=None):
@@ -261,14 +312,24 @@ class Trainer:
         resumed = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resumed:
             phase, start = self._resume_phase(resumed)
+            self._check_config(resumed)
+            if phase == "grpo" and start >= cfg.grpo.steps:
+                message = (f"{resumed}: this run already finished its {start} GRPO steps (grpo.steps = "
+                           f"{cfg.grpo.steps}); nothing to resume. Raise grpo.steps (with "
+                           "checkpoint.allow_config_change = true) to train further")
+                if self.world.is_main:
+                    print(message)
+                return {"before": None, "after": None, "summary": message, "rows": []}
             optimizer, scheduler = self._optimizer_for(phase)
             checkpoint.load(resumed, self.model, optimizer, scheduler, self.world)
+            self._apply_optimizer_config(optimizer, scheduler, phase)
             if self.world.is_main:
                 print(f"resumed from {resumed} ({phase} step {start})")
+        self.log.begin((phase, start) if resumed else None)
         if phase == "sft":
             optimizer, scheduler = self.sft(start, optimizer, scheduler)
             if cfg.sft.steps and cfg.checkpoint.every and start < cfg.sft.steps:
-                checkpoint.save(cfg.checkpoint.dir, cfg.sft.steps, "sft", self.model, optimizer, scheduler, self.world)
+                self._save("sft", cfg.sft.steps, optimizer, scheduler)
             phase, start, optimizer, scheduler = "grpo", 0, None, None
         elif cfg.model.reference_model:
             self.ref_model = self.reference_model(resumed_in_grpo=True)
@@ -282,7 +343,7 @@ class Trainer:
         if self.world.is_main:
             print(f"held-out accuracy after GRPO: {after * 100:.1f}%")
         if cfg.checkpoint.every:
-            checkpoint.save(cfg.checkpoint.dir, cfg.grpo.steps, "grpo", self.model, optimizer, scheduler, self.world)
+            self._save("grpo", cfg.grpo.steps, optimizer, scheduler)
         summary = self.log.summary(before, after, os.path.join(cfg.checkpoint.dir, "reward.png")
                                    if cfg.log.plot else None) if self.world.is_main else ""
         if cfg.checkpoint.export:
