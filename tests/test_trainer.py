@@ -229,6 +229,31 @@ def test_jsonl_held_out_is_disjoint_and_sft_jsonl_is_read(tmp_path):
     assert {e["trace"] for e in source.train("sft", 0, 4)} == {traces[0]["completion"]}
 
 
+def test_custom_rewards_by_import_path_with_trls_signature(tmp_path, monkeypatch):
+    from trainer.train import Trainer
+    (tmp_path / "my_rewards.py").write_text(
+        "def length_penalty(prompts, completions, answer, **columns):\n"
+        "    assert len(prompts) == len(completions) == len(answer) and 'task' in columns\n"
+        "    return [None if c == 'skip' else -len(c) / 10 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "c.toml"
+    config.write_text('[[rewards.custom]]\nfunction = "my_rewards:length_penalty"\nweight = 0.5\n')
+    cfg = parse_args(["--config", str(config), f"--checkpoint.dir={tmp_path}", "--sft.steps=0"])
+    assert cfg.rewards.custom == [{"function": "my_rewards:length_penalty", "weight": 0.5}]
+    trainer = Trainer(cfg)
+    assert trainer.rewards.names[-1] == "my_rewards:length_penalty" and trainer.rewards.weights[-1] == 0.5
+    rows = trainer.rewards.score(["<answer>46</answer>", "skip"], [ARITH, ARITH])
+    assert rows[0][0] == 1.0 and rows[0][-1] == pytest.approx(-1.9) and math.isnan(rows[1][-1])
+    assert sum(trainer.rewards.failures.values()) == 0, "None is 'not applicable', not a failure"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[rewards.custom]]\nfunction = "my_rewards.length_penalty"\n')
+    with pytest.raises(ConfigError, match=r"rewards.custom\[0\].function: expected \"module:name\""):
+        parse_args(["--config", str(bad)])
+    bad.write_text('[[rewards.custom]]\nfunction = "my_rewards:nothing"\n')
+    with pytest.raises(ValueError, match=r"rewards.custom\[0\].function = 'my_rewards:nothing' cannot be loaded"):
+        Trainer(parse_args(["--config", str(bad), f"--checkpoint.dir={tmp_path}"]))
+
+
 # ------------------------------------------------------------------ the GRPO step
 def _model(dtype=torch.float32):
     from trainer.model import attach_fused_head, build_model

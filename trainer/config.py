@@ -99,6 +99,8 @@ class RewardConfig:
     repetition: float = 0.0
     reward_model: float = 0.0
     timeout_s: float = 10.0             # per reward call; a call past it is a failed reward (NaN)
+    # your own, TRL's reward-function signature: [[rewards.custom]] function = "module:name", weight = 0.5
+    custom: list = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -168,6 +170,8 @@ def _fields(cls):
 def _coerce(key: str, value, kind):
     if typing.get_origin(kind) is typing.Union:      # Optional[X]: an X when given
         kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if kind is list:
+        return _custom_rewards(key, value)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -191,6 +195,25 @@ def _coerce(key: str, value, kind):
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def _custom_rewards(key: str, value) -> list:
+    """[[rewards.custom]] tables: {"function": "module:name", "weight": number}."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of tables ([[{key}]] in TOML), got {value!r}")
+    entries = []
+    for i, entry in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"function", "weight"} or "function" not in entry:
+            raise ConfigError(f"{where}: expected a table with 'function' (\"module:name\") and 'weight', got {entry!r}")
+        function = entry["function"]
+        if not isinstance(function, str) or function.count(":") != 1 or not all(function.split(":")):
+            raise ConfigError(f"{where}.function: expected \"module:name\", got {function!r}")
+        weight = _coerce(f"{where}.weight", entry.get("weight", 1.0), float)
+        if not math.isfinite(weight):
+            raise ConfigError(f"{where}.weight: must be finite, got {weight}")
+        entries.append({"function": function, "weight": weight})
+    return entries
 
 
 def _apply(obj, updates: dict, prefix: str = ""):
@@ -307,6 +330,8 @@ def parse_args(argv=None) -> TrainerConfig:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help=f"TOML or YAML file (presets in {CONFIG_DIR})")
     for key, kind in _flat_fields(TrainerConfig):
+        if kind is list:
+            continue                    # tables of a config file only
         section = defaults
         for part in key.split("."):
             section = getattr(section, part)
@@ -317,7 +342,9 @@ def parse_args(argv=None) -> TrainerConfig:
     if args.config:
         _apply(cfg, load_file(args.config))
     overrides: dict = {}
-    for key, _ in _flat_fields(TrainerConfig):
+    for key, kind in _flat_fields(TrainerConfig):
+        if kind is list:
+            continue
         value = getattr(args, key)
         if value is not None:
             node = overrides

@@ -8,6 +8,8 @@ group_advantages), is counted and logged; the run goes on.
 from __future__ import annotations
 
 import ast
+import functools
+import importlib
 import logging
 import math
 import numbers
@@ -150,26 +152,50 @@ BUILTIN = {"accuracy": accuracy, "format_strict": format_strict, "format_lenient
            "language": language_consistency, "repetition": repetition}
 
 
+def load_custom(entries) -> dict:
+    """{import path: (function, weight)} from ``[[rewards.custom]]`` entries {"function": "module:name",
+    "weight": w}; an entry that cannot be imported is an error naming it."""
+    loaded = {}
+    for i, entry in enumerate(entries):
+        path = entry["function"]
+        module_name, _, attribute = path.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"rewards.custom[{i}].function = {path!r} cannot be loaded: {err}") from None
+        if not callable(fn):
+            raise ValueError(f"rewards.custom[{i}].function = {path!r} is not callable")
+        loaded[path] = (fn, float(entry["weight"]))
+    return loaded
+
+
 class RewardSet:
     """Named reward functions with weights; ``score`` returns a [B, R] list of floats (NaN on failure).
-    Each call runs on a daemon worker thread and is waited for at most ``timeout`` seconds: a call
-    that hangs is abandoned with its thread (Python cannot stop one; being a daemon, it does not hold
-    the process at exit) and later calls go to a fresh worker."""
 
-    def __init__(self, weights: dict, reward_model=None, timeout: float = 10.0):
+    Built-in functions take (completion text, example). Custom ones (``custom``: {name: (fn, weight)})
+    have TRL's reward-function signature: one call per batch with keyword lists ``prompts``,
+    ``completions`` and each task column (``answer``, ``task``, ...), returning a float or None per
+    completion (None: not applicable, NaN without counting a failure). Every call runs on a daemon
+    worker thread and is waited for at most ``timeout`` seconds: a call that hangs is abandoned with
+    its thread (Python cannot stop one; being a daemon, it does not hold the process at exit) and
+    later calls go to a fresh worker."""
+
+    def __init__(self, weights: dict, reward_model=None, timeout: float = 10.0, custom: dict | None = None):
         self.functions = {name: fn for name, fn in BUILTIN.items() if weights.get(name, 0.0)}
         if weights.get("reward_model", 0.0) and reward_model is not None:
             self.functions["reward_model"] = reward_model
-        if not self.functions:
+        self.batch_functions = {name: fn for name, (fn, weight) in (custom or {}).items() if weight}
+        if not self.functions and not self.batch_functions:
             raise ValueError("at least one reward needs a non-zero weight")
-        self.weights = [float(weights[name]) for name in self.functions]
+        self.weights = ([float(weights[name]) for name in self.functions]
+                        + [weight for _, (_, weight) in (custom or {}).items() if weight])
         self.failures = Counter()
         self.timeout = timeout
         self._jobs = self._start_worker()
 
     @property
     def names(self):
-        return list(self.functions)
+        return list(self.functions) + list(self.batch_functions)
 
     @staticmethod
     def _start_worker() -> queue.Queue:
@@ -200,25 +226,44 @@ class RewardSet:
         log.warning("reward %s failed on a completion: %s: %s", name, type(value).__name__, value)
         return math.nan
 
-    def score(self, texts, examples):
-        """The batch's calls go to the worker as one job; each result is waited for at most ``timeout``
-        seconds after the previous one, and after a timeout the remaining calls go to a fresh worker."""
-        calls = [(name, fn, (text, example)) for text, example in zip(texts, examples)
-                 for name, fn in self.functions.items()]
-        values, done = [], 0
-        while done < len(calls):
+    def _run(self, calls: list) -> list:
+        """(ok, value) of each zero-argument call, run in order on the worker as one job; each result is
+        waited for at most ``timeout`` seconds after the previous one, and after a timeout the
+        remaining calls go to a fresh worker."""
+        results = []
+        while len(results) < len(calls):
             reply: queue.Queue = queue.Queue()
-            self._jobs.put(([(fn, args) for _, fn, args in calls[done:]], reply))
-            while done < len(calls):
+            self._jobs.put(([(fn, ()) for fn in calls[len(results):]], reply))
+            while len(results) < len(calls):
                 try:
-                    ok, value = reply.get(timeout=self.timeout)
+                    results.append(reply.get(timeout=self.timeout))
                 except queue.Empty:
                     self._jobs = self._start_worker()     # the hung call keeps the old worker
-                    ok, value = False, TimeoutError(f"no result within {self.timeout} s")
-                    values.append(self._checked(calls[done][0], ok, value))
-                    done += 1
+                    results.append((False, TimeoutError(f"no result within {self.timeout} s")))
                     break
-                values.append(self._checked(calls[done][0], ok, value))
-                done += 1
+        return results
+
+    def _batch_values(self, name, ok, value, size) -> list:
+        """A batch function's list of values, each checked; the whole batch fails together when the call
+        failed or returned something other than a list of ``size``."""
+        if ok and not (isinstance(value, (list, tuple)) and len(value) == size):
+            ok, value = False, TypeError(f"returned {type(value).__name__}, not a list of {size} values")
+        if not ok:
+            return [self._checked(name, False, value)] + [math.nan] * (size - 1) if size else []
+        return [math.nan if v is None else self._checked(name, True, v) for v in value]
+
+    def score(self, texts, examples):
+        calls = [functools.partial(fn, text, example) for text, example in zip(texts, examples)
+                 for fn in self.functions.values()]
+        columns = {key: [e.get(key) for e in examples] for key in examples[0] if key != "prompt"} if examples else {}
+        prompts = [e["prompt"] for e in examples]
+        calls += [functools.partial(fn, prompts=prompts, completions=list(texts), **columns)
+                  for fn in self.batch_functions.values()]
+        results = self._run(calls)
         width = len(self.functions)
-        return [values[i:i + width] for i in range(0, len(values), width)]
+        rows = [[self._checked(name, *results[i * width + k]) for k, name in enumerate(self.functions)]
+                for i in range(len(texts))]
+        for j, name in enumerate(self.batch_functions):
+            for row, value in zip(rows, self._batch_values(name, *results[len(texts) * width + j], len(texts))):
+                row.append(value)
+        return rows

@@ -71,7 +71,8 @@ class Trainer:
                 raise ValueError(f"the builtin-tiny tokenizer has no token for {''.join(missing[:20])!r} in the task's "
                                  "text (it would become <unk>): use a model with its own tokenizer (model.name)")
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
-        self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s)
+        self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s,
+                                            custom=reward_fns.load_custom(cfg.rewards.custom))
         if cfg.rollout.engine == "vllm":
             self.engine = VLLMEngine(cfg.model.name, self.tokenizer, cfg.rollout, self.world)
         else:
