@@ -220,7 +220,7 @@ def test_triton_id_kernel_many_programs_match_one_bitwise():
     """The phases as separate launches with 3 programs (the interpreter cannot run a grid barrier
     with more than one program) give the same bits as the one-launch, one-program path: the int64
     fixed-point sums do not depend on which program adds first."""
-    from r1kernels.triton.advantages_by_id import BLOCK, group_normalize_by_id
+    from r1kernels.triton.advantages_by_id import BLOCK, _launch, group_normalize_by_id
     gen = torch.Generator().manual_seed(3)
     batch = 2 * BLOCK + 37
     ids = torch.randint(-50, 300, (batch,), generator=gen) * (1 << 20)     # strided ids: one hash bucket apart
@@ -228,8 +228,7 @@ def test_triton_id_kernel_many_programs_match_one_bitwise():
     rewards[::17, 0] = float("nan")
     weights = torch.tensor([1.0, 0.5, 0.25])
     one = group_normalize_by_id(rewards, weights, ids, False, "group", 1e-4, None, True)
-    many = group_normalize_by_id(rewards, weights, ids, False, "group", 1e-4, None, True, programs=3,
-                                 split_phases=True)
+    many = _launch(rewards, weights, ids, False, "group", 1e-4, None, True, programs=3, split_phases=True)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
     ref = group_advantages_ref(rewards, _from_ids(ids), reward_weights=weights)
@@ -281,7 +280,7 @@ def test_compile_fullgraph_group_ids():
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
 def test_triton_long_contiguous_groups_use_the_persistent_kernel():
     from r1kernels.triton.advantages import LARGE_GROUP
-    from r1kernels.triton.advantages_by_id import group_normalize_by_id
+    from r1kernels.triton.advantages_by_id import _launch, group_normalize_by_id
     size = LARGE_GROUP + 3
     rewards = torch.randn(2 * size, 2)
     rewards[5] = float("nan")
@@ -295,13 +294,22 @@ def test_triton_long_contiguous_groups_use_the_persistent_kernel():
     expected_mean = torch.stack([g[~torch.isnan(g)].mean() for g in combined.view(2, size)])
     assert_close_scaled(stats.group_mean, expected_mean, 1e-6)
     one = group_normalize_by_id(rewards, None, None, True, "group", 1e-4, None, True, group_size=size)
-    many = group_normalize_by_id(rewards, None, None, True, "group", 1e-4, None, True, group_size=size, programs=4,
-                                 split_phases=True)
+    many = _launch(rewards, None, None, True, "group", 1e-4, None, True, group_size=size, programs=4,
+                   split_phases=True)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+def test_id_kernel_grid_of_several_programs_is_launched_cooperatively():
+    """Its grid barrier spins until every program arrives: a single launch of several programs must be
+    cooperative (it then fails to launch rather than hang when SMs are taken); split phases need not."""
+    from r1kernels.triton.advantages_by_id import launch_options
+    assert launch_options(132, split_phases=False)["launch_cooperative_grid"] is True
+    assert "launch_cooperative_grid" not in launch_options(1, split_phases=False)
+    assert "launch_cooperative_grid" not in launch_options(3, split_phases=True)
+
+
 def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
     """What a GPU would run: each call launches one Triton kernel, and every other tensor op is an
     allocation or a view (no kernels). Checked by logging every aten op outside the launch, in the

@@ -22,10 +22,12 @@ Contiguous groups too long for the tile kernel of advantages.py run here as well
 a row's slot is row // group_size, phase 0 initialises every group and phase 1 only stashes the
 combined rewards, so even a single group of B rows is spread over every SM.
 
-The barrier needs every program resident at once: the grid is at most one program per SM, and
-the barrier word is left at zero by every launch. The Triton interpreter runs programs one after
-another, so there the grid is one program; ``split_phases`` runs each phase as its own launch
-instead (launch boundaries act as barriers), which lets the tests cover many programs on CPU.
+The barrier needs every program resident at once: the grid is at most one program per SM, it is
+launched cooperatively (a grid that cannot be co-resident, because NCCL kernels, an in-process
+vLLM or MPS hold SMs, fails to launch instead of spinning forever), and the barrier word is left
+at zero by every launch. The Triton interpreter runs programs one after another, so there the grid
+is one program; ``_launch(split_phases=True)`` runs each phase as its own launch instead (launch
+boundaries act as barriers), which lets the tests cover many programs on CPU.
 """
 from __future__ import annotations
 
@@ -223,10 +225,21 @@ def _barrier_word(device: torch.device) -> torch.Tensor:
 
 
 def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
-                          group_size=0, programs=None, split_phases=False):
+                          group_size=0):
     """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract. With
     ``group_size`` instead of ids (``group_ids`` None): contiguous groups, statistics [G] and
-    ``is_first`` empty. ``programs`` and ``split_phases`` are for tests (see the module docstring)."""
+    ``is_first`` empty."""
+    return _launch(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats, group_size)
+
+
+def launch_options(programs: int, split_phases: bool) -> dict:
+    """A single launch of several programs is cooperative: its grid barrier needs them co-resident."""
+    return dict(num_warps=4, **({"launch_cooperative_grid": True} if programs > 1 and not split_phases else {}))
+
+
+def _launch(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats, group_size=0,
+            programs=None, split_phases=False):
+    """group_normalize_by_id with the tests' knobs: ``programs`` (the grid) and ``split_phases``."""
     batch, num_rewards = rewards.shape
     if batch >= 2 ** 31:
         raise ValueError(f"group_ids: at most 2^31 - 1 rows, got {batch}")
@@ -264,5 +277,6 @@ def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps
             64 - (capacity.bit_length() - 1), _barrier_word(device), adv, mean, std, constant, is_first,
             NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, IDS_FROM_ROWS=ids_from_rows,
             LEAVE_ONE_OUT=leave_one_out, SCALE=SCALE_CODES[scale], WRITE_STATS=with_stats, FIRST_PHASE=first_phase,
-            LAST_PHASE=last_phase, BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=4)
+            LAST_PHASE=last_phase, BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            **launch_options(programs, split_phases))
     return adv, mean, std, constant, is_first
