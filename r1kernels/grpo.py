@@ -5,15 +5,17 @@ and KL estimators). ``grpo_loss`` and ``linear_grpo_loss`` only put the vocabula
 (``token_logprobs`` / ``linear_token_logprobs``) under it; no backend has its own copy.
 
 Per token, with r = exp(logp - old) (GSPO: the masked sequence mean of logp - old, exponentiated):
-    grpo, bnpo, dr_grpo, dapo:  l = -min(r' A, clip(r, 1-eps_low, 1+eps_high) A),  r' = min(r, delta) if delta
+    grpo, bnpo, dr_grpo, dapo, luspo:  l = -min(r' A, clip(r, 1-eps_low, 1+eps_high) A),  r' = min(r, delta)
                                 dual-clip (clip_ratio_c): for A < 0, l = min(l, -clip_ratio_c A)
     cispo:                      l = -sg(min(r, eps_high)) A logp
     sapo:                       l = -sigmoid(tau (r - 1)) 4 / tau A,  tau = tau_pos if A > 0 else tau_neg
-then l *= is_ratio (vLLM importance-sampling correction), l += beta KL(ref || policy) (times r with
-use_bias_correction_kl, TRL's default) and l -= entropy_coef H. Normalisers (m = mask): grpo, sapo:
-mean over sequences of sum(l m) / max(sum m, 1); bnpo: sum(l m) / max(sum m, 1); dr_grpo:
-sum(l m) / (B max_completion_length); dapo, cispo: sum(l m) / (num_items_in_batch / num_processes),
-local max(sum m, 1) when not given.
+then l *= keep (off_policy_mask_threshold: 0 for a sequence with A < 0 whose mean sampling - current
+log-prob drift exceeds it; top_entropy_quantile q: 0 below the batch's (1 - q) entropy quantile),
+l *= is_ratio (vLLM importance-sampling correction), l += beta KL(ref || policy) (times r with
+use_bias_correction_kl, TRL's default). Normalisers (m = mask): grpo, sapo: mean over sequences of
+sum(l m) / max(sum m, 1); bnpo: sum(l m) / max(sum m, 1); dr_grpo: sum(l m) / (B max_completion_length);
+dapo, cispo: sum(l m) / (num_items_in_batch / num_processes), local max(sum m, 1) when not given;
+luspo: sum(l m) / B. Finally loss -= entropy_coef * the token mean of H over the kept tokens (TRL).
 """
 from __future__ import annotations
 
@@ -85,6 +87,7 @@ NORMALISERS = {
     "fixed_length": Normaliser(False, lambda seqs, tokens, o: seqs * o["max_completion_length"],
                                options=("max_completion_length",), required=("max_completion_length",)),
     "items": Normaliser(False, _items, options=("num_items_in_batch",)),
+    "sequence_sum": Normaliser(False, lambda seqs, tokens, o: seqs),    # luspo: each sequence's sum, averaged
 }
 
 
@@ -126,6 +129,7 @@ LOSS_TYPES = {
     "dapo": LossType(_clipped_token_loss, "items", _CLIP_OPTIONS),
     "cispo": LossType(_cispo_token_loss, "items", ("epsilon_high",), required=("epsilon_high",)),
     "sapo": LossType(_sapo_token_loss, "sequence", ("sapo_temperature_pos", "sapo_temperature_neg")),
+    "luspo": LossType(_clipped_token_loss, "sequence_sum", _CLIP_OPTIONS),
 }
 # every option that only some loss types accept
 TYPE_OPTIONS = tuple(dict.fromkeys(name for entry in LOSS_TYPES.values() for name in entry.accepts))
@@ -224,7 +228,7 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
                       entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
-                      has_ref: bool):
+                      off_policy_mask_threshold, top_entropy_quantile, has_ref: bool):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -268,6 +272,10 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
         raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
     if not entropy_coef >= 0:
         raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
+    if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
+        raise ValueError(f"off_policy_mask_threshold must be >= 0 (a mean log-prob drift), got {off_policy_mask_threshold}")
+    if isinstance(top_entropy_quantile, bool) or not 0 < top_entropy_quantile <= 1:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile!r}")
 
 
 @dataclasses.dataclass
@@ -281,10 +289,11 @@ class _Terms:
     is_ratio: Optional[Tensor]
     tokens_per_seq: Tensor    # [S]
     options: dict
+    sampling: Optional[Tensor] = None   # [N] the sampler's log-probs (off_policy_mask_threshold), else old
 
 
 def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
-             acc: torch.dtype, options: dict) -> _Terms:
+             acc: torch.dtype, options: dict, sampling_logprobs: Optional[Tensor] = None) -> _Terms:
     """Validation and flattening shared by policy_loss and the one-pass fused loss."""
     _checks.floating("advantages", advantages)
     _validate_options(has_ref=ref_logprobs is not None, **options)
@@ -293,17 +302,23 @@ def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_log
     old = layout.per_token("old_logprobs", old_logprobs)
     ref = layout.per_token("ref_logprobs", ref_logprobs)
     is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
+    sampling = layout.per_token("sampling_logprobs", sampling_logprobs)
     m = layout.mask.to(acc)
     return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
-                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options)
+                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options,
+                  None if sampling is None else sampling.to(acc))
 
 
-def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Tensor], rows=slice(None)):
+def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, keep: Optional[Tensor] = None, rows=slice(None)):
     """(l, ratio, low, high, kl) for the tokens ``rows``: the loss of each token before masking and
-    normalisation. ``log_ratio`` is log(pi / pi_old) per token (already broadcast for GSPO)."""
+    normalisation (the entropy bonus is added after it, see _entropy_bonus). ``log_ratio`` is
+    log(pi / pi_old) per token (already broadcast for GSPO); ``keep`` [rows] masks the policy term
+    (off-policy sequences, low-entropy tokens), not the KL term, in TRL's order."""
     o = t.options
     ratio = torch.exp(log_ratio)
     per_token, low, high = LOSS_TYPES[o["loss_type"]].token_loss(ratio, t.adv[rows], logp, o)
+    if keep is not None:
+        per_token = per_token * keep
     if t.is_ratio is not None:
         per_token = per_token * t.is_ratio[rows]
     kl = None if t.ref is None else _kl(o["kl_estimator"], logp, t.ref[rows])
@@ -313,11 +328,42 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, ent: Optional[Te
         kl = kl * ratio
     if o["beta"] > 0:
         per_token = per_token + o["beta"] * kl
-    if o["entropy_coef"] > 0:
-        if ent is None:
-            raise ValueError("entropy_coef > 0 needs entropy")
-        per_token = per_token - o["entropy_coef"] * ent
     return per_token, ratio, low, high, kl
+
+
+def _keep_and_bonus_mask(t: _Terms, logp: Tensor, ent: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:
+    """(keep [N] or None, the entropy bonus's mask [N]) from the batch-wide options:
+    off_policy_mask_threshold (DeepSeek-V3.2): drop the policy term of a sequence with A < 0 whose
+    mean of sampling - current log-prob over its tokens exceeds the threshold; top_entropy_quantile q:
+    keep only tokens whose entropy reaches the (1 - q) quantile of the batch's masked entropies (the
+    entropy bonus then acts on the same tokens)."""
+    o, m, keep = t.options, t.m, None
+    if o["off_policy_mask_threshold"] is not None:
+        sampling = t.sampling if t.sampling is not None else (logp.detach() if t.old is None else t.old)
+        drift = torch.nan_to_num(sampling - logp.detach(), nan=0.0)      # unscored tokens give no evidence
+        seq_drift = t.layout.seq_sum(drift * m) / t.tokens_per_seq.clamp(min=1.0)
+        keep = ((t.adv >= 0) | (seq_drift[t.layout.seq_ids] <= o["off_policy_mask_threshold"])).to(m.dtype)
+    bonus_mask = m
+    if o["top_entropy_quantile"] < 1.0:
+        if ent is None:
+            raise ValueError("top_entropy_quantile < 1 needs entropy")
+        active = ent.detach()[m > 0]
+        if active.numel():
+            threshold = torch.quantile(active.float(), 1.0 - o["top_entropy_quantile"]).to(ent.dtype)
+            high = ((ent.detach() * m >= threshold) & (m > 0)).to(m.dtype)
+        else:
+            high = torch.zeros_like(m)
+        keep = high if keep is None else keep * high
+        bonus_mask = m * high
+    return keep, bonus_mask
+
+
+def _entropy_bonus(t: _Terms, ent: Optional[Tensor], bonus_mask: Tensor) -> Tensor:
+    """entropy_coef times the token mean of the entropy over ``bonus_mask``, whatever the loss type's
+    normaliser (TRL: L = L_policy - coef * H)."""
+    if ent is None:
+        raise ValueError("entropy_coef > 0 needs entropy")
+    return t.options["entropy_coef"] * (ent * bonus_mask).sum() / bonus_mask.sum().clamp(min=1.0)
 
 
 def _normalisation(t: _Terms) -> tuple[Tensor, Tensor]:
@@ -338,8 +384,9 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                 num_items_in_batch=None, num_processes: int = 1, max_completion_length: Optional[int] = None,
                 is_ratio: Optional[Tensor] = None, clip_ratio_c: Optional[float] = None, kl_estimator: str = "k3",
                 entropy_coef: float = 0.0, sapo_temperature_pos: Optional[float] = None,
-                sapo_temperature_neg: Optional[float] = None,
-                use_bias_correction_kl: bool = True) -> GRPOLossOutput:
+                sapo_temperature_neg: Optional[float] = None, use_bias_correction_kl: bool = True,
+                off_policy_mask_threshold: Optional[float] = None, top_entropy_quantile: float = 1.0,
+                sampling_logprobs: Optional[Tensor] = None) -> GRPOLossOutput:
     """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
 
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
@@ -360,9 +407,11 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                    num_items_in_batch=num_items_in_batch, num_processes=num_processes,
                    max_completion_length=max_completion_length, clip_ratio_c=clip_ratio_c,
                    kl_estimator=kl_estimator, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl)
+                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
+                   off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
-    t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options)
+    t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options,
+                 sampling_logprobs)
     return _loss_from_terms(t, logprobs, entropy)
 
 
@@ -378,10 +427,13 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
     if t.options["importance_sampling_level"] == "sequence":
         seq_log_ratio = layout.seq_sum(log_ratio * m) / t.tokens_per_seq.clamp(min=1.0)
         log_ratio = seq_log_ratio[layout.seq_ids]
-    per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, ent)
+    keep, bonus_mask = _keep_and_bonus_mask(t, logp, ent)
+    per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, keep)
 
     unit, denominator = _normalisation(t)
     loss = (per_token * unit).sum() / denominator
+    if t.options["entropy_coef"] > 0:
+        loss = loss - _entropy_bonus(t, ent, bonus_mask)
 
     metrics = _metrics(m, m.sum(), ratio, low, high, kl, ent)
     return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach(),
@@ -451,7 +503,10 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
         raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
     token_mask = _mask_from_targets(targets, mask)
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    if wants_grad and options.get("importance_sampling_level", "token") == "token":
+    batch_wide = (options.get("importance_sampling_level", "token") != "token"
+                  or options.get("off_policy_mask_threshold") is not None
+                  or options.get("top_entropy_quantile", 1.0) < 1.0)     # a token's gradient needs its whole batch
+    if wants_grad and not batch_wide:
         out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
                                          deterministic, options)
         if out is not None:
@@ -472,9 +527,10 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
     acc = accumulation_dtype(hidden.dtype)
     full = dict(_POLICY_DEFAULTS, **options)
     t = _prepare(targets, advantages, token_mask, full["old_logprobs"], full["ref_logprobs"], full["cu_seqlens"],
-                 full["is_ratio"], acc, {k: full[k] for k in _OPTION_NAMES})
+                 full["is_ratio"], acc, {k: full[k] for k in _OPTION_NAMES}, full["sampling_logprobs"])
     unit, denominator = _normalisation(t)
     weights = unit / denominator
+    bonus_weights = t.m / t.m.sum().clamp(min=1.0)      # the entropy bonus: a token mean (no entropy mask here)
     entropy_grad = t.options["entropy_coef"] > 0
 
     def token_grads(rows, logp, entropy):
@@ -482,9 +538,11 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
             logp = logp.detach().to(acc).requires_grad_()
             entropy = entropy.detach().to(acc).requires_grad_(entropy_grad)
             old = logp.detach() if t.old is None else t.old[rows]
-            per_token = _per_token_loss(t, logp, logp - old, entropy, rows)[0]
+            objective = (_per_token_loss(t, logp, logp - old, rows=rows)[0] * weights[rows]).sum()
+            if entropy_grad:
+                objective = objective - t.options["entropy_coef"] * (entropy * bonus_weights[rows]).sum()
             inputs = (logp, entropy) if entropy_grad else (logp,)
-            grads = torch.autograd.grad((per_token * weights[rows]).sum(), inputs)
+            grads = torch.autograd.grad(objective, inputs)
         return grads[0], (grads[1] if entropy_grad else None)
 
     done = linear_token_logprobs_one_pass(hidden, weight, targets, bias, temperature, token_grads, deterministic)
@@ -500,7 +558,8 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
 _POLICY_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
                     if p.kind == inspect.Parameter.KEYWORD_ONLY}
 _OPTION_NAMES = tuple(name for name in _POLICY_DEFAULTS
-                      if name not in ("old_logprobs", "ref_logprobs", "entropy", "cu_seqlens", "is_ratio"))
+                      if name not in ("old_logprobs", "ref_logprobs", "entropy", "cu_seqlens", "is_ratio",
+                                      "sampling_logprobs"))
 
 
 def check_options(**options) -> None:

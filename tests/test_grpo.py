@@ -345,3 +345,73 @@ def test_loss_sum_over_summed_normalisers_is_the_whole_batch_loss(loss_type):
     for out in (whole, *parts):
         torch.testing.assert_close(out.loss_sum / out.normaliser, out.loss, rtol=1e-12, atol=0)
     assert parts[0].loss.item() != pytest.approx(whole.loss.item()), "the split must change the per-part loss"
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("options", [dict(off_policy_mask_threshold=0.05), dict(top_entropy_quantile=0.4),
+                                     dict(off_policy_mask_threshold=0.0, top_entropy_quantile=0.7, beta=0.04)],
+                         ids=["off-policy-mask", "top-entropy", "both+kl"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+def test_batch_wide_masks_and_entropy_bonus_match_reference(loss_type, options, layout):
+    """off_policy_mask_threshold (sequences with A < 0 that drifted more than the threshold lose
+    their policy term), top_entropy_quantile (only the batch's high-entropy tokens keep it) and the
+    entropy bonus on the same tokens, against the float64 reference, loss and gradients."""
+    d = _batch(spread=0.3)
+    sampling = d["old"] + torch.randn(B, T, dtype=torch.float64) * 0.1
+    logp = d["logp"].clone().requires_grad_()
+    ent = d["entropy"].clone().requires_grad_()
+    kw = dict(loss_type=loss_type, entropy_coef=0.02, **options)
+    ref = grpo_loss_ref(logp, d["adv"], d["mask"], d["old"], d["ref"], ent, sampling=sampling, **kw)
+    ref_grads = torch.autograd.grad(ref, (logp, ent))
+    if layout == "padded":
+        out = r1kernels.policy_loss(logp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                    entropy=ent, sampling_logprobs=sampling, **kw)
+        grads = torch.autograd.grad(out.loss, (logp, ent))
+    else:
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = d["lengths"].cumsum(0)
+        packed = [_to_packed(x, d["lengths"]) for x in (logp, d["old"], d["ref"], ent, sampling)]
+        out = r1kernels.policy_loss(packed[0], d["adv"], cu_seqlens=cu, old_logprobs=packed[1], ref_logprobs=packed[2],
+                                    entropy=packed[3], sampling_logprobs=packed[4], **kw)
+        grads = torch.autograd.grad(out.loss, (logp, ent))
+    torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-14)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)
+    plain = r1kernels.policy_loss(logp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                  entropy=ent, loss_type=loss_type, entropy_coef=0.02, beta=options.get("beta", 0.0))
+    assert out.loss.item() != pytest.approx(plain.loss.item()), "the option must change the loss on this batch"
+
+
+def test_entropy_bonus_is_trls_token_mean_whatever_the_loss_type():
+    """TRL 1.16: loss = L_policy - coef * sum(H m) / sum(m), not the loss type's normaliser."""
+    d = _batch()
+    m = d["mask"].double()
+    for loss_type in ("grpo", "dr_grpo"):
+        ent = d["entropy"].clone().requires_grad_()
+        extra = dict(max_completion_length=12) if loss_type == "dr_grpo" else {}
+        bonus = r1kernels.policy_loss(d["logp"], d["adv"], d["mask"], entropy=ent, entropy_coef=0.1,
+                                      loss_type=loss_type, **extra).loss
+        base = r1kernels.policy_loss(d["logp"], d["adv"], d["mask"], loss_type=loss_type, **extra).loss
+        torch.testing.assert_close(bonus - base, -0.1 * (ent * m).sum() / m.sum())
+        torch.testing.assert_close(torch.autograd.grad(bonus, ent)[0], -0.1 * m / m.sum())
+
+
+@pytest.mark.parametrize("backend", exact_backends())
+def test_linear_grpo_loss_batch_wide_options_take_the_two_pass_route(backend):
+    """A token's gradient under these options depends on its whole batch: linear_grpo_loss must not
+    use its one-pass route, and still matches the reference (loss and d hidden)."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(B * T, 16, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(40, 16, generator=gen, dtype=torch.float64) * 0.3
+    targets = torch.randint(0, 40, (B, T), generator=gen)
+    d = _batch()
+    kw = dict(loss_type="dapo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.02, entropy_coef=0.05)
+    with r1kernels.use_backend(backend):
+        out = r1kernels.linear_grpo_loss(hidden.view(B, T, 16), weight, targets, d["adv"], d["mask"],
+                                         old_logprobs=d["old"], **kw)
+    (d_hidden,) = torch.autograd.grad(out.loss, hidden)
+    h = hidden.detach().clone().requires_grad_()
+    lp, ent = linear_token_logprobs_ref(h.view(B, T, 16), weight, targets)
+    ref = grpo_loss_ref(lp, d["adv"], d["mask"], d["old"], None, ent, **kw)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(d_hidden, torch.autograd.grad(ref, h)[0], rtol=1e-8, atol=1e-12)

@@ -77,3 +77,85 @@ def test_unsupported_calls_fall_back_to_trl():
         assert model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.shape == (2, 7)
     finally:
         r1k_trl.unpatch()
+
+
+def _trl_compute_loss(args, logp, entropy, inputs):
+    """TRL 1.16's own GRPOTrainer._compute_loss on one batch, run on a stand-in trainer: one process,
+    no accumulation, no vLLM, the per-token log-probs and entropies given."""
+    import collections
+    import types
+
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    one_process = types.SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x,
+                                        gather_for_metrics=lambda x: x, reduce=lambda x, reduction: x,
+                                        pad_across_processes=lambda x, dim, pad_index: x)
+    trainer = types.SimpleNamespace(
+        args=args, loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        importance_sampling_level=args.importance_sampling_level, top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, max_completion_length=args.max_completion_length,
+        use_vllm=False, vllm_importance_sampling_correction=False, aux_loss_enabled=False,
+        entropy_coef=args.entropy_coef, use_adaptive_entropy=False, _entropy_bonus_enabled=args.entropy_coef != 0,
+        current_gradient_accumulation_steps=1, model=types.SimpleNamespace(training=True), accelerator=one_process,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, entropy, None),
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights)
+    trainer.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, trainer)
+    return GRPOTrainer._compute_loss(trainer, None, inputs), trainer._metrics["train"]
+
+
+def _grpo_config(**kwargs):
+    from trl import GRPOConfig
+    return GRPOConfig(output_dir="/tmp/r1k-trl", report_to=[], use_cpu=True, bf16=False, **kwargs)
+
+
+LOSS_CONFIGS = {
+    "grpo": dict(beta=0.04), "bnpo": dict(delta=1.5), "dr_grpo": dict(max_completion_length=7),
+    "dapo": dict(epsilon_high=0.28, entropy_coef=0.01), "cispo": dict(epsilon_high=5.0),
+    "sapo": dict(beta=0.02), "luspo": dict(importance_sampling_level="sequence"),
+}
+
+
+@pytest.mark.parametrize("extra", [{}, dict(off_policy_mask_threshold=0.05, top_entropy_quantile=0.6)],
+                         ids=["plain", "masks"])
+@pytest.mark.parametrize("loss_type", list(LOSS_CONFIGS))
+def test_trl_compute_loss_equals_ours_with_loss_options(loss_type, extra):
+    """One batch of TRL's own _compute_loss against policy_loss(**loss_options(args)): ratios far
+    outside the clip range, loss and gradient (log-probs and entropies)."""
+    args = _grpo_config(loss_type=loss_type, **{**LOSS_CONFIGS[loss_type], **extra})
+    gen = torch.Generator().manual_seed(1)
+    batch, length = 4, 7
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 1:] = 0
+    logp = (-torch.rand(batch, length, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    entropy = (torch.rand(batch, length, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    old = logp.detach() + torch.randn(batch, length, generator=gen, dtype=torch.float64) * 0.7
+    ref = logp.detach() + torch.randn(batch, length, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.0, -0.7, 0.3, -1.2], dtype=torch.float64)
+    inputs = dict(prompt_ids=torch.zeros(batch, 1, dtype=torch.long), prompt_mask=torch.ones(batch, 1),
+                  completion_ids=torch.zeros(batch, length, dtype=torch.long), completion_mask=mask,
+                  advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
+                  num_items_in_batch=mask.sum().double())
+    trl_loss, _ = _trl_compute_loss(args, logp, entropy, inputs)
+    trl_grads = torch.autograd.grad(trl_loss, (logp, entropy), allow_unused=True)
+    options = r1k_trl.loss_options(args)
+    ours = r1kernels.policy_loss(logp, adv, mask.bool(), old_logprobs=old, ref_logprobs=ref if args.beta else None,
+                                 entropy=entropy, num_items_in_batch=mask.sum().double()
+                                 if "num_items_in_batch" in r1kernels.grpo.LOSS_TYPES[loss_type].accepts else None,
+                                 **options)
+    grads = torch.autograd.grad(ours.loss, (logp, entropy), allow_unused=True)
+    # TRL builds sapo's temperatures as a float32 tensor (1.05 rounded to 2^-24): that much apart there
+    rtol = 1e-6 if loss_type == "sapo" else 1e-10
+    torch.testing.assert_close(ours.loss, trl_loss, rtol=rtol, atol=1e-12)
+    for g, t in zip(grads, trl_grads):
+        torch.testing.assert_close(torch.zeros_like(logp) if g is None else g,
+                                   torch.zeros_like(logp) if t is None else t, rtol=rtol * 10, atol=1e-12)
+
+
+def test_loss_options_refuse_what_we_do_not_implement():
+    with pytest.raises(NotImplementedError, match="GRPOConfig.loss_type = 'vespo'"):
+        r1k_trl.loss_options(_grpo_config(loss_type="vespo"))
+    with pytest.raises(NotImplementedError, match="use_adaptive_entropy"):
+        r1k_trl.loss_options(_grpo_config(use_adaptive_entropy=True))

@@ -50,6 +50,33 @@ class _R1KernelsLogProbs:
         return logp, (entropy if "entropy" in outputs else None), None, None, None
 
 
+def loss_options(args) -> dict:
+    """``policy_loss`` / ``grpo_loss`` / ``linear_grpo_loss`` keyword options from a TRL ``GRPOConfig``,
+    TRL's defaults where the names differ (epsilon_high falls back to epsilon). Per-batch values stay
+    per call: ``num_items_in_batch`` (and ``num_processes``), ``old_logprobs``, ``ref_logprobs``,
+    ``is_ratio`` (vLLM's importance-sampling ratio), ``sampling_logprobs``. A setting we do not
+    implement raises, naming it, rather than being dropped."""
+    from r1kernels.grpo import LOSS_TYPES
+
+    unsupported = {"loss_type": args.loss_type not in LOSS_TYPES,
+                   "use_adaptive_entropy": getattr(args, "use_adaptive_entropy", False)}
+    for name, bad in unsupported.items():
+        if bad:
+            raise NotImplementedError(f"GRPOConfig.{name} = {getattr(args, name)!r} is not supported by r1kernels "
+                                      f"(loss types: {tuple(LOSS_TYPES)})")
+    accepts = LOSS_TYPES[args.loss_type].accepts
+    options = dict(loss_type=args.loss_type, importance_sampling_level=args.importance_sampling_level,
+                   beta=args.beta, use_bias_correction_kl=args.use_bias_correction_kl,
+                   entropy_coef=args.entropy_coef, top_entropy_quantile=args.top_entropy_quantile,
+                   off_policy_mask_threshold=args.off_policy_mask_threshold)
+    epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    per_type = dict(epsilon_low=args.epsilon, epsilon_high=epsilon_high, delta=args.delta,
+                    max_completion_length=args.max_completion_length,
+                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+    options.update({name: value for name, value in per_type.items() if name in accepts and value is not None})
+    return options
+
+
 def patch(deterministic: bool | None = None) -> None:
     """Route TRL's fused LM head through r1kernels. Idempotent."""
     global _original
@@ -75,4 +102,4 @@ def is_patched() -> bool:
     return _original is not None
 
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["patch", "unpatch", "is_patched", "loss_options"]

@@ -9,11 +9,18 @@ import torch
 def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, loss_type="grpo",
                   importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, delta=None, beta=0.0,
                   num_items_in_batch=None, max_completion_length=None, is_ratio=None, clip_ratio_c=None,
-                  kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=True):
+                  kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=True,
+                  off_policy_mask_threshold=None, top_entropy_quantile=1.0, sampling=None):
     """Scalar loss in the inputs' dtype (use float64)."""
     batch, _ = logp.shape
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logp.detach() if old is None else old
+    high_entropy = torch.ones_like(mask, dtype=torch.bool)
+    if top_entropy_quantile < 1.0:      # TRL's get_high_entropy_mask on one process
+        active = entropy.detach()[mask.bool()]
+        threshold = torch.quantile(active.float(), 1 - top_entropy_quantile) if active.numel() else None
+        high_entropy = ((entropy.detach() * mask >= threshold) & mask.bool()) if threshold is not None \
+            else torch.zeros_like(mask, dtype=torch.bool)
     seq_totals, seq_counts = [], []
     for b in range(batch):
         m = mask[b].to(logp.dtype)
@@ -22,7 +29,7 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
         if importance_sampling_level == "sequence":
             lr = ((lr * m).sum() / max(m.sum().item(), 1.0)).expand_as(lr)
         r = torch.exp(lr)
-        if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             unclipped = (r if delta is None else torch.clamp(r, max=delta)) * a
             clipped = torch.clamp(r, 1 - epsilon_low, 1 + eps_high) * a
             loss = -torch.minimum(unclipped, clipped)
@@ -37,6 +44,11 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
             loss = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a_full
         else:
             raise ValueError(loss_type)
+        if off_policy_mask_threshold is not None:     # TRL's get_off_policy_mask (DeepSeek-V3.2)
+            drift = torch.nan_to_num((old[b] if sampling is None else sampling[b]) - logp[b].detach(), nan=0.0)
+            seq_drift = (drift * m).sum() / max(m.sum().item(), 1.0)
+            loss = loss * ((a >= 0) | (seq_drift <= off_policy_mask_threshold)).to(loss.dtype)
+        loss = loss * high_entropy[b].to(loss.dtype)
         if is_ratio is not None:
             loss = loss * is_ratio[b]
         if beta:
@@ -52,17 +64,21 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
             if use_bias_correction_kl:       # TRL's default: the KL term times the importance ratio
                 kl = kl * r
             loss = loss + beta * kl
-        if entropy_coef:
-            loss = loss - entropy_coef * entropy[b]
         seq_totals.append((loss * m).sum())
         seq_counts.append(m.sum())
     total = torch.stack(seq_totals).sum()
     count = torch.stack(seq_counts).sum()
     if loss_type in ("grpo", "sapo"):
-        return sum(t / max(c.item(), 1.0) for t, c in zip(seq_totals, seq_counts)) / batch
-    if loss_type == "bnpo":
-        return total / max(count.item(), 1.0)
-    if loss_type == "dr_grpo":
-        return total / (batch * max_completion_length)
-    normaliser = max(count.item(), 1.0) if num_items_in_batch is None else num_items_in_batch
-    return total / normaliser
+        loss = sum(t / max(c.item(), 1.0) for t, c in zip(seq_totals, seq_counts)) / batch
+    elif loss_type == "bnpo":
+        loss = total / max(count.item(), 1.0)
+    elif loss_type == "dr_grpo":
+        loss = total / (batch * max_completion_length)
+    elif loss_type == "luspo":
+        loss = total / batch
+    else:
+        loss = total / (max(count.item(), 1.0) if num_items_in_batch is None else num_items_in_batch)
+    if entropy_coef:       # TRL: minus coef times the token mean of the entropy over the effective mask
+        effective = mask.to(logp.dtype) * high_entropy.to(logp.dtype)
+        loss = loss - entropy_coef * (entropy * effective).sum() / max(effective.sum().item(), 1.0)
+    return loss
