@@ -44,13 +44,14 @@ def _clipped_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
     per_token = -torch.min(capped * adv, clipped * adv)
     if o["clip_ratio_c"] is not None:
         per_token = torch.where(adv < 0, torch.min(per_token, -o["clip_ratio_c"] * adv), per_token)
-    return per_token, (ratio < 1 - eps_low) & (adv < 0), (ratio > 1 + eps_high) & (adv > 0)
+    # clip metrics as TRL measures them: on the delta-capped ratio
+    return per_token, (capped < 1 - eps_low) & (adv < 0), (capped > 1 + eps_high) & (adv > 0)
 
 
 def _cispo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
     """CISPO: the capped ratio, detached, weights the log-prob's gradient."""
     per_token = -torch.clamp(ratio, max=o["epsilon_high"]).detach() * adv * logp
-    return per_token, torch.zeros_like(adv, dtype=torch.bool), ratio > o["epsilon_high"]
+    return per_token, torch.zeros_like(adv, dtype=torch.bool), (ratio > o["epsilon_high"]) & (adv > 0)   # as TRL
 
 
 def _sapo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
@@ -435,23 +436,31 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
     if t.options["entropy_coef"] > 0:
         loss = loss - _entropy_bonus(t, ent, bonus_mask)
 
-    metrics = _metrics(m, m.sum(), ratio, low, high, kl, ent)
+    metrics = _metrics(t, ratio, low, high, kl, ent)
     return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach(),
                           denominator)
 
 
 @torch.no_grad()
-def _metrics(m, active, ratio, low, high, kl, ent) -> dict:
-    """Masked token means (0-d tensors, no host sync)."""
-    denom = active.clamp(min=1.0)
+def _metrics(t: _Terms, ratio, low, high, kl, ent) -> dict:
+    """Masked token means (0-d tensors, no host sync), as TRL logs them: with a sequence-level ratio
+    (GSPO), the clip fractions are means over the batch's sequences."""
+    m = t.m
+    denom = m.sum().clamp(min=1.0)
 
     def mean(x):
         return (x.float() * m).sum() / denom
 
+    def clip_mean(x):
+        if t.options["importance_sampling_level"] != "sequence":
+            return mean(x)
+        per_seq = t.layout.seq_sum(x.to(m.dtype) * m) / t.tokens_per_seq.clamp(min=1.0)
+        return per_seq.sum().float() / max(t.layout.num_seqs, 1)
+
     big = torch.finfo(ratio.dtype).max
     on = m > 0
     metrics = dict(
-        clip_ratio_low=mean(low), clip_ratio_high=mean(high), clip_ratio_region=mean(low | high),
+        clip_ratio_low=clip_mean(low), clip_ratio_high=clip_mean(high), clip_ratio_region=clip_mean(low | high),
         ratio_mean=mean(ratio),
         ratio_min=torch.where(on, ratio, big).min() if ratio.numel() else ratio.new_zeros(()),
         ratio_max=torch.where(on, ratio, -big).max() if ratio.numel() else ratio.new_zeros(()),

@@ -138,7 +138,7 @@ def test_trl_compute_loss_equals_ours_with_loss_options(loss_type, extra):
                   completion_ids=torch.zeros(batch, length, dtype=torch.long), completion_mask=mask,
                   advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
                   num_items_in_batch=mask.sum().double())
-    trl_loss, _ = _trl_compute_loss(args, logp, entropy, inputs)
+    trl_loss, trl_metrics = _trl_compute_loss(args, logp, entropy, inputs)
     trl_grads = torch.autograd.grad(trl_loss, (logp, entropy), allow_unused=True)
     options = r1k_trl.loss_options(args)
     ours = r1kernels.policy_loss(logp, adv, mask.bool(), old_logprobs=old, ref_logprobs=ref if args.beta else None,
@@ -152,6 +152,17 @@ def test_trl_compute_loss_equals_ours_with_loss_options(loss_type, extra):
     for g, t in zip(grads, trl_grads):
         torch.testing.assert_close(torch.zeros_like(logp) if g is None else g,
                                    torch.zeros_like(logp) if t is None else t, rtol=rtol * 10, atol=1e-12)
+    # the clip metrics as TRL logs them (cispo: tokens with A > 0 only; with delta: on the capped ratio)
+    names = ({"clip_ratio_high": "cispo_clip_ratio"} if loss_type == "cispo" else
+             {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
+              "clip_ratio_region": "clip_ratio/region_mean"} if "delta" in r1kernels.grpo.LOSS_TYPES[loss_type].accepts
+             else {})
+    for ours_name, trl_name in names.items():
+        # TRL averages in float32 (its mask count is cast to float)
+        assert ours.metrics[ours_name].item() == pytest.approx(trl_metrics[trl_name][0], rel=1e-6), ours_name
+    if args.beta:
+        assert ours.metrics["kl_mean"].item() == pytest.approx(trl_metrics["kl"][0], rel=1e-6)
+    assert ours.metrics["entropy_mean"].item() == pytest.approx(trl_metrics["entropy"][0], rel=1e-6)
 
 
 def test_loss_options_refuse_what_we_do_not_implement():
