@@ -205,8 +205,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             return (None,) * 7
         if grad_logp is None:
             grad_logp = torch.zeros_like(entropy)
-        grads = _linear_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp,
-                                 grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad)
+        with torch.autocast(hidden.device.type, enabled=False):   # a backward run inside autocast: the same kernels
+            grads = _linear_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp,
+                                     grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad)
         grads = tuple(g if need else None for g, need in zip(grads, needs_grad))
         return (*grads, None, None, None, None)
 
@@ -230,12 +231,27 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
     Returns:
         ``logp`` (shape of ``targets``) or ``(logp, entropy)``, fp32 (fp64 for fp64 inputs).
     """
+    cast = _autocast_dtype(hidden)
+    if cast is not None:
+        # as an nn.Linear under autocast: the lm_head product in the autocast dtype (fp32 accumulation),
+        # the autocast itself off inside, so that forward and backward run the kernels of that dtype
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = None if bias is None else bias.to(cast)
     hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
         hidden, weight, targets, bias, temperature, deterministic)
-    logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets_1d, inv_temperature,
-                                               backend, deterministic)
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets_1d, inv_temperature,
+                                                   backend, deterministic)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
+
+
+def _autocast_dtype(hidden: Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for hidden's device type (and hidden is a float), else None."""
+    kind = hidden.device.type
+    if hidden.is_floating_point() and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
@@ -286,7 +302,7 @@ def linear_token_logprobs_one_pass(hidden: Tensor, weight: Tensor, targets: Tens
     """
     hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
         hidden, weight, targets, bias, temperature, deterministic)
-    if _fused_tile(backend, deterministic) or torch.compiler.is_compiling():
+    if _fused_tile(backend, deterministic) or torch.compiler.is_compiling() or _autocast_dtype(hidden) is not None:
         return None
     from r1kernels.kernels import chunked_linear
     _checks.target_ids_in_range(targets_1d, weight.shape[0])

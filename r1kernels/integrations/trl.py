@@ -7,9 +7,10 @@ on any backend (Triton on GPU, C++ on CPU), forward and backward, deterministic 
 TRL's own loss math (every loss type, masks, metrics) is left in place: it is the semantics
 ``r1kernels.policy_loss`` matches, so TRL keeps all its features and gains our kernels.
 
-Not covered (those calls go to TRL's own kernel, with one warning): final-logit softcapping
-(Gemma-2 style), the extra per-token outputs ``log_sum_sq_probs``, ``mean_logits`` and ``is_top1``,
-and hidden states whose dtype differs from the LM head's (autocast without ``cast_lm_head_to_fp32``).
+Under ``torch.autocast`` the lm_head product runs in the autocast dtype with fp32 accumulation, as
+TRL's kernel does. Not covered (those calls go to TRL's own kernel, with one warning): final-logit
+softcapping (Gemma-2 style), the extra per-token outputs ``log_sum_sq_probs``, ``mean_logits`` and
+``is_top1``, and hidden states whose dtype differs from the LM head's.
 
     import r1kernels.integrations.trl as r1k_trl
     r1k_trl.patch()          # before GRPOTrainer(...) is built; r1k_trl.unpatch() restores TRL
