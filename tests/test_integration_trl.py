@@ -170,3 +170,16 @@ def test_loss_options_refuse_what_we_do_not_implement():
         r1k_trl.loss_options(_grpo_config(loss_type="vespo"))
     with pytest.raises(NotImplementedError, match="use_adaptive_entropy"):
         r1k_trl.loss_options(_grpo_config(use_adaptive_entropy=True))
+
+
+@pytest.mark.parametrize("version, ok", [("1.16.0", True), ("1.16.3", True), ("1.16.1rc1", True), ("1.15.2", False),
+                                         ("1.10.0", False), ("0.29.0", False), ("1.17.0", False)])
+def test_patch_refuses_trl_outside_the_supported_range(version, ok, monkeypatch):
+    import trl
+    if ok:
+        r1k_trl.check_trl_version(version)
+        return
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"supports TRL >= 1.16, < 1.17; TRL {version} is installed"):
+        r1k_trl.patch()
+    assert not r1k_trl.is_patched()

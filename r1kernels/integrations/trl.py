@@ -22,6 +22,9 @@ import warnings
 
 from r1kernels.logprobs import linear_token_logprobs
 
+# TRL releases whose fused-LM-head entry points (trl.trainer.utils._ChunkedLogProbFunction, used by
+# add_fused_lm_head) the patch was checked against; the `trl` extra pins the same range
+SUPPORTED_TRL = ("1.16", "1.17")      # [first, end)
 _SUPPORTED_OUTPUTS = {"log_probs", "entropy"}
 _original = None
 
@@ -78,9 +81,25 @@ def loss_options(args) -> dict:
     return options
 
 
+def check_trl_version(version: str | None = None) -> None:
+    """Raise, naming the installed and supported versions, outside SUPPORTED_TRL: other releases moved
+    or changed the entry points the patch swaps (1.10's patch_chunked_lm_head takes another signature;
+    0.x has no fused LM head), so a patch there would be silently unused or break."""
+    from packaging.version import Version
+
+    if version is None:
+        import trl
+        version = trl.__version__
+    first, end = (Version(v) for v in SUPPORTED_TRL)
+    if not first <= Version(Version(version).base_version) < end:   # pre-releases of a supported version count
+        raise RuntimeError(f"r1kernels.integrations.trl supports TRL >= {SUPPORTED_TRL[0]}, < {SUPPORTED_TRL[1]}; "
+                           f"TRL {version} is installed")
+
+
 def patch(deterministic: bool | None = None) -> None:
-    """Route TRL's fused LM head through r1kernels. Idempotent."""
+    """Route TRL's fused LM head through r1kernels. Idempotent. Raises outside SUPPORTED_TRL."""
     global _original
+    check_trl_version()
     from trl.trainer import utils as trl_utils
 
     if _original is None:
@@ -103,4 +122,4 @@ def is_patched() -> bool:
     return _original is not None
 
 
-__all__ = ["patch", "unpatch", "is_patched", "loss_options"]
+__all__ = ["patch", "unpatch", "is_patched", "loss_options", "check_trl_version", "SUPPORTED_TRL"]
