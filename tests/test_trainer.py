@@ -490,9 +490,71 @@ def test_vllm_engine_generates_and_syncs(tmp_path):
     builtin_tokenizer().save_pretrained(tmp_path / "m")
     cfg = tiny_config(tmp_path).rollout
     engine = VLLMEngine(str(tmp_path / "m"), builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda")))
-    out = engine.generate(model, ["12+34="], 4)
+    out = engine.generate(model.cuda(), ["12+34="], 4)
     assert len(out.texts) == 4 and all(len(lp) == len(c) for lp, c in zip(out.sampling_logprobs, out.completion_ids))
-    engine.sync_weights(model.cuda())
+
+
+def _fake_vllm(version, calls):
+    """A stand-in vllm module recording what the engine asks of it."""
+    import types
+
+    class Target:
+        def load_weights(self, weights):
+            calls.append(("load_weights", [name for name, _ in weights]))
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls.append(("LLM", kwargs))
+            runner = types.SimpleNamespace(model=Target())
+            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=runner)))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tuple(tags or ())))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset_prefix_cache",))
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(("generate", len(prompts)))
+            logprob = types.SimpleNamespace(logprob=-0.5)
+            choice = types.SimpleNamespace(token_ids=[5, 6], text="ab", logprobs=[{5: logprob}, {6: logprob}])
+            return [types.SimpleNamespace(prompt_token_ids=[1, 2], outputs=[choice] * params.n) for _ in prompts]
+
+    return types.SimpleNamespace(__version__=version, LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+
+
+def test_vllm_engine_colocates_streams_weights_and_sleeps(tmp_path, monkeypatch):
+    """The engine as TRL's colocate mode runs it: an in-process engine per rank (external_launcher),
+    processed log-probs, level-2 sleep between generations, and before each generation the weights
+    woken and the policy's streamed one parameter at a time. Outside the supported range: an error."""
+    import sys
+
+    from trainer.parallel import World
+    from trainer.rollout import VLLMEngine
+    from trainer.tokenizer import builtin_tokenizer
+    calls = []
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.28.1", calls))
+    cfg = tiny_config(tmp_path).rollout
+    engine = VLLMEngine("m", builtin_tokenizer(), cfg, World(1, 2, torch.device("cuda", 1)))
+    model = _model()
+    out = engine.generate(model, ["12+34=", "5+5="], 3)
+    assert out.sampling_logprobs == [[-0.5, -0.5]] * 6 and out.group == [0, 0, 0, 1, 1, 1]
+    kwargs = calls[0][1]
+    assert (kwargs["distributed_executor_backend"], kwargs["logprobs_mode"], kwargs["seed"]) == (
+        "external_launcher", "processed_logprobs", 1)
+    names = [name for call in calls if call[0] == "load_weights" for name in call[1]]
+    assert names == list(model.state_dict()) and all(len(c[1]) == 1 for c in calls if c[0] == "load_weights")
+    order = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in calls if c[0] != "load_weights"]
+    assert order == ["LLM", "sleep", "wake_up('weights',)", "reset_prefix_cache", "wake_up('kv_cache',)", "generate",
+                     "sleep"]
+    assert [c[1] for c in calls if c[0] == "sleep"] == [2, 2]
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.11.0", calls))
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0.22.0 to 0.31.0; vLLM 0.11.0 is installed"):
+        VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda", 0)))
 
 
 def test_update_with_sampler_logprobs_runs_the_corrected_loss(tmp_path):

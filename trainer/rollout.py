@@ -1,6 +1,7 @@
 """Rollout engines: G completions per prompt. ``HFGenerateEngine`` (transformers generate: CPU and
-GPU, works under FSDP2) and ``VLLMEngine`` (GPU, colocated, sleep/wake, weights synced after each
-optimizer step, sampling log-probs for the importance-sampling correction)."""
+GPU, works under FSDP2) and ``VLLMEngine`` (GPU, colocated in each rank's process, asleep between
+generations, the policy's weights streamed in before each, sampling log-probs for the
+importance-sampling correction)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,10 +21,8 @@ class Rollouts:
 
 class RolloutEngine:
     def generate(self, model, prompts: list, num_generations: int, greedy: bool = False) -> Rollouts:
+        """G completions per prompt from the policy ``model`` as it is now."""
         raise NotImplementedError
-
-    def sync_weights(self, model) -> None:
-        """Called after each optimizer step (engines holding their own copy of the weights)."""
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -72,37 +71,71 @@ class HFGenerateEngine(RolloutEngine):
         return Rollouts(prompt_ids, completion_ids, texts, group)
 
 
+SUPPORTED_VLLM = ("0.22.0", "0.31.0")   # inclusive: the releases TRL 1.16's colocate mode runs on (the `vllm` extra)
+
+
+def import_vllm():
+    """vllm, within SUPPORTED_VLLM; otherwise an error naming the installed and supported versions."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise RuntimeError("rollout.engine = 'vllm' needs vllm installed (GPU only): pip install -e '.[vllm]'") from err
+    from packaging.version import Version
+
+    installed = Version(Version(vllm.__version__).base_version)
+    first, last = (Version(v) for v in SUPPORTED_VLLM)
+    if not first <= installed <= last:
+        raise RuntimeError(f"rollout.engine = 'vllm' supports vLLM {SUPPORTED_VLLM[0]} to {SUPPORTED_VLLM[1]}; "
+                           f"vLLM {vllm.__version__} is installed")
+    return vllm
+
+
 class VLLMEngine(RolloutEngine):
-    """vLLM colocated with training on the same GPU: it sleeps (frees its memory) while we train,
-    wakes to generate, and receives the policy's weights after each optimizer step."""
+    """vLLM in each rank's own process, colocated with training (TRL's vllm_mode="colocate", verl's
+    hybrid engine):
+
+    - ``distributed_executor_backend="external_launcher"``: under torchrun every rank hosts its own
+      engine on its own GPU, in process (no worker processes, so the model is reachable for weights);
+    - ``logprobs_mode="processed_logprobs"``: the sampling log-probs after temperature and top-p, the
+      distribution actually sampled, which the importance-sampling correction needs;
+    - between generations the engine sleeps at level 2 (weights and KV cache freed: no CPU copy of
+      weights that are about to be replaced), so every generation first wakes the weights and streams
+      the policy's current ones into them, one parameter at a time (``full_tensor()`` of one FSDP2
+      shard, never the whole model gathered on a rank): rollouts and evaluations therefore always use
+      the current policy, after SFT and after a resume included.
+    """
 
     def __init__(self, model_name: str, tokenizer, cfg, world, gpu_memory_utilization: float = 0.3):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as err:
-            raise RuntimeError("rollout.engine = 'vllm' needs vllm installed (GPU only)") from err
+        vllm = import_vllm()
         if world.device.type != "cuda":
             raise RuntimeError("rollout.engine = 'vllm' needs a GPU")
         self.tokenizer, self.cfg = tokenizer, cfg
-        self.sampling = SamplingParams
-        self.llm = LLM(model=model_name, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
-        self.llm.sleep(level=1)
+        self.sampling = vllm.SamplingParams
+        self.llm = vllm.LLM(model=model_name, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
+                            distributed_executor_backend="external_launcher", seed=world.rank,
+                            logprobs_mode="processed_logprobs")
+        self.llm.sleep(level=2)
 
-    def sync_weights(self, model) -> None:
-        state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-                 for name, p in model.state_dict().items()}
-        self.llm.wake_up()
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        runner.load_weights(state.items())
-        self.llm.sleep(level=1)
+    def _load_policy(self, model) -> None:
+        """Wake the weights and stream the policy's into them (FSDP2 gathers one parameter at a time)."""
+        self.llm.wake_up(tags=["weights"])
+        target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, value in model.state_dict().items():
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            target.load_weights([(name, full.detach())])
+            del full
+        self.llm.reset_prefix_cache()
 
     def generate(self, model, prompts, num_generations, greedy=False, max_new_tokens=None):
-        self.llm.wake_up()
+        self._load_policy(model)
+        self.llm.wake_up(tags=["kv_cache"])
         params = self.sampling(n=1 if greedy else num_generations, temperature=0.0 if greedy else self.cfg.temperature,
                                top_p=1.0 if greedy else self.cfg.top_p,
                                max_tokens=max_new_tokens or self.cfg.max_new_tokens, logprobs=0)
-        results = self.llm.generate(prompts, params, use_tqdm=False)
-        self.llm.sleep(level=1)
+        try:
+            results = self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            self.llm.sleep(level=2)
         prompt_ids, completion_ids, texts, group, sampling = [], [], [], [], []
         for index, result in enumerate(results):
             for choice in result.outputs:
@@ -110,5 +143,5 @@ class VLLMEngine(RolloutEngine):
                 completion_ids.append(list(choice.token_ids))
                 texts.append(choice.text)
                 group.append(index)
-                sampling.append([next(iter(lp.values())).logprob for lp in choice.logprobs])
+                sampling.append([lp[token].logprob for lp, token in zip(choice.logprobs, choice.token_ids)])
         return Rollouts(prompt_ids, completion_ids, texts, group, sampling)

@@ -239,7 +239,6 @@ class Trainer:
             row = self.update(rollouts.prompt_ids, rollouts.completion_ids, advantages.tolist(), optimizer, scheduler,
                               sampling_logprobs=rollouts.sampling_logprobs, step=step)
             t_train = time.perf_counter() - t1
-            self.engine.sync_weights(self.model)
             generated = sum(len(c) for c in rollouts.completion_ids)
             g_generated, g_tokens = self._global(generated, row.pop("tokens"))
             combined = (torch.nan_to_num(scores) * weights).sum(1)
