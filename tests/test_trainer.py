@@ -204,7 +204,7 @@ GOOD = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(12)]
     (GOOD[:2] + [{"prompt": 7, "answer": "7"}], "train.jsonl:3: 'prompt' must be a string"),
     (GOOD[:2] + [{"question": "1+1="}], "train.jsonl:3: the record has no 'prompt'"),
     (GOOD[:8], "has 8 records, too few to hold out data.eval_size = 200"),
-    (GOOD + [{"prompt": "ça fait combien ?", "answer": "2"}], "builtin-tiny tokenizer has no token for"),
+    (GOOD + [{"prompt": "ça fait combien ?", "answer": "2"}], "builtin tokenizer has no token for"),
     (GOOD, "sft.steps = 2 needs worked traces"),
 ])
 def test_jsonl_tasks_fail_clearly_before_training(records, words, tmp_path):
@@ -566,3 +566,17 @@ def test_update_with_sampler_logprobs_runs_the_corrected_loss(tmp_path):
     sampling = [[-1.0] * len(c) for c in completions]
     row = trainer.update(prompts, completions, adv, optimizer, scheduler, sampling_logprobs=sampling)
     assert row["loss"] == row["loss"] and abs(row["loss"]) < 1e3
+
+
+@pytest.mark.parametrize("name, params", [("builtin-0.5b", 494.0e6), ("builtin-1.5b", 1543.7e6)])
+def test_builtin_gpu_presets_have_qwen25_shapes(name, params):
+    """Offline GPU presets: Qwen2.5-0.5B / -1.5B's shapes and vocabulary, random init (built on the meta
+    device here: no memory)."""
+    from trainer.config import ModelConfig
+    from trainer.model import build_model
+    tokenizer = type("Tok", (), {"__len__": lambda self: 151936, "pad_token_id": 0, "bos_token_id": 1,
+                                 "eos_token_id": 2})()
+    with torch.device("meta"):
+        model = build_model(ModelConfig(name=name), tokenizer, torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-3)
+    assert model.config.vocab_size == 151936 and model.config._attn_implementation == "r1kernels"

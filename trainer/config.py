@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    name: str = "builtin-tiny"          # "builtin-tiny" (a small Qwen2 built from a config) or a HF name/path
+    name: str = "builtin-tiny"          # builtin-tiny | builtin-0.5b | builtin-1.5b (Qwen2-shaped, random init) or HF
     hidden_size: int = 128              # builtin-tiny only
     num_layers: int = 2
     num_heads: int = 4

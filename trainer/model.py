@@ -15,14 +15,31 @@ import torch
 import r1kernels.integrations.transformers as r1k_hf
 
 
+# Qwen2-shaped models built from a config (random init, no download): builtin-tiny takes its sizes from
+# the model section; the others are Qwen2.5-0.5B / -1.5B's shapes with their 151,936-token vocabulary (the
+# builtin tokenizer is padded to it), for measuring the trainer's tokens/s and MFU on a GPU offline
+BUILTIN_MODELS = {
+    "builtin-tiny": {},
+    "builtin-0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                         vocab_size=151936, max_positions=4096, tie=True),
+    "builtin-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
+                         vocab_size=151936, max_positions=4096, tie=True),
+}
+
+
 def build_model(cfg, tokenizer, dtype: torch.dtype):
     import transformers
 
-    if cfg.name == "builtin-tiny":
+    if cfg.name in BUILTIN_MODELS:
+        shape = {**dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                        num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size, max_positions=256,
+                        tie=True), **BUILTIN_MODELS[cfg.name]}
+        shape.pop("vocab_size", None)           # the tokenizer already has it
         config = transformers.Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+            num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
+            num_key_value_heads=shape["num_kv_heads"], max_position_embeddings=shape["max_positions"],
+            tie_word_embeddings=shape["tie"], pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         model = transformers.Qwen2ForCausalLM(config).to(dtype)
     else:

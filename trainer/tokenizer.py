@@ -6,11 +6,14 @@ SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>", "<think>", "</think>", "<answer>"
 CHARS = "0123456789+-*/=(),.:? abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def builtin_tokenizer():
+def builtin_tokenizer(vocab_size: int | None = None):
+    """``vocab_size``: padded with unused tokens up to that size (a model-sized lm_head)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + list(CHARS))}
+    tokens = SPECIAL + list(CHARS)
+    tokens += [f"<unused{i}>" for i in range((vocab_size or 0) - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -19,8 +22,10 @@ def builtin_tokenizer():
 
 
 def load_tokenizer(name: str):
-    if name == "builtin-tiny":
-        return builtin_tokenizer()
+    from trainer.model import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS:
+        return builtin_tokenizer(BUILTIN_MODELS[name].get("vocab_size"))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name)

@@ -12,7 +12,7 @@ import torch
 import r1kernels
 from trainer import checkpoint, parallel, rewards as reward_fns, step as grpo_step
 from trainer.metrics import MetricsLog, peak_memory_bytes
-from trainer.model import attach_fused_head, build_model, decoder_layers
+from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
 from trainer.rollout import HFGenerateEngine, VLLMEngine
 from trainer.tasks import TaskSource
 from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
@@ -65,10 +65,10 @@ class Trainer:
         if cfg.sft.steps and not self.data.has_traces:
             raise ValueError(f"sft.steps = {cfg.sft.steps} needs worked traces: give data.sft_jsonl ({{\"prompt\", "
                              "\"completion\"} records) or completions in data.train_jsonl, or set sft.steps = 0")
-        if cfg.model.name == "builtin-tiny":
+        if cfg.model.name in BUILTIN_MODELS:
             missing = sorted(set("".join(self.data.texts())) - set(BUILTIN_CHARS))
             if missing:
-                raise ValueError(f"the builtin-tiny tokenizer has no token for {''.join(missing[:20])!r} in the task's "
+                raise ValueError(f"the builtin tokenizer has no token for {''.join(missing[:20])!r} in the task's "
                                  "text (it would become <unk>): use a model with its own tokenizer (model.name)")
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
         self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s,
