@@ -170,3 +170,70 @@ def test_infinite_reward_is_a_failed_reward(backend):
     assert torch.isfinite(adv).all() and adv[3] == 0 and adv[6] == 0
     torch.testing.assert_close(adv, expected)
     assert int(stats.failed_rewards) == 2
+
+
+def _cu(*bounds):
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+# (op (its name in backends.OPS), case, call, exception, the argument the message must name); each row runs
+# on every backend of that op that runs on this machine's CPU
+INVALID = [
+    ("logprobs", "logits int", lambda: r1kernels.token_logprobs(torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1])),
+     TypeError, "logits"),
+    ("logprobs", "target past V", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 5])),
+     ValueError, "targets"),
+    ("logprobs", "temperature NaN", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), float("nan")),
+     ValueError, "temperature"),
+    ("linear_logprobs", "weight shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 3),
+                                                                                torch.tensor([0, 1])),
+     ValueError, "weight"),
+    ("linear_logprobs", "bias shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4),
+                                                                              torch.tensor([0, 1]), torch.randn(5)),
+     ValueError, "bias"),
+    ("linear_logprobs", "targets shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4),
+                                                                                 torch.tensor([0])),
+     ValueError, "targets"),
+    ("advantages", "group size not dividing", lambda: r1kernels.group_advantages(torch.randn(5), 2),
+     ValueError, "group_size"),
+    ("advantages", "group ids shape", lambda: r1kernels.group_advantages(torch.randn(4), group_ids=torch.zeros(3).long()),
+     ValueError, "group_ids"),
+    ("advantages", "unknown estimator", lambda: r1kernels.group_advantages(torch.randn(4), 2, estimator="ppo"),
+     ValueError, "estimator"),
+    ("attention", "offsets past total", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _cu(0, 3, 6), _cu(0, 3, 6), 3, 3),
+     ValueError, "cu_seqlens_q"),
+    ("attention", "offsets int64", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _cu(0, 5).long(), _cu(0, 5), 5, 5),
+     TypeError, "cu_seqlens_q"),
+    ("attention", "heads not grouped", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 3, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _cu(0, 5), _cu(0, 5), 5, 5),
+     ValueError, "Hq"),
+    ("attention", "max_seqlen too small", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _cu(0, 5), _cu(0, 5), 4, 5),
+     ValueError, "max_seqlen_q"),
+    ("attention", "head dim 300", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 300), torch.randn(5, 2, 300), torch.randn(5, 2, 300), _cu(0, 5), _cu(0, 5), 5, 5),
+     ValueError, "head_dim"),
+    ("attention", "sinks shape", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _cu(0, 5), _cu(0, 5), 5, 5,
+        sinks=torch.zeros(3)), ValueError, "sinks"),
+]
+
+
+def _backends_of(op):
+    """The op's backends that run on this machine's CPU (each module states what its op supports)."""
+    from r1kernels import attention, logprobs
+    supported = {"attention": attention.SUPPORTED_BACKENDS, "linear_logprobs": logprobs.LINEAR_BACKENDS}.get(
+        op, ("triton", "cuda", "cpu", "torch"))
+    return [b for b in cpu_backends() if b in supported]
+
+
+@pytest.mark.parametrize("op, case, call, error, argument",
+                         [(op, case, call, error, arg) for op, case, call, error, arg in INVALID],
+                         ids=[f"{op}-{case}" for op, case, *_ in INVALID])
+def test_invalid_inputs_name_the_argument_on_every_backend(op, case, call, error, argument):
+    for backend in _backends_of(op):
+        with r1kernels.use_backend(**{op: backend}), pytest.raises(error) as raised:
+            call()
+        assert argument in str(raised.value), f"{backend}: {raised.value!r} does not name {argument}"
