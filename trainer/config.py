@@ -11,6 +11,7 @@ import typing
 from typing import Optional
 
 from r1kernels.grpo import LOSS_TYPES, check_options
+from trainer import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -36,7 +37,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    task: str = "arithmetic"            # arithmetic | countdown | jsonl
+    task: str = "arithmetic"            # arithmetic | countdown | jsonl | "module:Class" (trainer/registry.py)
     train_jsonl: str = ""               # {"prompt", "answer"} records (task = "jsonl")
     eval_jsonl: str = ""
     sft_jsonl: str = ""                 # {"prompt", "completion"} worked traces; built-in tasks make their own
@@ -83,7 +84,7 @@ class GRPOConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    engine: str = "hf"                  # hf | vllm
+    engine: str = "hf"                  # hf | vllm | "module:Class" (trainer/registry.py)
     temperature: float = 0.5
     top_p: float = 1.0
     max_new_tokens: int = 32
@@ -141,18 +142,19 @@ class TrainerConfig:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "data.task": ("arithmetic", "countdown", "jsonl"),
+    "data.task": tuple(registry.TASKS),
     "grpo.lr_schedule": ("cosine", "linear", "constant"),
     "grpo.loss_type": tuple(LOSS_TYPES),
     "grpo.importance_sampling_level": ("token", "sequence"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.advantage_estimator": ("grpo", "rloo", "dr_grpo"),
     "grpo.kernels": ("r1kernels", "naive"),
-    "rollout.engine": ("hf", "vllm"),
+    "rollout.engine": tuple(registry.ENGINES),
     "parallel.fsdp": ("auto", "on", "off"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
 }
 OPTIONAL_CHOICES = {"grpo.scale_rewards"}     # None: the library's default for the estimator
+IMPORT_PATHS = {"data.task", "rollout.engine"}  # also take your own part by "module:Name"
 POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
@@ -238,6 +240,8 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if key in IMPORT_PATHS and registry.is_import_path(value):
+            continue
         if value not in allowed and not (value is None and key in OPTIONAL_CHOICES):
             raise ConfigError(f"{key}: expected one of {allowed}, got {value!r}")
     for key in POSITIVE | NON_NEGATIVE:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib
 import logging
 import math
 import numbers
@@ -155,14 +154,12 @@ BUILTIN = {"accuracy": accuracy, "format_strict": format_strict, "format_lenient
 def load_custom(entries) -> dict:
     """{import path: (function, weight)} from ``[[rewards.custom]]`` entries {"function": "module:name",
     "weight": w}; an entry that cannot be imported is an error naming it."""
+    from trainer import registry
+
     loaded = {}
     for i, entry in enumerate(entries):
         path = entry["function"]
-        module_name, _, attribute = path.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"rewards.custom[{i}].function = {path!r} cannot be loaded: {err}") from None
+        fn = registry.load(f"rewards.custom[{i}].function", path, {})
         if not callable(fn):
             raise ValueError(f"rewards.custom[{i}].function = {path!r} is not callable")
         loaded[path] = (fn, float(entry["weight"]))

@@ -10,11 +10,9 @@ import time
 import torch
 
 import r1kernels
-from trainer import checkpoint, parallel, rewards as reward_fns, step as grpo_step
+from trainer import checkpoint, parallel, registry, rewards as reward_fns, step as grpo_step
 from trainer.metrics import MetricsLog, peak_memory_bytes
 from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
-from trainer.rollout import HFGenerateEngine, VLLMEngine
-from trainer.tasks import TaskSource
 from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
 
 PEAK_BF16_FLOPS = 989e12   # H100/H200 dense bf16, for MFU
@@ -61,22 +59,19 @@ class Trainer:
         self.model = parallel.shard_model(model, decoder_layers(model), self.world, cfg.parallel.fsdp,
                                           cfg.parallel.mixed_precision)
         torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
-        self.data = TaskSource(cfg.data)
-        if cfg.sft.steps and not self.data.has_traces:
+        self.data = registry.load("data.task", cfg.data.task, registry.TASKS)(cfg.data)
+        if cfg.sft.steps and not getattr(self.data, "has_traces", True):
             raise ValueError(f"sft.steps = {cfg.sft.steps} needs worked traces: give data.sft_jsonl ({{\"prompt\", "
                              "\"completion\"} records) or completions in data.train_jsonl, or set sft.steps = 0")
         if cfg.model.name in BUILTIN_MODELS:
-            missing = sorted(set("".join(self.data.texts())) - set(BUILTIN_CHARS))
+            missing = sorted(set("".join(getattr(self.data, "texts", list)())) - set(BUILTIN_CHARS))
             if missing:
                 raise ValueError(f"the builtin tokenizer has no token for {''.join(missing[:20])!r} in the task's "
                                  "text (it would become <unk>): use a model with its own tokenizer (model.name)")
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
         self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s,
                                             custom=reward_fns.load_custom(cfg.rewards.custom))
-        if cfg.rollout.engine == "vllm":
-            self.engine = VLLMEngine(cfg.model.name, self.tokenizer, cfg.rollout, self.world)
-        else:
-            self.engine = HFGenerateEngine(self.tokenizer, cfg.rollout, self.world)
+        self.engine = registry.load("rollout.engine", cfg.rollout.engine, registry.ENGINES)(cfg, self.tokenizer, self.world)
         self.log = MetricsLog(cfg.checkpoint.dir, self.world.is_main, cfg.log.progress)
 
     # ------------------------------------------------------------------ helpers

@@ -1,0 +1,48 @@
+"""Swappable parts by name: a built-in, or your own by import path ("module:Name") in the config,
+without editing trainer/.
+
+    rollout.engine = "my_engines:Sglang"   # Engine(config, tokenizer, world).generate(model, prompts, G, ...)
+    data.task = "my_tasks:Sudoku"          # Task(data_config).train(stream, step, n), .held_out()
+    [[rewards.custom]] function = "my_rewards:length_penalty"
+"""
+from __future__ import annotations
+
+import importlib
+
+
+def is_import_path(name: str) -> bool:
+    module, _, attribute = name.partition(":")
+    return bool(module and attribute)
+
+
+def load(key: str, name: str, builtins: dict):
+    """builtins[name], or the object at the import path ``name``; an error names the config key."""
+    if name in builtins:
+        return builtins[name]
+    if not is_import_path(name):
+        raise ValueError(f"{key} = {name!r}: expected one of {sorted(builtins)} or an import path \"module:Name\"")
+    module, _, attribute = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{key} = {name!r} cannot be loaded: {err}") from None
+
+
+# the built-ins (factories, imported when used): engines get (config, tokenizer, world), tasks the data section
+def _hf_engine(cfg, tokenizer, world):
+    from trainer.rollout import HFGenerateEngine
+    return HFGenerateEngine(tokenizer, cfg.rollout, world)
+
+
+def _vllm_engine(cfg, tokenizer, world):
+    from trainer.rollout import VLLMEngine
+    return VLLMEngine(cfg.model.name, tokenizer, cfg.rollout, world)
+
+
+def _builtin_task(data_cfg):
+    from trainer.tasks import TaskSource
+    return TaskSource(data_cfg)
+
+
+ENGINES = {"hf": _hf_engine, "vllm": _vllm_engine}
+TASKS = {"arithmetic": _builtin_task, "countdown": _builtin_task, "jsonl": _builtin_task}
