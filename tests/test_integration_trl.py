@@ -107,7 +107,7 @@ def _trl_compute_loss(args, logp, entropy, inputs):
 
 def _grpo_config(**kwargs):
     from trl import GRPOConfig
-    return GRPOConfig(output_dir="/tmp/r1k-trl", report_to=[], use_cpu=True, bf16=False, **kwargs)
+    return GRPOConfig(**{"output_dir": "/tmp/r1k-trl", "report_to": [], "use_cpu": True, "bf16": False, **kwargs})
 
 
 LOSS_CONFIGS = {
@@ -182,4 +182,66 @@ def test_patch_refuses_trl_outside_the_supported_range(version, ok, monkeypatch)
     monkeypatch.setattr(trl, "__version__", version)
     with pytest.raises(RuntimeError, match=rf"supports TRL >= 1.16, < 1.17; TRL {version} is installed"):
         r1k_trl.patch()
+    assert not r1k_trl.is_patched()
+
+
+def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory):
+    """A few steps of TRL's GRPOTrainer on a tiny random Qwen2 with a local character tokenizer:
+    (every completion generated, logged losses, final parameters)."""
+    import datasets
+    from trl import GRPOTrainer
+
+    from trainer.tokenizer import builtin_tokenizer
+    tokenizer = builtin_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)   # by path: beta > 0 loads a reference copy
+    generated = []
+
+    def reward(completions, **kwargs):
+        generated.extend(completions)
+        return [len(c) / 10 - 0.3 * c.count("1") for c in completions]
+
+    options = dict(output_dir=str(directory / "out"), per_device_train_batch_size=4, num_generations=4,
+                   max_completion_length=8, max_steps=3, logging_steps=1, save_strategy="no", seed=0,
+                   learning_rate=1e-3)
+    options.update(LOSS_CONFIGS[loss_type])
+    options.update(loss_type=loss_type, beta=beta, num_iterations=num_iterations, importance_sampling_level=level)
+    args = _grpo_config(**options)
+    dataset = datasets.Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(24)]})
+    if patched:
+        r1k_trl.patch(loss=True)
+    try:
+        trainer = GRPOTrainer(model=str(directory), reward_funcs=reward, args=args, train_dataset=dataset,
+                              processing_class=tokenizer)
+        trainer.train()
+    finally:
+        r1k_trl.unpatch()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return generated, losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("beta, num_iterations, level", [(0.0, 1, "token"), (0.04, 2, "sequence")],
+                         ids=["plain", "kl-2iter-gspo"])
+@pytest.mark.parametrize("loss_type", list(LOSS_CONFIGS))
+def test_grpo_trainer_with_our_fused_loss_route(loss_type, beta, num_iterations, level, tmp_path, monkeypatch):
+    """TRL's GRPOTrainer for real, plain and with patch(loss=True) (its loss through linear_grpo_loss):
+    the same generations, losses within 1e-6 and parameters after three steps within 1e-5."""
+    plain = _run_grpo_trainer(loss_type, beta, num_iterations, level, False, tmp_path / "plain")
+    calls = []
+    original = r1kernels.grpo.linear_grpo_loss
+    monkeypatch.setattr(r1kernels.grpo, "linear_grpo_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ours = _run_grpo_trainer(loss_type, beta, num_iterations, level, True, tmp_path / "ours")
+    assert len(calls) == 3, "each of the three training steps' loss must go through linear_grpo_loss"
+    assert ours[0] == plain[0], "the generations must be identical"
+    assert len(ours[1]) == len(plain[1]) >= 3
+    for a, b in zip(ours[1], plain[1]):
+        assert a == pytest.approx(b, abs=1e-6)
+    # AdamW at lr 1e-3 moves a weight by up to 1e-3 per step; a gradient near Adam's eps (the key bias
+    # has none analytically) turns rounding noise into ~1e-6 there, a wrong gradient would give ~1e-3
+    for name, value in plain[2].items():
+        torch.testing.assert_close(ours[2][name], value, rtol=1e-5, atol=1e-5, msg=name)
     assert not r1k_trl.is_patched()

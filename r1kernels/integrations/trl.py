@@ -1,4 +1,4 @@
-"""Drop r1kernels into TRL's GRPOTrainer (TRL >= 1.16, where it is installed).
+"""Drop r1kernels into TRL's GRPOTrainer (TRL 1.16.x, SUPPORTED_TRL; other versions raise).
 
 TRL's GRPOTrainer scores completions through a fused LM head (``trl.trainer.utils.add_fused_lm_head``)
 whose vocabulary work is one autograd function over (hidden, weight, bias, labels). ``patch()``
@@ -6,6 +6,9 @@ swaps that function for ``r1kernels.linear_token_logprobs``: the [tokens, V] log
 on any backend (Triton on GPU, C++ on CPU), forward and backward, deterministic on request.
 TRL's own loss math (every loss type, masks, metrics) is left in place: it is the semantics
 ``r1kernels.policy_loss`` matches, so TRL keeps all its features and gains our kernels.
+``patch(loss=True)`` also replaces GRPOTrainer's loss by ``linear_grpo_loss`` on the backbone's
+hidden states (the one-pass fused lm_head + loss where it applies), with ``loss_options(args)``,
+as TRL's ``use_liger_kernel`` swaps in Liger's loss.
 
 Under ``torch.autocast`` the lm_head product runs in the autocast dtype with fp32 accumulation, as
 TRL's kernel does. Not covered (those calls go to TRL's own kernel, with one warning): final-logit
@@ -14,10 +17,13 @@ softcapping (Gemma-2 style), the extra per-token outputs ``log_sum_sq_probs``, `
 
     import r1kernels.integrations.trl as r1k_trl
     r1k_trl.patch()          # before GRPOTrainer(...) is built; r1k_trl.unpatch() restores TRL
+    r1k_trl.patch(loss=True) # the loss too
 """
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 
 from r1kernels.logprobs import linear_token_logprobs
@@ -96,9 +102,106 @@ def check_trl_version(version: str | None = None) -> None:
                            f"TRL {version} is installed")
 
 
-def patch(deterministic: bool | None = None) -> None:
-    """Route TRL's fused LM head through r1kernels. Idempotent. Raises outside SUPPORTED_TRL."""
-    global _original
+class _CaptureHead:
+    """Stands in for TRL's chunked log-prob function during one forward of the loss route: it keeps
+    the fused LM head's inputs (hidden states, weight, bias, labels, temperature, softcap, scale) and
+    returns zeros, so the backbone runs once, under TRL's own forward, and the head's work is ours."""
+
+    captured = None
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
+              outputs=("log_probs",)):
+        cls.captured = (hidden, weight, bias, labels, temperature, final_logit_softcapping, logit_scale)
+        zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        return zeros, (zeros if "entropy" in outputs else None), None, None, None
+
+
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+               "mm_token_type_ids", "image_position_ids")
+
+
+def _loss_route_applies(trainer, inputs) -> bool:
+    """Our fused loss covers the text-only objective; the rest stays TRL's own _compute_loss."""
+    from r1kernels.grpo import LOSS_TYPES
+    args = trainer.args
+    items = LOSS_TYPES.get(args.loss_type) is not None and "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
+    accumulation_differs = trainer.model.training and trainer.current_gradient_accumulation_steps != \
+        args.steps_per_generation
+    return (args.loss_type in LOSS_TYPES and not getattr(args, "use_adaptive_entropy", False)
+            and not trainer.aux_loss_enabled and not any(inputs.get(k) is not None for k in _MULTIMODAL)
+            and not (items and args.entropy_coef and accumulation_differs))
+
+
+def _fused_compute_loss(trainer, model, inputs):
+    """TRL's GRPO loss through ``linear_grpo_loss``: the backbone's hidden states go to our fused
+    lm_head + loss (one pass where it applies), with TRL's options (``loss_options``), per-batch
+    inputs, gradient-accumulation scaling and logged metrics."""
+    from trl.trainer import utils as trl_utils
+
+    from r1kernels.grpo import LOSS_TYPES, linear_grpo_loss
+
+    if not _loss_route_applies(trainer, inputs):
+        return _original_compute_loss(trainer, model, inputs)
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    batch, keep = completion_ids.shape
+    head, trl_utils._ChunkedLogProbFunction = trl_utils._ChunkedLogProbFunction, _CaptureHead
+    try:
+        trainer._get_per_token_logps_and_entropies(model, torch.cat([prompt_ids, completion_ids], 1),
+                                                   torch.cat([prompt_mask, completion_mask], 1), keep)
+    finally:
+        trl_utils._ChunkedLogProbFunction = head
+    hidden, weight, bias, labels, temperature, softcap, scale = _CaptureHead.captured
+    _CaptureHead.captured = None
+    if softcap or not scale:
+        return _original_compute_loss(trainer, model, inputs)
+    valid = completion_mask.bool()
+    if hidden.shape[0] == batch * (prompt_ids.shape[1] + keep - 1):         # every position scored
+        hidden = hidden.view(batch, -1, hidden.shape[-1])[:, -keep:]
+    else:                                                                     # only the valid ones (Triton)
+        hidden = hidden.new_zeros(batch, keep, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
+    mask = valid if "tool_mask" not in inputs else valid & inputs["tool_mask"].bool()
+    args = trainer.args
+    per_call = dict(old_logprobs=inputs.get("old_per_token_logps"), sampling_logprobs=inputs.get(
+        "sampling_per_token_logps"))
+    if args.beta:
+        per_call["ref_logprobs"] = inputs["ref_per_token_logps"]
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        per_call["is_ratio"] = inputs["importance_sampling_ratio"]
+    items = "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
+    if items:
+        per_call.update(num_items_in_batch=inputs["num_items_in_batch"].clamp(min=1.0),
+                        num_processes=trainer.accelerator.num_processes)
+    out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias,
+                           temperature=temperature / scale, deterministic=_R1KernelsLogProbs.deterministic,
+                           **loss_options(args), **per_call)
+    mode = "train" if trainer.model.training else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    # TRL: num_items_in_batch spans the generation batch (steps_per_generation micro-batches)
+    loss = out.loss * (args.steps_per_generation / accumulation if items and mode == "train" else 1.0 / accumulation)
+    metrics = trainer._metrics[mode]
+    metrics["entropy"].append(out.metrics["entropy_mean"].item())
+    if args.beta:
+        metrics["kl"].append(out.metrics["kl_mean"].item())
+    names = ({"clip_ratio_high": "cispo_clip_ratio"} if args.loss_type == "cispo" else
+             {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
+              "clip_ratio_region": "clip_ratio/region_mean"} if "delta" in LOSS_TYPES[args.loss_type].accepts
+             else {})
+    for ours, theirs in names.items():
+        metrics[theirs].append(out.metrics[ours].item())
+    return loss
+
+
+_original_compute_loss = None
+
+
+def patch(deterministic: bool | None = None, loss: bool = False) -> None:
+    """Route TRL's fused LM head through r1kernels; with ``loss=True`` also GRPOTrainer's loss, through
+    ``linear_grpo_loss`` end to end (as ``use_liger_kernel`` swaps in Liger's loss; multimodal
+    batches, MoE aux losses, adaptive entropy and vespo stay TRL's). Idempotent. Raises outside
+    SUPPORTED_TRL."""
+    global _original, _original_compute_loss
     check_trl_version()
     from trl.trainer import utils as trl_utils
 
@@ -106,16 +209,25 @@ def patch(deterministic: bool | None = None) -> None:
         _original = trl_utils._ChunkedLogProbFunction
     _R1KernelsLogProbs.deterministic = deterministic
     trl_utils._ChunkedLogProbFunction = _R1KernelsLogProbs
+    if loss and _original_compute_loss is None:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+        _original_compute_loss = GRPOTrainer._compute_loss
+        GRPOTrainer._compute_loss = _fused_compute_loss
 
 
 def unpatch() -> None:
-    """Restore TRL's own kernel."""
-    global _original
+    """Restore TRL's own kernel and loss."""
+    global _original, _original_compute_loss
     if _original is not None:
         from trl.trainer import utils as trl_utils
 
         trl_utils._ChunkedLogProbFunction = _original
         _original = None
+    if _original_compute_loss is not None:
+        from trl.trainer.grpo_trainer import GRPOTrainer
+
+        GRPOTrainer._compute_loss = _original_compute_loss
+        _original_compute_loss = None
 
 
 def is_patched() -> bool:
