@@ -8,6 +8,7 @@ Per token, with r = exp(logp - old) (GSPO: the masked sequence mean of logp - ol
     grpo, bnpo, dr_grpo, dapo, luspo:  l = -min(r' A, clip(r, 1-eps_low, 1+eps_high) A),  r' = min(r, delta)
                                 dual-clip (clip_ratio_c): for A < 0, l = min(l, -clip_ratio_c A)
     cispo:                      l = -sg(min(r, eps_high)) A logp
+    vespo:                      l = -sg(phi(w)) A logp, w the sequence's ratio (see _vespo_weight)
     sapo:                       l = -sigmoid(tau (r - 1)) 4 / tau A,  tau = tau_pos if A > 0 else tau_neg
 then l *= keep (off_policy_mask_threshold: 0 for a sequence with A < 0 whose mean sampling - current
 log-prob drift exceeds it; top_entropy_quantile q: 0 below the batch's (1 - q) entropy quantile),
@@ -35,7 +36,7 @@ IS_LEVELS = ("token", "sequence")
 
 
 # ---------------------------------------------------------------- the loss types, as data
-def _clipped_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+def _clipped_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict, seq_weight=None):
     """PPO's clipped surrogate, with verl's dual clip and TRL's delta cap."""
     eps_low = 0.2 if o["epsilon_low"] is None else o["epsilon_low"]
     eps_high = eps_low if o["epsilon_high"] is None else o["epsilon_high"]
@@ -48,19 +49,55 @@ def _clipped_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
     return per_token, (capped < 1 - eps_low) & (adv < 0), (capped > 1 + eps_high) & (adv > 0)
 
 
-def _cispo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+def _cispo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict, seq_weight=None):
     """CISPO: the capped ratio, detached, weights the log-prob's gradient."""
     per_token = -torch.clamp(ratio, max=o["epsilon_high"]).detach() * adv * logp
     return per_token, torch.zeros_like(adv, dtype=torch.bool), (ratio > o["epsilon_high"]) & (adv > 0)   # as TRL
 
 
-def _sapo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict):
+def _sapo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict, seq_weight=None):
     """SAPO: a sigmoid gate in place of the clip, temperature by the advantage's sign."""
     tau_pos = 1.0 if o["sapo_temperature_pos"] is None else o["sapo_temperature_pos"]
     tau_neg = 1.05 if o["sapo_temperature_neg"] is None else o["sapo_temperature_neg"]
     tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
     never = torch.zeros_like(adv, dtype=torch.bool)
     return -torch.sigmoid(tau * (ratio - 1)) * (4.0 / tau) * adv, never, never
+
+
+def _vespo_token_loss(ratio: Tensor, adv: Tensor, logp: Tensor, o: dict, seq_weight=None):
+    """VESPO: the sequence's gamma weight phi(w) (``_vespo_weight``, detached) scales A logp."""
+    never = torch.zeros_like(adv, dtype=torch.bool)
+    return -seq_weight * adv * logp, never, never
+
+
+_LOG_MIN_WEIGHT = -18.420680743952367      # log(1e-8), TRL's floor on log w
+
+
+def _vespo_weight(t, log_ratio: Tensor) -> Tensor:
+    """phi(w) = e^lambda w^k e^(-lambda w) per token, from its sequence's ratio w = exp(sum over the
+    sequence's tokens of clamp(logp - old, -20, 20) + log is_ratio) clamped to [1e-8, e^20]; k and
+    lambda by the advantage's sign (vespo_k_pos / vespo_lambda_pos for A >= 0, the _neg pair else)."""
+    o, m = t.options, t.m
+    log_w = t.layout.seq_sum(torch.clamp(log_ratio.detach(), -20.0, 20.0) * m)[t.layout.seq_ids]
+    if t.is_ratio is not None:     # the sampler's correction folds into w (and is not applied again)
+        log_is = torch.clamp(torch.log(t.is_ratio), _LOG_MIN_WEIGHT, 20.0) * m
+        log_w = log_w + t.layout.seq_sum(log_is)[t.layout.seq_ids]
+    log_w = torch.clamp(log_w, _LOG_MIN_WEIGHT, 20.0)
+    positive = t.adv >= 0
+
+    def by_sign(name):      # in the accumulation dtype (TRL's torch.where of two floats is float32)
+        return torch.where(positive, torch.full_like(m, _option(o, name + "_pos")), _option(o, name + "_neg"))
+
+    k, lam = by_sign("vespo_k"), by_sign("vespo_lambda").clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+_VESPO_DEFAULTS = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+
+
+def _option(o: dict, name: str) -> float:
+    return _VESPO_DEFAULTS[name] if o.get(name) is None else o[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +149,9 @@ class LossType:
     normaliser: str
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
+    # a per-sequence weight from the whole sequence (vespo), passed to token_loss as seq_weight; such a
+    # type folds is_ratio into it and takes the two-pass route
+    sequence_weight: Optional[Callable] = None
 
     @property
     def accepts(self) -> tuple[str, ...]:
@@ -131,6 +171,7 @@ LOSS_TYPES = {
     "cispo": LossType(_cispo_token_loss, "items", ("epsilon_high",), required=("epsilon_high",)),
     "sapo": LossType(_sapo_token_loss, "sequence", ("sapo_temperature_pos", "sapo_temperature_neg")),
     "luspo": LossType(_clipped_token_loss, "sequence_sum", _CLIP_OPTIONS),
+    "vespo": LossType(_vespo_token_loss, "items", tuple(_VESPO_DEFAULTS), sequence_weight=_vespo_weight),
 }
 # every option that only some loss types accept
 TYPE_OPTIONS = tuple(dict.fromkeys(name for entry in LOSS_TYPES.values() for name in entry.accepts))
@@ -229,7 +270,8 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
 def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
                       num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
                       entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
-                      off_policy_mask_threshold, top_entropy_quantile, has_ref: bool):
+                      off_policy_mask_threshold, top_entropy_quantile, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                      vespo_lambda_neg, has_ref: bool):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -239,7 +281,9 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
 
     given = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
                  num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
-                 sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg)
+                 sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                 vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                 vespo_lambda_neg=vespo_lambda_neg)
     entry = LOSS_TYPES[loss_type]
     for name in TYPE_OPTIONS:
         if given[name] is not None and name not in entry.accepts:
@@ -269,6 +313,9 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
     for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
         if tau is not None and not tau > 0:
             raise ValueError(f"{name} must be > 0, got {tau}")
+    for name in _VESPO_DEFAULTS:
+        if given[name] is not None and not given[name] >= 0:
+            raise ValueError(f"{name} must be >= 0, got {given[name]}")
     if not isinstance(use_bias_correction_kl, bool):
         raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
     if not entropy_coef >= 0:
@@ -291,6 +338,7 @@ class _Terms:
     tokens_per_seq: Tensor    # [S]
     options: dict
     sampling: Optional[Tensor] = None   # [N] the sampler's log-probs (off_policy_mask_threshold), else old
+    seq_weight: Optional[Tensor] = None  # [N] the loss type's per-sequence weight (vespo), set by _loss_from_terms
 
 
 def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
@@ -316,11 +364,13 @@ def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, keep: Optional[T
     log(pi / pi_old) per token (already broadcast for GSPO); ``keep`` [rows] masks the policy term
     (off-policy sequences, low-entropy tokens), not the KL term, in TRL's order."""
     o = t.options
+    entry = LOSS_TYPES[o["loss_type"]]
     ratio = torch.exp(log_ratio)
-    per_token, low, high = LOSS_TYPES[o["loss_type"]].token_loss(ratio, t.adv[rows], logp, o)
+    per_token, low, high = entry.token_loss(ratio, t.adv[rows], logp, o,
+                                            None if t.seq_weight is None else t.seq_weight[rows])
     if keep is not None:
         per_token = per_token * keep
-    if t.is_ratio is not None:
+    if t.is_ratio is not None and entry.sequence_weight is None:
         per_token = per_token * t.is_ratio[rows]
     kl = None if t.ref is None else _kl(o["kl_estimator"], logp, t.ref[rows])
     if kl is not None and o["beta"] > 0 and o["use_bias_correction_kl"]:
@@ -387,7 +437,9 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                 entropy_coef: float = 0.0, sapo_temperature_pos: Optional[float] = None,
                 sapo_temperature_neg: Optional[float] = None, use_bias_correction_kl: bool = True,
                 off_policy_mask_threshold: Optional[float] = None, top_entropy_quantile: float = 1.0,
-                sampling_logprobs: Optional[Tensor] = None) -> GRPOLossOutput:
+                sampling_logprobs: Optional[Tensor] = None, vespo_k_pos: Optional[float] = None,
+                vespo_lambda_pos: Optional[float] = None, vespo_k_neg: Optional[float] = None,
+                vespo_lambda_neg: Optional[float] = None) -> GRPOLossOutput:
     """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
 
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
@@ -409,7 +461,9 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                    max_completion_length=max_completion_length, clip_ratio_c=clip_ratio_c,
                    kl_estimator=kl_estimator, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
                    sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
-                   off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile)
+                   off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile,
+                   vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                   vespo_lambda_neg=vespo_lambda_neg)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
     t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options,
                  sampling_logprobs)
@@ -425,6 +479,9 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
     old = logp.detach() if t.old is None else t.old
 
     log_ratio = logp - old
+    weight_of = LOSS_TYPES[t.options["loss_type"]].sequence_weight
+    if weight_of is not None:
+        t.seq_weight = weight_of(t, log_ratio)
     if t.options["importance_sampling_level"] == "sequence":
         seq_log_ratio = layout.seq_sum(log_ratio * m) / t.tokens_per_seq.clamp(min=1.0)
         log_ratio = seq_log_ratio[layout.seq_ids]
@@ -514,7 +571,8 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     batch_wide = (options.get("importance_sampling_level", "token") != "token"
                   or options.get("off_policy_mask_threshold") is not None
-                  or options.get("top_entropy_quantile", 1.0) < 1.0)     # a token's gradient needs its whole batch
+                  or options.get("top_entropy_quantile", 1.0) < 1.0      # a token's gradient needs its whole batch
+                  or LOSS_TYPES.get(options.get("loss_type", "grpo"), LOSS_TYPES["grpo"]).sequence_weight is not None)
     if wants_grad and not batch_wide:
         out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
                                          deterministic, options)

@@ -38,7 +38,8 @@ def _options(loss_type, level, beta, delta, clip_c):
     opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
     values = dict(epsilon_low=0.2, epsilon_high=0.28 if "delta" in LOSS_TYPES[loss_type].accepts else 1.5,
                   delta=delta, clip_ratio_c=clip_c, max_completion_length=12, num_items_in_batch=37.0,
-                  sapo_temperature_pos=None, sapo_temperature_neg=None)
+                  sapo_temperature_pos=None, sapo_temperature_neg=None, vespo_k_pos=1.5, vespo_lambda_pos=None,
+                  vespo_k_neg=None, vespo_lambda_neg=2.5)
     opts.update({name: values[name] for name in LOSS_TYPES[loss_type].accepts})
     return {k: v for k, v in opts.items() if v is not None}
 

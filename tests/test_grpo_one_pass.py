@@ -10,10 +10,12 @@ from test_grpo import B, T, _batch, _cases, _options, _ref_options, _to_packed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import r1kernels
+from r1kernels.grpo import LOSS_TYPES
 from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref
 
 H, V = 16, 101
-TOKEN_LEVEL = [c for c in _cases() if c[1] == "token"]
+# the cases the one-pass route serves: token-level ratios, no loss type that weighs whole sequences (vespo)
+TOKEN_LEVEL = [c for c in _cases() if c[1] == "token" and LOSS_TYPES[c[0]].sequence_weight is None]
 
 
 class _CountMatmuls(TorchDispatchMode):

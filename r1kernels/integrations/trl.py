@@ -82,7 +82,9 @@ def loss_options(args) -> dict:
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     per_type = dict(epsilon_low=args.epsilon, epsilon_high=epsilon_high, delta=args.delta,
                     max_completion_length=args.max_completion_length,
-                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg)
+                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+                    vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+                    vespo_lambda_neg=args.vespo_lambda_neg)
     options.update({name: value for name, value in per_type.items() if name in accepts and value is not None})
     return options
 
@@ -199,7 +201,7 @@ _original_compute_loss = None
 def patch(deterministic: bool | None = None, loss: bool = False) -> None:
     """Route TRL's fused LM head through r1kernels; with ``loss=True`` also GRPOTrainer's loss, through
     ``linear_grpo_loss`` end to end (as ``use_liger_kernel`` swaps in Liger's loss; multimodal
-    batches, MoE aux losses, adaptive entropy and vespo stay TRL's). Idempotent. Raises outside
+    batches, MoE aux losses and adaptive entropy stay TRL's). Idempotent. Raises outside
     SUPPORTED_TRL."""
     global _original, _original_compute_loss
     check_trl_version()

@@ -3,6 +3,8 @@ and KL estimators) with one explicit loop per sequence, independently of ``r1ker
 Padded layout only: logp, old, ref, entropy [B, T], mask [B, T], advantages [B] or [B, T]."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -10,7 +12,8 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
                   importance_sampling_level="token", epsilon_low=0.2, epsilon_high=None, delta=None, beta=0.0,
                   num_items_in_batch=None, max_completion_length=None, is_ratio=None, clip_ratio_c=None,
                   kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=True,
-                  off_policy_mask_threshold=None, top_entropy_quantile=1.0, sampling=None):
+                  off_policy_mask_threshold=None, top_entropy_quantile=1.0, sampling=None, vespo_k_pos=2.0,
+                  vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
     """Scalar loss in the inputs' dtype (use float64)."""
     batch, _ = logp.shape
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
@@ -38,6 +41,19 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
                 loss = torch.where(a_full < 0, torch.minimum(loss, -clip_ratio_c * a_full), loss)
         elif loss_type == "cispo":
             loss = -torch.clamp(r, max=eps_high).detach() * a * logp[b]
+        elif loss_type == "vespo":      # TRL's get_gamma_weights: phi(w) of the sequence's ratio, detached
+            floor = math.log(1e-8)
+            log_w = (torch.clamp((logp[b] - old[b]).detach(), -20, 20) * m).sum()
+            if is_ratio is not None:
+                log_w = log_w + (torch.clamp(torch.log(is_ratio[b]), floor, 20) * m).sum()
+            log_w = torch.clamp(log_w, floor, 20)
+            a_full = a * torch.ones_like(r)
+            k = torch.where(a_full >= 0, torch.full_like(r, vespo_k_pos), torch.full_like(r, vespo_k_neg))
+            lam = torch.where(a_full >= 0, torch.full_like(r, vespo_lambda_pos),
+                              torch.full_like(r, vespo_lambda_neg)).clamp(min=1e-4)
+            phi = torch.nan_to_num(torch.exp(lam + k * log_w - lam * torch.exp(log_w)), nan=0.0, posinf=0.0,
+                                   neginf=0.0)
+            loss = -phi * a_full * logp[b]
         elif loss_type == "sapo":
             a_full = a * torch.ones_like(r)
             tau = torch.where(a_full > 0, torch.full_like(r, tau_pos), torch.full_like(r, tau_neg))
@@ -49,7 +65,7 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
             seq_drift = (drift * m).sum() / max(m.sum().item(), 1.0)
             loss = loss * ((a >= 0) | (seq_drift <= off_policy_mask_threshold)).to(loss.dtype)
         loss = loss * high_entropy[b].to(loss.dtype)
-        if is_ratio is not None:
+        if is_ratio is not None and loss_type != "vespo":       # vespo folds it into phi
             loss = loss * is_ratio[b]
         if beta:
             d = ref[b] - logp[b]
