@@ -50,8 +50,14 @@ def _group_normalize(rewards: Tensor, weights: Optional[Tensor], group_size: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Contiguous groups of ``group_size`` rows: (adv [B], mean [G], std [G], constant [G])."""
     if backend == "triton":
-        from r1kernels.triton.advantages import group_normalize
-        return group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator)
+        from r1kernels.triton import advantages, advantages_by_id
+        if group_size > advantages.LARGE_GROUP:
+            # few long groups would be few programs of the tile kernel: the persistent kernel spreads
+            # each group over every SM (its slot of a row is row // group_size, no hashing)
+            adv, mean, std, constant, _ = advantages_by_id.group_normalize_by_id(
+                rewards, weights, None, leave_one_out, scale, eps, batch_denominator, True, group_size=group_size)
+            return adv, mean, std, constant
+        return advantages.group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator)
     if backend == "cuda":
         rewards, weights = _as_cuda_input(rewards, weights)
     return _segment_kernel(backend)(rewards, weights, group_size, None, None, leave_one_out, scale, eps,

@@ -6,7 +6,7 @@ same passes as csrc/include/r1k/group_stats.h. Small groups fit one tile, so aft
 pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one write of the advantages.
 Groups longer than LARGE_GROUP rows (few groups, so few programs here) and arbitrary group ids go
 to the persistent kernel of r1kernels/triton/advantages_by_id.py, which spreads any group over
-every SM.
+every SM; the routing is r1kernels/advantages.py's. This module imports nothing of that one.
 """
 from __future__ import annotations
 
@@ -107,12 +107,8 @@ def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denomina
 
 def group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator):
     """Contiguous groups of ``group_size`` rows; see ``r1kernels.kernels.torch_advantages.group_normalize``
-    for the contract (``weights`` may be None: all ones)."""
-    if group_size > LARGE_GROUP:
-        from r1kernels.triton.advantages_by_id import group_normalize_by_id
-        adv, mean, std, constant, _ = group_normalize_by_id(rewards, weights, None, leave_one_out, scale, eps,
-                                                            batch_denominator, True, group_size=group_size)
-        return adv, mean, std, constant
+    for the contract (``weights`` may be None: all ones). r1kernels/advantages.py sends groups longer
+    than LARGE_GROUP to the persistent kernel instead."""
     batch, num_rewards = rewards.shape
     acc = accumulation_dtype(rewards.dtype)
     groups = batch // group_size
