@@ -9,6 +9,8 @@ a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` traces throu
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 import torch
@@ -205,7 +207,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             return (None,) * 7
         if grad_logp is None:
             grad_logp = torch.zeros_like(entropy)
-        with torch.autocast(hidden.device.type, enabled=False):   # a backward run inside autocast: the same kernels
+        with _autocast_off(hidden):   # a backward run inside autocast: the same kernels as the forward
             grads = _linear_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp,
                                      grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad)
         grads = tuple(g if need else None for g, need in zip(grads, needs_grad))
@@ -239,7 +241,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
         bias = None if bias is None else bias.to(cast)
     hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
         hidden, weight, targets, bias, temperature, deterministic)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with _autocast_off(hidden):
         logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets_1d, inv_temperature,
                                                    backend, deterministic)
     logp = logp.view(targets.shape)
@@ -252,6 +254,12 @@ def _autocast_dtype(hidden: Tensor) -> Optional[torch.dtype]:
     if hidden.is_floating_point() and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return None
+
+
+def _autocast_off(hidden: Tensor):
+    """A context that turns autocast off for hidden's device type where it is on (nothing otherwise)."""
+    kind = hidden.device.type
+    return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
 
 
 def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):

@@ -87,14 +87,25 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def run_order(phase: str, step: int) -> tuple:
+    """A sort key of (phase, step) points of a run: SFT before GRPO, then by step."""
+    return PHASES.index(phase), step
+
+
+def phase_and_step(path: str):
+    """(phase, step) of a checkpoint directory, from its name; None for another name."""
+    match = _NAME.fullmatch(os.path.basename(path))
+    return (match[1], int(match[2])) if match else None
+
+
 def _complete(directory: str) -> list:
-    """Complete checkpoints (with their checksums) in run order: SFT before GRPO, then by step."""
+    """Complete checkpoints (with their checksums) in run order."""
     found = []
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        match = _NAME.fullmatch(name)
-        if match and os.path.isfile(os.path.join(directory, name, CHECKSUMS)):
-            found.append((PHASES.index(match[1]), int(match[2]), os.path.join(directory, name)))
-    return [path for *_, path in sorted(found)]
+        point = phase_and_step(name)
+        if point and os.path.isfile(os.path.join(directory, name, CHECKSUMS)):
+            found.append((run_order(*point), os.path.join(directory, name)))
+    return [path for _, path in sorted(found)]
 
 
 def latest(directory: str):

@@ -209,7 +209,7 @@ def _custom_rewards(key: str, value) -> list:
         if not isinstance(entry, dict) or set(entry) - {"function", "weight"} or "function" not in entry:
             raise ConfigError(f"{where}: expected a table with 'function' (\"module:name\") and 'weight', got {entry!r}")
         function = entry["function"]
-        if not isinstance(function, str) or function.count(":") != 1 or not all(function.split(":")):
+        if not isinstance(function, str) or not registry.is_import_path(function):
             raise ConfigError(f"{where}.function: expected \"module:name\", got {function!r}")
         weight = _coerce(f"{where}.weight", entry.get("weight", 1.0), float)
         if not math.isfinite(weight):

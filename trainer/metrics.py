@@ -38,11 +38,10 @@ class MetricsLog:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if resumed_at is not None and os.path.exists(self.path):
-            phases = ("sft", "grpo")
-            cut = (phases.index(resumed_at[0]), resumed_at[1])
+            from trainer.checkpoint import run_order
             with open(self.path) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-            self.rows = [r for r in rows if (phases.index(r["phase"]), r["step"]) < cut]
+            self.rows = [r for r in rows if run_order(r["phase"], r["step"]) < run_order(*resumed_at)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)

@@ -11,8 +11,8 @@ import importlib
 
 
 def is_import_path(name: str) -> bool:
-    module, _, attribute = name.partition(":")
-    return bool(module and attribute)
+    """"module:Name": one colon, both sides non-empty."""
+    return name.count(":") == 1 and all(name.split(":"))
 
 
 def load(key: str, name: str, builtins: dict):

@@ -306,7 +306,7 @@ class Trainer:
         optimizer = scheduler = None
         resumed = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
         if resumed:
-            phase, start = self._resume_phase(resumed)
+            phase, start = checkpoint.phase_and_step(resumed)
             self._check_config(resumed)
             if phase == "grpo" and start >= cfg.grpo.steps:
                 message = (f"{resumed}: this run already finished its {start} GRPO steps (grpo.steps = "
@@ -344,11 +344,6 @@ class Trainer:
         if cfg.checkpoint.export:
             self.export(os.path.join(cfg.checkpoint.dir, "final"))
         return {"before": before, "after": after, "summary": summary, "rows": self.log.rows}
-
-    def _resume_phase(self, path):
-        name = os.path.basename(path)
-        phase = name.split("_step_")[0]
-        return phase, int(name.split("_step_")[1])
 
     def _optimizer_for(self, phase):
         if phase == "sft":
