@@ -36,7 +36,10 @@ class AdvantageStats:
 
 def _segment_kernel(backend: str):
     """The C++ (cpu, cuda) or torch kernel for contiguous groups and sorted segments."""
-    return torch_advantages.group_normalize_cpp if backend in ("cpu", "cuda") else torch_advantages.group_normalize
+    if backend in ("cpu", "cuda"):
+        from r1kernels.kernels import cpp_advantages     # loads the compiled extension
+        return cpp_advantages.group_normalize
+    return torch_advantages.group_normalize
 
 
 def _as_cuda_input(rewards, weights):
@@ -82,8 +85,9 @@ def _group_normalize_by_id(rewards: Tensor, weights: Optional[Tensor], group_ids
         return group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
                                      with_stats)
     if backend == "cpu":
-        return torch_advantages.group_normalize_by_id_cpp(rewards, weights, group_ids, leave_one_out, scale, eps,
-                                                          batch_denominator, with_stats)
+        from r1kernels.kernels import cpp_advantages
+        return cpp_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,
+                                                    batch_denominator, with_stats)
     if backend == "cuda":
         rewards, weights = _as_cuda_input(rewards, weights)
     return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,
@@ -97,16 +101,6 @@ def _(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
     return (rewards.new_empty(rewards.shape[0], dtype=acc), rewards.new_empty(rows, dtype=acc),
             rewards.new_empty(rows, dtype=acc), rewards.new_empty(rows, dtype=torch.bool),
             rewards.new_empty(rows, dtype=torch.bool))
-
-
-def _batch_denominator(values: Tensor, eps: float) -> Tensor:
-    """std (Bessel) of the non-NaN values over the whole batch, plus eps, as a 0-d tensor (no sync)."""
-    x = values.double()
-    ok = ~torch.isnan(x)
-    n = ok.sum()
-    mean = torch.where(ok, x, 0.0).sum() / n.clamp(min=1)
-    var = torch.where(ok, (x - mean) ** 2, 0.0).sum() / (n - 1).clamp(min=1)
-    return (var.sqrt() + eps).to(accumulation_dtype(values.dtype))
 
 
 def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, multi_reward, eps):
@@ -181,7 +175,8 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         or per row (group ids; is_first marks each group's first row)."""
         denominator = None
         if scale == "batch":
-            denominator = _batch_denominator(torch_advantages.combine_rewards(columns, column_weights), eps)
+            denominator = torch_advantages.batch_denominator(torch_advantages.combine_rewards(columns, column_weights),
+                                                             eps)
         if group_ids is None:
             return *_group_normalize(columns, column_weights, group_size, leave_one_out, scale, float(eps),
                                      denominator, backend), None
@@ -191,9 +186,10 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     if multi_reward == "normalize_then_sum" and num_rewards > 1:
         per_column = [normalise(rewards_2d[:, k:k + 1], None) for k in range(num_rewards)]
         summed = sum(out[0] if weights is None else weights[k] * out[0] for k, out in enumerate(per_column))
-        unscorable = (~torch.isfinite(rewards_2d)).all(1)
-        summed = torch.where(unscorable, torch.nan, summed)
-        adv = torch.where(unscorable, 0.0, (summed - torch.nanmean(summed)) / _batch_denominator(summed, eps))
+        summed = torch.where((~torch.isfinite(rewards_2d)).all(1), torch.nan, summed)
+        # GDPO's last step: the summed advantages normalised as one group of the whole batch
+        adv = torch_advantages.group_normalize(summed[:, None], None, summed.shape[0], None, None, False, "group",
+                                               eps, None)[0]
         if not return_stats:
             return adv
         mean, std, constant = (torch.stack([out[i] for out in per_column], 1) for i in (1, 2, 3))

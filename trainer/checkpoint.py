@@ -171,3 +171,31 @@ def load(path: str, model, optimizer, scheduler, world) -> tuple:
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return extra["phase"], extra["step"]
+
+
+class Checkpointer:
+    """The built-in checkpointer (``checkpoint.checkpointer = "dcp"``): the functions above, bound to
+    the run's directory and world. The trainer calls only these methods, so your own class by import
+    path (built as ``Class(checkpoint_config, world)``) replaces it: a handle is whatever ``latest``
+    returns and ``load``, ``phase_and_step`` and ``saved_config`` take."""
+
+    def __init__(self, checkpoint_cfg, world):
+        self.directory, self.world = checkpoint_cfg.dir, world
+
+    def save(self, phase: str, step: int, model, optimizer, scheduler, config: dict):
+        return save(self.directory, step, phase, model, optimizer, scheduler, self.world, config=config)
+
+    def latest(self):
+        return latest(self.directory)
+
+    def phase_and_step(self, handle) -> tuple:
+        return phase_and_step(handle)
+
+    def saved_config(self, handle):
+        return saved_config(handle)
+
+    def load(self, handle, model, optimizer, scheduler) -> tuple:
+        return load(handle, model, optimizer, scheduler, self.world)
+
+    def load_model(self, phase: str, step: int, model) -> None:
+        load_model(path(self.directory, phase, step), model)

@@ -117,6 +117,7 @@ class CheckpointConfig:
     resume: bool = False
     allow_config_change: bool = False   # resume with a changed config (the new values apply); else an error
     export: bool = True                 # save_pretrained of the final policy
+    checkpointer: str = "dcp"           # dcp | "module:Class" (trainer/registry.py)
 
 
 @dataclasses.dataclass
@@ -124,6 +125,7 @@ class LogConfig:
     plot: bool = True
     progress: bool = True
     eval_every: int = 50                # GRPO steps between held-out evaluations (0: before and after only)
+    logger: str = "jsonl"               # jsonl | "module:Class" (trainer/registry.py)
 
 
 @dataclasses.dataclass
@@ -150,11 +152,13 @@ CHOICES = {
     "grpo.advantage_estimator": ("grpo", "rloo", "dr_grpo"),
     "grpo.kernels": ("r1kernels", "naive"),
     "rollout.engine": tuple(registry.ENGINES),
+    "checkpoint.checkpointer": tuple(registry.CHECKPOINTERS),
+    "log.logger": tuple(registry.LOGGERS),
     "parallel.fsdp": ("auto", "on", "off"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
 }
 OPTIONAL_CHOICES = {"grpo.scale_rewards"}     # None: the library's default for the estimator
-IMPORT_PATHS = {"data.task", "rollout.engine"}  # also take your own part by "module:Name"
+IMPORT_PATHS = {"data.task", "rollout.engine", "checkpoint.checkpointer", "log.logger"}  # or "module:Name"
 POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",

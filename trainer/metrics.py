@@ -24,11 +24,16 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsLog:
-    def __init__(self, directory: str, enabled: bool, progress: bool):
-        self.enabled, self.progress = enabled, progress
+    """The built-in metrics logger (``log.logger = "jsonl"``): ``<checkpoint.dir>/metrics.jsonl``, a
+    progress line, the summary and plot, written by the main rank. The trainer calls ``begin``, ``log``
+    and ``summary`` and reads ``rows``; a logger of your own by import path is built as
+    ``Class(config, world)`` (subclass this one and extend ``log`` to also send rows elsewhere)."""
+
+    def __init__(self, cfg, world):
+        self.enabled, self.progress = world.is_main, cfg.log.progress
         self.rows = []
         self.start = time.time()
-        self.path = os.path.join(directory, "metrics.jsonl")
+        self.path = os.path.join(cfg.checkpoint.dir, "metrics.jsonl")
 
     def begin(self, resumed_at: tuple | None = None):
         """Start the file: empty for a new run; on a resume from checkpoint (phase, step), the rows

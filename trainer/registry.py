@@ -3,6 +3,8 @@ without editing trainer/.
 
     rollout.engine = "my_engines:Sglang"   # Engine(config, tokenizer, world).generate(model, prompts, G, ...)
     data.task = "my_tasks:Sudoku"          # Task(data_config).train(stream, step, n), .held_out()
+    checkpoint.checkpointer = "my_ckpt:S3"  # see trainer.checkpoint.Checkpointer for its methods
+    log.logger = "my_log:Wandb"            # see trainer.metrics.MetricsLog (subclass it to keep the JSONL file)
     [[rewards.custom]] function = "my_rewards:length_penalty"
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ def load(key: str, name: str, builtins: dict):
         raise ValueError(f"{key} = {name!r} cannot be loaded: {err}") from None
 
 
-# the built-ins (factories, imported when used): engines get (config, tokenizer, world), tasks the data section
+# the built-ins (factories, imported when used): engines get (config, tokenizer, world), tasks the data
+# section, checkpointers (checkpoint section, world), loggers (config, world)
 def _hf_engine(cfg, tokenizer, world):
     from trainer.rollout import HFGenerateEngine
     return HFGenerateEngine(tokenizer, cfg.rollout, world)
@@ -44,5 +47,17 @@ def _builtin_task(data_cfg):
     return TaskSource(data_cfg)
 
 
+def _dcp_checkpointer(checkpoint_cfg, world):
+    from trainer.checkpoint import Checkpointer
+    return Checkpointer(checkpoint_cfg, world)
+
+
+def _jsonl_logger(cfg, world):
+    from trainer.metrics import MetricsLog
+    return MetricsLog(cfg, world)
+
+
 ENGINES = {"hf": _hf_engine, "vllm": _vllm_engine}
+CHECKPOINTERS = {"dcp": _dcp_checkpointer}
+LOGGERS = {"jsonl": _jsonl_logger}
 TASKS = {"arithmetic": _builtin_task, "countdown": _builtin_task, "jsonl": _builtin_task}

@@ -10,8 +10,8 @@ import time
 import torch
 
 import r1kernels
-from trainer import checkpoint, parallel, registry, rewards as reward_fns, step as grpo_step
-from trainer.metrics import MetricsLog, peak_memory_bytes
+from trainer import parallel, registry, rewards as reward_fns, step as grpo_step
+from trainer.metrics import peak_memory_bytes
 from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
 from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
 
@@ -72,7 +72,9 @@ class Trainer:
         self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s,
                                             custom=reward_fns.load_custom(cfg.rewards.custom))
         self.engine = registry.load("rollout.engine", cfg.rollout.engine, registry.ENGINES)(cfg, self.tokenizer, self.world)
-        self.log = MetricsLog(cfg.checkpoint.dir, self.world.is_main, cfg.log.progress)
+        self.checkpointer = registry.load("checkpoint.checkpointer", cfg.checkpoint.checkpointer,
+                                          registry.CHECKPOINTERS)(cfg.checkpoint, self.world)
+        self.log = registry.load("log.logger", cfg.log.logger, registry.LOGGERS)(cfg, self.world)
 
     # ------------------------------------------------------------------ helpers
     def _optimizer(self, lr, total_steps, warmup, schedule):
@@ -104,7 +106,7 @@ class Trainer:
         if not resumed_in_grpo:
             set_model_state_dict(ref, get_model_state_dict(self.model))
         elif cfg.sft.steps:
-            checkpoint.load_model(checkpoint.path(cfg.checkpoint.dir, "sft", cfg.sft.steps), ref)
+            self.checkpointer.load_model("sft", cfg.sft.steps, ref)
         return ref.eval().requires_grad_(False)
 
     def _clip_and_step(self, optimizer, scheduler, phase: str, step: int) -> float:
@@ -129,13 +131,12 @@ class Trainer:
         return norm
 
     def _save(self, phase, step, optimizer, scheduler):
-        checkpoint.save(self.cfg.checkpoint.dir, step, phase, self.model, optimizer, scheduler, self.world,
-                        config=dataclasses.asdict(self.cfg))
+        self.checkpointer.save(phase, step, self.model, optimizer, scheduler, dataclasses.asdict(self.cfg))
 
     def _check_config(self, path):
         """Resuming with another config than the checkpoint's is an error listing the differences,
         unless checkpoint.allow_config_change (then the new values apply)."""
-        saved = checkpoint.saved_config(path)
+        saved = self.checkpointer.saved_config(path)
         if saved is None:
             return
         now = _flat(dataclasses.asdict(self.cfg))
@@ -304,9 +305,9 @@ class Trainer:
         cfg = self.cfg
         phase, start = "sft", 0
         optimizer = scheduler = None
-        resumed = checkpoint.latest(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+        resumed = self.checkpointer.latest() if cfg.checkpoint.resume else None
         if resumed:
-            phase, start = checkpoint.phase_and_step(resumed)
+            phase, start = self.checkpointer.phase_and_step(resumed)
             self._check_config(resumed)
             if phase == "grpo" and start >= cfg.grpo.steps:
                 message = (f"{resumed}: this run already finished its {start} GRPO steps (grpo.steps = "
@@ -316,7 +317,7 @@ class Trainer:
                     print(message)
                 return {"before": None, "after": None, "summary": message, "rows": []}
             optimizer, scheduler = self._optimizer_for(phase)
-            checkpoint.load(resumed, self.model, optimizer, scheduler, self.world)
+            self.checkpointer.load(resumed, self.model, optimizer, scheduler)
             self._apply_optimizer_config(optimizer, scheduler, phase)
             if self.world.is_main:
                 print(f"resumed from {resumed} ({phase} step {start})")

@@ -1,4 +1,4 @@
-"""The ``torch`` backend of group advantage normalisation, and the ``cpu``/``cuda`` call into C++.
+"""The ``torch`` backend of group advantage normalisation: the torch copy of the group statistics.
 
 Contract of ``group_normalize(rewards [B, R], weights [R], group_size, offsets, perm,
 leave_one_out, scale, eps, batch_denominator)``: groups are contiguous runs of ``group_size``
@@ -12,8 +12,8 @@ groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; 
 batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
 statistics: (adv [B], mean [B], std [B], constant [B], is_first [B]), the last four empty
 without ``with_stats``; ``is_first`` marks each group's first row. The Triton backend does it in
-one launch (r1kernels/triton/advantages_by_id.py), the ``cpu`` backend in one C++ call; ``torch``
-and ``cuda`` sort the ids into segments first.
+one launch (r1kernels/triton/advantages_by_id.py), the ``cpu`` backend in one C++ call
+(r1kernels/kernels/cpp_advantages.py); ``torch`` and ``cuda`` sort the ids into segments first.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
+
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Weighted sum over the R rewards of each row (weights None: all ones), failed rewards (NaN, +-inf)
@@ -65,31 +65,12 @@ def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, 
     return adv, mean, std, constant
 
 
-def _cpp_weights_and_denominator(rewards, weights, batch_denominator):
-    """The C++ ops take explicit tensors: weights of ones, a denominator of 1 when not given."""
-    import r1kernels._C  # noqa: F401
-
-    if weights is None:
-        weights = torch.ones(rewards.shape[1], dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
-    return weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
-
-
-def group_normalize_cpp(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
-    """The ``cpu`` and ``cuda`` backends: the C++ extension (csrc/*/group_advantages*)."""
-    weights, batch_denominator = _cpp_weights_and_denominator(rewards, weights, batch_denominator)
-    empty = torch.empty(0, dtype=torch.long, device=rewards.device)
-    return torch.ops.r1k_C.group_advantages(rewards, weights, group_size or 0,
-                                            empty if offsets is None else offsets,
-                                            empty if perm is None else perm, int(leave_one_out),
-                                            SCALE_CODES[scale], eps, batch_denominator)
-
-
-def group_normalize_by_id_cpp(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
-                              with_stats):
-    """The ``cpu`` backend: ids hashed into groups and normalised in one C++ call."""
-    weights, batch_denominator = _cpp_weights_and_denominator(rewards, weights, batch_denominator)
-    return torch.ops.r1k_C.group_advantages_by_id(rewards, weights, group_ids, int(leave_one_out),
-                                                  SCALE_CODES[scale], eps, batch_denominator, with_stats)
+def batch_denominator(values: torch.Tensor, eps: float) -> torch.Tensor:
+    """std (Bessel) of the non-NaN values [B] over the whole batch, plus eps: ``group_normalize``'s
+    statistics of one group of B rows, summed in float64, as a 0-d tensor in the accumulation dtype
+    (no host sync)."""
+    std = group_normalize(values.double()[:, None], None, values.shape[0], None, None, False, "none", 0.0, None)[2]
+    return (std[0] + eps).to(accumulation_dtype(values.dtype))
 
 
 def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,

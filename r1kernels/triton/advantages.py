@@ -2,7 +2,7 @@
 
 Each program owns GROUPS_PER_PROGRAM groups as the rows of a [groups, BLOCK] tile and sweeps
 their rewards four times (count/min/max, shifted sum, shifted squared deviations, write), the
-same passes as csrc/include/r1k/group_stats.h. Small groups fit one tile, so after the first
+same passes as csrc/include/r1k/group_stats.h, finished by group_stats.finish_group. Small groups fit one tile, so after the first
 pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one write of the advantages.
 Groups longer than LARGE_GROUP rows (few groups, so few programs here) and arbitrary group ids go
 to the persistent kernel of r1kernels/triton/advantages_by_id.py, which spreads any group over
@@ -14,32 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
-from r1kernels import constants
 from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
+from r1kernels.triton.group_stats import INF, combined_rewards, finish_group
 
-SCALE_GROUP = tl.constexpr(constants.SCALE_GROUP)
-SCALE_BATCH = tl.constexpr(constants.SCALE_BATCH)
-
-INF = tl.constexpr(float("inf"))
 LARGE_GROUP = 4096
-
-
-@triton.jit
-def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
-                     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
-    """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), failed rewards (NaN,
-    +-inf) skipped; NaN where all failed or are masked."""
-    total = tl.zeros(rows.shape, ACC)
-    seen = mask & False
-    for k in tl.static_range(NUM_REWARDS):
-        x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=float("nan")).to(ACC)
-        ok = tl.abs(x) < INF
-        if HAS_WEIGHTS:
-            x = tl.load(weights_ptr + k).to(ACC) * x
-        total += tl.where(ok, x, 0.0)
-        seen = seen | ok
-    return tl.where(seen, total, float("nan"))
 
 
 @triton.jit
@@ -85,22 +64,15 @@ def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denomina
                                           NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         d = (x - lo[:, None]) - shifted_mean[:, None]
         m2 += tl.sum(tl.where(x == x, d * d, 0.0), axis=1)
-    std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(count - 1, 1.0)), 0.0)
-    constant = (count <= 1) | (hi == lo)
-    factor = tl.full([GROUPS_PER_PROGRAM], 1.0, ACC)
-    if LEAVE_ONE_OUT:
-        factor = tl.where(count > 1, count / tl.maximum(count - 1, 1.0), 1.0)
-    if SCALE == SCALE_GROUP:
-        factor = factor / (std + eps)
-    elif SCALE == SCALE_BATCH:
-        factor = factor / tl.load(batch_denominator_ptr).to(ACC)
+    mean, std, constant, factor = finish_group(count, lo, hi, shifted_mean, m2, eps, batch_denominator_ptr,
+                                               LEAVE_ONE_OUT, SCALE)
     for c0 in range(0, group_size, BLOCK):                       # pass 4: advantages
         x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
                                           NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
         adv = ((x - lo[:, None]) - shifted_mean[:, None]) * factor[:, None]
         use = (x == x) & ~constant[:, None]
         tl.store(adv_ptr + rows, tl.where(use, adv, 0.0), mask=in_group)
-    tl.store(mean_ptr + groups, tl.where(count > 0, lo + shifted_mean, float("nan")), mask=group_mask)
+    tl.store(mean_ptr + groups, mean, mask=group_mask)
     tl.store(std_ptr + groups, std, mask=group_mask)
     tl.store(constant_ptr + groups, constant, mask=group_mask)
 

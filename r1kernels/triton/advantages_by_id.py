@@ -38,12 +38,11 @@ import triton.language as tl
 from r1kernels import backends
 from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
-from r1kernels.triton.advantages import SCALE_BATCH, SCALE_GROUP, combined_rewards
+from r1kernels.triton.group_stats import INF, combined_rewards, finish_group
 
 EMPTY = tl.constexpr(-(2 ** 63))                # an empty slot; the id -2^63 gets the reserved slot
 GOLDEN = tl.constexpr(-7046029254386353131)     # 2^64 / golden ratio, as a signed int64
 SUM_BITS = tl.constexpr(62)
-INF = tl.constexpr(float("inf"))
 INT32_MAX = tl.constexpr(2 ** 31 - 1)
 PHASES = 6
 BLOCK = 1024
@@ -183,21 +182,13 @@ def _r1k_advantages_by_id(
                                               mask=valid, sem="relaxed")
                             else:                        # phase 5: advantages
                                 m2_units = tl.load(m2_ptr + slot, mask=in_batch, other=0, volatile=True)
-                                n = count.to(tl.float64)
                                 m2 = m2_units.to(tl.float64) / unit * spread * spread
-                                std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(n - 1, 1.0)), 0.0)
-                                constant = (count <= 1) | (spread == 0)
-                                factor = tl.full([BLOCK], 1.0, tl.float64)
-                                if LEAVE_ONE_OUT:
-                                    factor = tl.where(count > 1, n / tl.maximum(n - 1, 1.0), 1.0)
-                                if SCALE == SCALE_GROUP:
-                                    factor = factor / (std + eps)
-                                elif SCALE == SCALE_BATCH:
-                                    factor = factor / tl.load(batch_denominator_ptr).to(tl.float64)
+                                mean, std, constant, factor = finish_group(
+                                    count, lo, hi, mean_fraction * spread, m2, eps, batch_denominator_ptr,
+                                    LEAVE_ONE_OUT, SCALE)
                                 adv = tl.where(valid & ~constant, deviation * spread * factor, 0.0)
                                 tl.store(adv_ptr + rows, adv.to(ACC), mask=in_batch)
                                 if WRITE_STATS:
-                                    mean = tl.where(count > 0, lo + mean_fraction * spread, float("nan"))
                                     if IDS_FROM_ROWS:            # one row per group writes its [G] stats
                                         where = slot
                                         writes = in_batch & (rows % group_size == 0)
