@@ -147,9 +147,9 @@ def _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend):
     return chunked_linear.forward(_row_kernel(backend), hidden, weight, bias, targets, inv_temperature)
 
 
-def _chunked_backward(backend, *args, needs_grad):
+def _chunked_backward(backend, *args, needs_grad, wide_grads):
     from r1kernels.kernels import chunked_linear
-    return chunked_linear.backward(_row_kernel(backend), *args, needs_grad=needs_grad)
+    return chunked_linear.backward(_row_kernel(backend), *args, needs_grad=needs_grad, wide_grads=wide_grads)
 
 
 @torch.library.custom_op("r1kernels::linear_token_logprobs_forward", mutates_args=())
@@ -171,31 +171,45 @@ def _(hidden, weight, bias, targets, inv_temperature, backend, deterministic):
 def _linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, row_max: Tensor,
                      row_log_sum: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
                      inv_temperature: float, backend: str, deterministic: bool,
-                     needs_grad: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                     needs_grad: list[bool], wide_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(d hidden, d weight, d bias) in the inputs' dtype, or with ``wide_grads`` in the accumulation dtype."""
     args = (hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature)
     if _fused_tile(backend, deterministic):
         from r1kernels.triton import linear_logprobs
-        grads = linear_logprobs.backward(*args, deterministic=deterministic, needs_grad=tuple(needs_grad))
+        grads = linear_logprobs.backward(*args, deterministic=deterministic, needs_grad=tuple(needs_grad),
+                                         wide_grads=wide_grads)
     else:
-        grads = _chunked_backward(backend, *args, needs_grad=tuple(needs_grad))
+        grads = _chunked_backward(backend, *args, needs_grad=tuple(needs_grad), wide_grads=wide_grads)
     # custom ops return tensors only: an empty tensor stands for "not needed"
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
 
 @_linear_backward.register_fake
 def _(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature,
-      backend, deterministic, needs_grad):
+      backend, deterministic, needs_grad, wide_grads):
     likes = (hidden, weight, bias)
-    return tuple(torch.empty_like(like) if need else hidden.new_empty(0) for like, need in zip(likes, needs_grad))
+    acc = accumulation_dtype(hidden.dtype)
+    return tuple(torch.empty_like(like, dtype=acc if wide_grads else like.dtype) if need else hidden.new_empty(0)
+                 for like, need in zip(likes, needs_grad))
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
+    """The fused lm_head op. ``compute_dtype`` (autocast's dtype, or None): the inputs are cast to it
+    here, outside autograd, so the kernels of that dtype run in both passes and the gradients come
+    back to the leaves in their own dtype from the fp32 accumulators, rounded once (a cast node in
+    the graph would round them to compute_dtype first)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, deterministic):
+    def forward(ctx, hidden, weight, bias, targets, inv_temperature, backend, deterministic, compute_dtype):
+        ctx.leaf_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if compute_dtype is not None:
+            hidden, weight = hidden.to(compute_dtype), weight.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
         logp, entropy, row_max, row_log_sum = _linear_forward(hidden, weight, bias, targets, inv_temperature,
                                                               backend, deterministic)
         ctx.save_for_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy)
         ctx.inv_temperature, ctx.backend, ctx.deterministic = inv_temperature, backend, deterministic
+        ctx.wide_grads = compute_dtype is not None
         ctx.set_materialize_grads(False)
         return logp, entropy
 
@@ -204,14 +218,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, row_max, row_log_sum, entropy = ctx.saved_tensors
         needs_grad = [bool(n) for n in ctx.needs_input_grad[:3]]
         if (grad_logp is None and grad_entropy is None) or not any(needs_grad):
-            return (None,) * 7
+            return (None,) * 8
         if grad_logp is None:
             grad_logp = torch.zeros_like(entropy)
         with _autocast_off(hidden):   # a backward run inside autocast: the same kernels as the forward
             grads = _linear_backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp,
-                                     grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad)
-        grads = tuple(g if need else None for g, need in zip(grads, needs_grad))
-        return (*grads, None, None, None, None)
+                                     grad_entropy, ctx.inv_temperature, ctx.backend, ctx.deterministic, needs_grad,
+                                     ctx.wide_grads)
+        grads = tuple(g.to(dtype) if need else None for g, need, dtype in zip(grads, needs_grad, ctx.leaf_dtypes))
+        return (*grads, None, None, None, None, None)
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
@@ -233,25 +248,23 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
     Returns:
         ``logp`` (shape of ``targets``) or ``(logp, entropy)``, fp32 (fp64 for fp64 inputs).
     """
+    # under autocast, as an nn.Linear there: the lm_head product in the autocast dtype with fp32
+    # accumulation (the Function casts; autocast itself is off inside, so both passes run its kernels)
     cast = _autocast_dtype(hidden)
-    if cast is not None:
-        # as an nn.Linear under autocast: the lm_head product in the autocast dtype (fp32 accumulation),
-        # the autocast itself off inside, so that forward and backward run the kernels of that dtype
-        hidden, weight = hidden.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-    hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
-        hidden, weight, targets, bias, temperature, deterministic)
+    hidden_2d, weight_2d, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
+        hidden, weight, targets, bias, temperature, deterministic, cast)
     with _autocast_off(hidden):
-        logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight, bias, targets_1d, inv_temperature,
-                                                   backend, deterministic)
+        logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight_2d, bias, targets_1d, inv_temperature,
+                                                   backend, deterministic, cast)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
 def _autocast_dtype(hidden: Tensor) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for hidden's device type (and hidden is a float), else None."""
+    """The autocast dtype when autocast is on for hidden's device type and would cast hidden (a float
+    other than float64, as autocast's own rule), else None."""
     kind = hidden.device.type
-    if hidden.is_floating_point() and torch.is_autocast_enabled(kind):
+    if hidden.is_floating_point() and hidden.dtype != torch.float64 and torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return None
 
@@ -262,9 +275,9 @@ def _autocast_off(hidden: Tensor):
     return torch.autocast(kind, enabled=False) if torch.is_autocast_enabled(kind) else contextlib.nullcontext()
 
 
-def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
+def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, compute_dtype=None):
     """Validated inputs of the fused lm_head op: (hidden [N, H], weight, targets [N], 1 / T, backend,
-    deterministic)."""
+    deterministic). With a ``compute_dtype`` (autocast) all three are cast to it, so theirs may differ."""
     _checks.floating("hidden", hidden)
     _checks.floating("weight", weight)
     _checks.integer_ids("targets", targets)
@@ -274,11 +287,11 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic):
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
         raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
+    if weight.dtype != hidden.dtype and compute_dtype is None:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None:
         _checks.floating("bias", bias)
-        if bias.dtype != weight.dtype:
+        if bias.dtype != weight.dtype and compute_dtype is None:
             raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")

@@ -42,3 +42,37 @@ def assert_close_scaled(actual, expected, rtol, what=""):
 
 # Relative tolerances by input dtype: fp32 math on exact inputs, outputs/grads in the input dtype.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def autocast_grad_errors(backend: str, device: str, seed: int = 0):
+    """Relative errors against float64 of d hidden, d weight and d bias of sum(g * logp) from the fused
+    lm_head inside torch.autocast(bf16) with fp32 leaves: (ours, TRL's ChunkedLogProbFunction's, or
+    None where TRL is not installed). Also checks that ours come back fp32, as the leaves."""
+    import r1kernels
+    from r1kernels.reference import linear_token_logprobs_ref
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [torch.randn(96, 32, generator=gen), torch.randn(512, 32, generator=gen) * 0.5,
+              torch.randn(512, generator=gen)]
+    hidden, weight, bias = (x.to(device).requires_grad_() for x in leaves)
+    targets = torch.randint(0, 512, (96,), generator=gen).to(device)
+    grad = torch.randn(96, generator=gen).to(device)
+    exact = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    logp, _ = linear_token_logprobs_ref(exact[0], exact[1], targets, exact[2])
+    reference = torch.autograd.grad((logp * grad.double()).sum(), exact)
+
+    def error(grads):
+        return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference))
+
+    with r1kernels.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+        out = r1kernels.linear_token_logprobs(hidden, weight, targets, bias)
+        grads = torch.autograd.grad((out * grad).sum(), (hidden, weight, bias))
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    try:
+        from trl import kernels as trl_kernels
+    except ImportError:
+        return error(grads), None
+    with torch.autocast(device, dtype=torch.bfloat16):
+        trl_out = trl_kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets, 1.0, 4096, None, 1.0,
+                                                          ("log_probs",))[0]
+        trl_grads = torch.autograd.grad((trl_out.float() * grad).sum(), (hidden, weight, bias))
+    return error(grads), error(trl_grads)

@@ -6,7 +6,7 @@ fit, a sample of rows is checked in float64 (tests/sampled_reference.py). Tests 
 extension are marked ``cuda_ext`` (the check runs them once its background build is done)."""
 import pytest
 import torch
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, autocast_grad_errors
 from sampled_reference import linear_token_logprobs_rows, sample_indices, token_logprobs_rows
 
 import r1kernels
@@ -121,6 +121,19 @@ def test_linear_token_logprobs_real_lm_head(backend, deterministic, real_lm_head
     assert_close_scaled(ent[rows], re, 2e-2, "entropy")
     assert_close_scaled(x.grad[rows], rdh, 3e-2, "d hidden")
     assert_close_scaled(w.grad[cols], rdw, 3e-2, "d weight")
+
+
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_linear_token_logprobs_autocast_precision(backend):
+    """Under torch.autocast(bf16) on the GPU, with fp32 leaves: the gradients are at least as close to
+    float64 as TRL's kernel's in the same setting (the CPU test covers cpu and torch; the interpreter
+    rounds bf16 by truncation, so the Triton kernels are measured here)."""
+    _require(backend)
+    ours, trl = autocast_grad_errors(backend, "cuda")
+    assert 1e-4 < ours < 2e-2, f"bf16 compute expected, error {ours}"
+    if trl is None:
+        pytest.skip(f"TRL is not installed (ours: {ours:.3g})")
+    assert ours <= trl * 1.05, (ours, trl)
 
 
 def test_linear_grpo_loss_one_pass_real_lm_head(real_lm_head):

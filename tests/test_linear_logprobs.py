@@ -2,7 +2,7 @@
 no [tokens, vocab] buffer, determinism and batch invariance, compile-ability."""
 import pytest
 import torch
-from conftest import TOL, assert_close_scaled, cpu_backends, exact_backends
+from conftest import TOL, assert_close_scaled, autocast_grad_errors, cpu_backends, exact_backends
 from peak_memory import measure
 
 import r1kernels
@@ -164,33 +164,16 @@ def test_memory_bound_at_acceptance_shape(backend):
     assert above <= logits_bytes / 4, f"{above / 2**20:.0f} MiB above outputs and grads"
 
 
+# The Triton interpreter converts fp32 to bf16 by truncation (twice the error of the GPU's
+# round-to-nearest), so the triton backend's bf16 precision is measured on the GPU (tests/test_cuda.py).
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b in ("cpu", "torch")])
-def test_autocast_forward_and_backward(backend):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_autocast_forward_and_backward(backend, seed):
     """Inside torch.autocast (forward, and backward inside it too), fp32 leaves: the lm_head product runs
-    in bf16 with fp32 accumulation, the gradients come back fp32 and are within bf16's error of float64;
-    also measured against TRL's kernel in the same setting (where TRL is installed)."""
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(96, 32, generator=gen).requires_grad_()
-    weight = (torch.randn(512, 32, generator=gen) * 0.5).requires_grad_()
-    targets = torch.randint(0, 512, (96,), generator=gen)
-    grad = torch.randn(96, generator=gen)
-    exact = [x.detach().double().requires_grad_() for x in (hidden, weight)]
-    logp, _ = linear_token_logprobs_ref(*exact, targets)
-    reference = torch.autograd.grad((logp * grad.double()).sum(), exact)
-
-    def error(grads):
-        return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference))
-
-    with r1kernels.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = r1kernels.linear_token_logprobs(hidden, weight, targets)
-        grads = torch.autograd.grad((out * grad).sum(), (hidden, weight))
-    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
-    ours = error(grads)
+    in bf16 with fp32 accumulation, and the fp32 gradients are rounded once, from the fp32 accumulators:
+    within bf16's error of float64 and at least as close to it as TRL's kernel in the same setting."""
+    ours, trl = autocast_grad_errors(backend, "cpu", seed)
     assert 1e-4 < ours < 2e-2, f"bf16 compute expected, error {ours}"    # bf16, not fp32, not broken
-    trl_kernels = pytest.importorskip("trl.kernels")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trl_out = trl_kernels.ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 4096, None, 1.0,
-                                                          ("log_probs",))[0]
-        trl = error(torch.autograd.grad((trl_out.float() * grad).sum(), (hidden, weight)))
-    # TRL keeps fp32 gradients of its fp32 leaves; ours round them to bf16 once more (7% more error here)
-    assert ours <= 1.15 * trl, (ours, trl)
+    if trl is None:
+        pytest.skip(f"TRL is not installed (ours: {ours:.3g})")
+    assert ours <= trl * (1 + 1e-3), (ours, trl)

@@ -26,7 +26,8 @@ import torch
 
 from r1kernels.kernels import accumulation_dtype
 
-_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()   # mixed-precision GEMM into fp32
+_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()   # mixed-precision GEMMs into fp32
+_MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()
 CPU_CHUNK_BYTES = 32 << 20
 GPU_CHUNK_BYTES = 1 << 30
 GPU_FREE_FRACTION = 16
@@ -73,20 +74,39 @@ def _accumulate_weight_grad(grad_weight, dlogits, hidden_chunk):
 
 
 class _Grads:
-    """The fp32 (fp64) accumulators of one backward, and the per-chunk updates."""
+    """The fp32 (fp64) accumulators of one backward, and the per-chunk updates. The gradients come back
+    in the inputs' dtype, or with ``wide`` in the accumulation dtype (autocast: fp32 leaves get fp32
+    gradients, rounded once)."""
 
-    def __init__(self, hidden, weight, bias, needs_grad):
+    def __init__(self, hidden, weight, bias, needs_grad, wide=False):
         need_hidden, need_weight, need_bias = needs_grad
-        wide = accumulation_dtype(weight.dtype)
-        self.bias_dtype = (weight if bias is None else bias).dtype
-        self.weight_dtype = weight.dtype
-        self.hidden = torch.empty_like(hidden) if need_hidden else None
-        self.weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_weight else None
-        self.bias = torch.zeros(weight.shape[0], dtype=wide, device=weight.device) if need_bias else None
+        acc = accumulation_dtype(weight.dtype)
+        self.bias_dtype = acc if wide else (weight if bias is None else bias).dtype
+        self.weight_dtype = acc if wide else weight.dtype
+        self.hidden = (torch.empty(hidden.shape, dtype=acc if wide else hidden.dtype, device=hidden.device)
+                       if need_hidden else None)
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_bias else None
+        self._wide_weight = None
+
+    def _hidden_grad(self, chunk, dlogits, weight):
+        """d hidden of a chunk = dlogits @ weight, accumulated in fp32, written in self.hidden's dtype."""
+        out = self.hidden[chunk]
+        if out.dtype == dlogits.dtype:
+            torch.mm(dlogits, weight, out=out)
+        elif dlogits.is_cuda and _MM_OUT_DTYPE:
+            torch.mm(dlogits, weight, out_dtype=out.dtype, out=out)
+        elif dlogits.is_cuda:
+            out.copy_(dlogits @ weight)      # torch before mm(out_dtype=): rounded to the inputs' dtype first
+        else:
+            # MKL has no mixed-precision GEMM: widen the chunk, and the weight once per backward
+            if self._wide_weight is None:
+                self._wide_weight = weight.to(out.dtype)
+            torch.mm(dlogits.to(out.dtype), self._wide_weight, out=out)
 
     def add(self, chunk, dlogits, hidden, weight):
         if self.hidden is not None:
-            torch.mm(dlogits, weight, out=self.hidden[chunk])
+            self._hidden_grad(chunk, dlogits, weight)
         if self.weight is not None:
             _accumulate_weight_grad(self.weight, dlogits, hidden[chunk])
         if self.bias is not None:
@@ -108,9 +128,10 @@ def forward(rows, hidden, weight, bias, targets, inv_temperature):
 
 
 def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
-             inv_temperature, needs_grad):
-    """(d hidden, d weight, d bias), each None unless ``needs_grad`` asks for it; recomputes the logits."""
-    grads = _Grads(hidden, weight, bias, needs_grad)
+             inv_temperature, needs_grad, wide_grads=False):
+    """(d hidden, d weight, d bias), each None unless ``needs_grad`` asks for it; recomputes the logits.
+    ``wide_grads``: in the accumulation dtype (see ``_Grads``)."""
+    grads = _Grads(hidden, weight, bias, needs_grad, wide_grads)
     for chunk in _token_chunks(hidden, weight.shape[0]):
         logits = _logits(hidden, weight, bias, chunk)
         dlogits = rows.backward(logits, targets[chunk], row_max[chunk], row_log_sum[chunk], entropy[chunk],

@@ -253,7 +253,8 @@ def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
 
 
 def backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
-             inv_temperature, *, deterministic, needs_grad):
+             inv_temperature, *, deterministic, needs_grad, wide_grads=False):
+    """(d hidden, d weight, d bias) in the inputs' dtype, or with ``wide_grads`` the fp32 accumulators."""
     need_hidden, need_weight, need_bias = needs_grad
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -287,6 +288,8 @@ def backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_
                 *common, grad_hidden if need_hidden else dummy, grad_weight if need_weight else dummy,
                 grad_bias if need_bias else dummy, *sizes, NEED_HIDDEN=need_hidden, NEED_WEIGHT=need_weight,
                 NEED_BIAS=need_bias, **flags)
+    if wide_grads:
+        return grad_hidden, grad_weight, grad_bias
     return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype))
