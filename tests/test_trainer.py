@@ -538,23 +538,81 @@ def test_vllm_engine_colocates_streams_weights_and_sleeps(tmp_path, monkeypatch)
     from trainer.tokenizer import builtin_tokenizer
     calls = []
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.28.1", calls))
+    monkeypatch.setattr("trainer.parallel.launcher_environment", lambda world: calls.append(("launcher", world.rank)))
     cfg = tiny_config(tmp_path).rollout
     engine = VLLMEngine("m", builtin_tokenizer(), cfg, World(1, 2, torch.device("cuda", 1)))
     model = _model()
     out = engine.generate(model, ["12+34=", "5+5="], 3)
     assert out.sampling_logprobs == [[-0.5, -0.5]] * 6 and out.group == [0, 0, 0, 1, 1, 1]
-    kwargs = calls[0][1]
+    assert calls[0] == ("launcher", 1)
+    kwargs = calls[1][1]
     assert (kwargs["distributed_executor_backend"], kwargs["logprobs_mode"], kwargs["seed"]) == (
         "external_launcher", "processed_logprobs", 1)
     names = [name for call in calls if call[0] == "load_weights" for name in call[1]]
     assert names == list(model.state_dict()) and all(len(c[1]) == 1 for c in calls if c[0] == "load_weights")
     order = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in calls if c[0] != "load_weights"]
-    assert order == ["LLM", "sleep", "wake_up('weights',)", "reset_prefix_cache", "wake_up('kv_cache',)", "generate",
+    assert order == ["launcher", "LLM", "sleep", "wake_up('weights',)", "reset_prefix_cache", "wake_up('kv_cache',)", "generate",
                      "sleep"]
     assert [c[1] for c in calls if c[0] == "sleep"] == [2, 2]
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.11.0", calls))
-    with pytest.raises(RuntimeError, match=r"supports vLLM 0.22.0 to 0.31.0; vLLM 0.11.0 is installed"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0.22.0 to 0.33.0; vLLM 0.11.0 is installed"):
         VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda", 0)))
+
+
+def test_vllm_builds_a_builtin_model_from_its_config_with_no_download(tmp_path, monkeypatch):
+    """rollout.engine = "vllm" with a built-in model: the engine is pointed at a directory holding the
+    model's config and tokenizer (as transformers reads them back) and loads dummy weights, which the
+    policy's replace before every generation."""
+    import sys
+
+    import transformers
+
+    from trainer import registry
+    from trainer.model import build_model
+    from trainer.parallel import World
+    from trainer.tokenizer import load_tokenizer
+    calls = []
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.33.0", calls))
+    monkeypatch.setattr("trainer.parallel.launcher_environment", lambda world: None)
+    cfg = tiny_config(tmp_path, rollout={"engine": "vllm"})
+    tokenizer = load_tokenizer(cfg.model.name)
+    registry.ENGINES["vllm"](cfg, tokenizer, World(0, 1, torch.device("cuda", 0)))
+    kwargs = calls[0][1]
+    assert kwargs["load_format"] == "dummy" and kwargs["model"] == str(tmp_path / "vllm_builtin-tiny")
+    saved = transformers.AutoConfig.from_pretrained(kwargs["model"])
+    built = build_model(cfg.model, tokenizer, torch.float32).config
+    fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "eos_token_id")
+    assert [getattr(saved, f) for f in fields] == [getattr(built, f) for f in fields]
+    reloaded = transformers.AutoTokenizer.from_pretrained(kwargs["model"])
+    assert reloaded("12+34=")["input_ids"] == tokenizer("12+34=")["input_ids"]
+
+
+def test_one_process_gets_the_launcher_environment_and_a_gloo_process_group():
+    """vLLM's external launcher reads RANK/LOCAL_RANK/WORLD_SIZE and joins the default process group,
+    creating an NCCL-only one if there is none: a single process gets the variables and a group of one
+    whose CPU collectives work (the trainer's host-side counts); ranks without a group are an error."""
+    import torch.distributed as dist
+
+    from trainer.parallel import World, launcher_environment
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.pop(key, None) for key in keys}
+    try:
+        with pytest.raises(RuntimeError, match="rank 1 of 2 has no process group: launch with torchrun"):
+            launcher_environment(World(1, 2, torch.device("cuda", 1)))
+        for key in keys:
+            os.environ.pop(key, None)
+        world = World(0, 1, torch.device("cuda", 0))
+        launcher_environment(world)
+        assert [os.environ[key] for key in keys[:3]] == ["0", "0", "1"] and world.distributed
+        assert world.all_reduce_sum(torch.tensor([2.0], dtype=torch.float64)).item() == 2.0
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 def test_update_with_sampler_logprobs_runs_the_corrected_loss(tmp_path):

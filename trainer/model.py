@@ -27,21 +27,27 @@ BUILTIN_MODELS = {
 }
 
 
+def builtin_config(cfg, tokenizer):
+    """The transformers config of a built-in model (``cfg.name`` in BUILTIN_MODELS)."""
+    import transformers
+
+    shape = {**dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                    num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size, max_positions=256,
+                    tie=True), **BUILTIN_MODELS[cfg.name]}
+    shape.pop("vocab_size", None)           # the tokenizer already has it
+    return transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"], max_position_embeddings=shape["max_positions"],
+        tie_word_embeddings=shape["tie"], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
 def build_model(cfg, tokenizer, dtype: torch.dtype):
     import transformers
 
     if cfg.name in BUILTIN_MODELS:
-        shape = {**dict(hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                        num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size, max_positions=256,
-                        tie=True), **BUILTIN_MODELS[cfg.name]}
-        shape.pop("vocab_size", None)           # the tokenizer already has it
-        config = transformers.Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-            num_hidden_layers=shape["num_layers"], num_attention_heads=shape["num_heads"],
-            num_key_value_heads=shape["num_kv_heads"], max_position_embeddings=shape["max_positions"],
-            tie_word_embeddings=shape["tie"], pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        model = transformers.Qwen2ForCausalLM(config).to(dtype)
+        model = transformers.Qwen2ForCausalLM(builtin_config(cfg, tokenizer)).to(dtype)
     else:
         # Loaded on the CPU first, never on the meta device: transformers' rotary buffers are not in
         # the state dict, so a meta-initialised model would keep them uninitialised (silently wrong logits).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,26 @@ class World:
 def backend_spec(use_cuda: bool) -> str:
     """The process group's backends by device: FSDP2's collectives on CUDA tensors go to NCCL, and the
     trainer's host-side counts and metrics (CPU tensors, which NCCL rejects) to gloo."""
-    return "cpu:gloo,cuda:nccl" if use_cuda else "cpu:gloo"
+    return "cpu:gloo,cuda:nccl" if use_cuda and dist.is_nccl_available() else "cpu:gloo"
+
+
+def launcher_environment(world: World) -> None:
+    """What an engine started by an external launcher (vLLM's ``external_launcher``) reads: RANK,
+    LOCAL_RANK and WORLD_SIZE, and a default process group. torchrun provides both; a single process
+    gets a process group of one on localhost, ours (gloo for CPU tensors), since the engine would
+    otherwise create an NCCL-only default group that the trainer's host-side collectives would then use."""
+    local_rank = world.device.index if world.device.type == "cuda" and world.device.index is not None else 0
+    for key, value in (("RANK", world.rank), ("LOCAL_RANK", local_rank), ("WORLD_SIZE", world.size)):
+        os.environ.setdefault(key, str(value))
+    if not dist.is_initialized():
+        if world.size > 1:
+            raise RuntimeError(f"rank {world.rank} of {world.size} has no process group: launch with torchrun")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as probe:           # a free port (the launcher's rendezvous)
+                probe.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+        dist.init_process_group(backend_spec(world.device.type == "cuda"), rank=0, world_size=1)
 
 
 def init_world() -> World:

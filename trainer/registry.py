@@ -38,7 +38,10 @@ def _hf_engine(cfg, tokenizer, world):
 
 
 def _vllm_engine(cfg, tokenizer, world):
-    from trainer.rollout import VLLMEngine
+    from trainer.model import BUILTIN_MODELS
+    from trainer.rollout import VLLMEngine, builtin_model_dir
+    if cfg.model.name in BUILTIN_MODELS:
+        return VLLMEngine(builtin_model_dir(cfg, tokenizer, world), tokenizer, cfg.rollout, world, load_format="dummy")
     return VLLMEngine(cfg.model.name, tokenizer, cfg.rollout, world)
 
 

@@ -5,9 +5,12 @@ importance-sampling correction)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import torch
+
+from trainer import parallel
 
 
 @dataclasses.dataclass
@@ -71,7 +74,9 @@ class HFGenerateEngine(RolloutEngine):
         return Rollouts(prompt_ids, completion_ids, texts, group)
 
 
-SUPPORTED_VLLM = ("0.22.0", "0.31.0")   # inclusive: the releases TRL 1.16's colocate mode runs on (the `vllm` extra)
+# inclusive (the `vllm` extra): every call below was checked against the source of vLLM 0.22.0, 0.31.0
+# (TRL 1.16's range) and 0.33.0 (the newest release at the time)
+SUPPORTED_VLLM = ("0.22.0", "0.33.0")
 
 
 def import_vllm():
@@ -90,12 +95,26 @@ def import_vllm():
     return vllm
 
 
+def builtin_model_dir(cfg, tokenizer, world) -> str:
+    """A directory vLLM can build a built-in model from, with no download: its config and tokenizer
+    (no weights: the engine loads dummy ones, then the policy's), under ``checkpoint.dir``."""
+    from trainer.model import builtin_config
+
+    directory = os.path.join(cfg.checkpoint.dir, "vllm_" + cfg.model.name)
+    if world.is_main:
+        builtin_config(cfg.model, tokenizer).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    world.barrier()
+    return directory
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM in each rank's own process, colocated with training (TRL's vllm_mode="colocate", verl's
     hybrid engine):
 
     - ``distributed_executor_backend="external_launcher"``: under torchrun every rank hosts its own
       engine on its own GPU, in process (no worker processes, so the model is reachable for weights);
+      a single process gets the environment and the process group of one that this launcher expects;
     - ``logprobs_mode="processed_logprobs"``: the sampling log-probs after temperature and top-p, the
       distribution actually sampled, which the importance-sampling correction needs;
     - between generations the engine sleeps at level 2 (weights and KV cache freed: no CPU copy of
@@ -105,15 +124,19 @@ class VLLMEngine(RolloutEngine):
       the current policy, after SFT and after a resume included.
     """
 
-    def __init__(self, model_name: str, tokenizer, cfg, world, gpu_memory_utilization: float = 0.3):
+    def __init__(self, model_name: str, tokenizer, cfg, world, gpu_memory_utilization: float = 0.3,
+                 load_format: str = "auto"):
+        """``load_format="dummy"``: random weights instead of reading a checkpoint (the policy's are
+        streamed in before every generation anyway)."""
         vllm = import_vllm()
         if world.device.type != "cuda":
             raise RuntimeError("rollout.engine = 'vllm' needs a GPU")
         self.tokenizer, self.cfg = tokenizer, cfg
         self.sampling = vllm.SamplingParams
+        parallel.launcher_environment(world)
         self.llm = vllm.LLM(model=model_name, gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True,
                             distributed_executor_backend="external_launcher", seed=world.rank,
-                            logprobs_mode="processed_logprobs")
+                            logprobs_mode="processed_logprobs", load_format=load_format)
         self.llm.sleep(level=2)
 
     def _load_policy(self, model) -> None:
