@@ -141,6 +141,7 @@ class VLLMEngine(RolloutEngine):
 
     def _load_policy(self, model) -> None:
         """Wake the weights and stream the policy's into them (FSDP2 gathers one parameter at a time)."""
+        torch.cuda.empty_cache()   # the training step's cached blocks back to the device, for vLLM's allocator
         self.llm.wake_up(tags=["weights"])
         target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         for name, value in model.state_dict().items():
