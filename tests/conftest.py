@@ -45,7 +45,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.fl
 
 
 def autocast_grad_errors(backend: str, device: str, seed: int = 0):
-    """Relative errors against float64 of d hidden, d weight and d bias of sum(g * logp) from the fused
+    """Relative errors against float64 of (d hidden, d weight, d bias) of sum(g * logp) from the fused
     lm_head inside torch.autocast(bf16) with fp32 leaves: (ours, TRL's ChunkedLogProbFunction's, or
     None where TRL is not installed). Also checks that ours come back fp32, as the leaves."""
     import r1kernels
@@ -61,7 +61,7 @@ def autocast_grad_errors(backend: str, device: str, seed: int = 0):
     reference = torch.autograd.grad((logp * grad.double()).sum(), exact)
 
     def error(grads):
-        return max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference))
+        return tuple(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, reference))
 
     with r1kernels.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
         out = r1kernels.linear_token_logprobs(hidden, weight, targets, bias)

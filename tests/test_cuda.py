@@ -130,10 +130,10 @@ def test_linear_token_logprobs_autocast_precision(backend):
     rounds bf16 by truncation, so the Triton kernels are measured here)."""
     _require(backend)
     ours, trl = autocast_grad_errors(backend, "cuda")
-    assert 1e-4 < ours < 2e-2, f"bf16 compute expected, error {ours}"
+    assert all(1e-4 < e < 2e-2 for e in ours), f"bf16 compute expected, errors {ours}"
     if trl is None:
-        pytest.skip(f"TRL is not installed (ours: {ours:.3g})")
-    assert ours <= trl * 1.05, (ours, trl)
+        pytest.skip(f"TRL is not installed (ours: {ours})")
+    assert all(o <= t * 1.05 for o, t in zip(ours, trl)), (ours, trl)
 
 
 def test_linear_grpo_loss_one_pass_real_lm_head(real_lm_head):

@@ -173,7 +173,7 @@ def test_autocast_forward_and_backward(backend, seed):
     in bf16 with fp32 accumulation, and the fp32 gradients are rounded once, from the fp32 accumulators:
     within bf16's error of float64 and at least as close to it as TRL's kernel in the same setting."""
     ours, trl = autocast_grad_errors(backend, "cpu", seed)
-    assert 1e-4 < ours < 2e-2, f"bf16 compute expected, error {ours}"    # bf16, not fp32, not broken
+    assert all(1e-4 < e < 2e-2 for e in ours), f"bf16 compute expected, errors {ours}"   # not fp32, not broken
     if trl is None:
-        pytest.skip(f"TRL is not installed (ours: {ours:.3g})")
-    assert ours <= trl * (1 + 1e-3), (ours, trl)
+        pytest.skip(f"TRL is not installed (ours: {ours})")
+    assert all(o <= t * (1 + 1e-3) for o, t in zip(ours, trl)), (ours, trl)
