@@ -544,6 +544,8 @@ def test_vllm_engine_colocates_streams_weights_and_sleeps(tmp_path, monkeypatch)
     model = _model()
     out = engine.generate(model, ["12+34=", "5+5="], 3)
     assert out.sampling_logprobs == [[-0.5, -0.5]] * 6 and out.group == [0, 0, 0, 1, 1, 1]
+    # the text rewards see keeps the tokenizer's special reasoning tags (vLLM's own text, "ab" here, would not)
+    assert out.texts == ["</think><answer>"] * 6
     assert calls[0] == ("launcher", 1)
     kwargs = calls[1][1]
     assert (kwargs["distributed_executor_backend"], kwargs["logprobs_mode"], kwargs["seed"]) == (

@@ -22,6 +22,13 @@ class Rollouts:
     sampling_logprobs: Optional[list] = None   # [B*G] per completion token, when the engine returns them
 
 
+def completion_text(tokenizer, ids: list) -> str:
+    """The text rewards see: the completion decoded with its special tokens kept (the built-in
+    tokenizer's reasoning tags are special tokens), without EOS and padding. One rule for every engine:
+    vLLM's own text would drop the tags (skip_special_tokens)."""
+    return tokenizer.decode([t for t in ids if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)])
+
+
 class RolloutEngine:
     def generate(self, model, prompts: list, num_generations: int, greedy: bool = False) -> Rollouts:
         """G completions per prompt from the policy ``model`` as it is now."""
@@ -69,7 +76,7 @@ class HFGenerateEngine(RolloutEngine):
                 generated = [t for t in generated if t != pad]
             prompt_ids.append(encoded[index])
             completion_ids.append(generated)
-            texts.append(tok.decode([t for t in generated if t not in (tok.eos_token_id, pad)]))
+            texts.append(completion_text(tok, generated))
             group.append(index)
         return Rollouts(prompt_ids, completion_ids, texts, group)
 
@@ -165,7 +172,7 @@ class VLLMEngine(RolloutEngine):
             for choice in result.outputs:
                 prompt_ids.append(list(result.prompt_token_ids))
                 completion_ids.append(list(choice.token_ids))
-                texts.append(choice.text)
+                texts.append(completion_text(self.tokenizer, choice.token_ids))
                 group.append(index)
                 sampling.append([lp[token].logprob for lp, token in zip(choice.logprobs, choice.token_ids)])
         return Rollouts(prompt_ids, completion_ids, texts, group, sampling)
