@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 PHASES = ("sft", "grpo")
 CHECKSUMS = "checksums.json"
 CONFIG = "config.json"
-_NAME = re.compile(r"(sft|grpo)_step_(\d+)")
+_NAME = re.compile(rf"({'|'.join(PHASES)})_step_(\d+)")
 
 
 def _rng_state():

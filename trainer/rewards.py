@@ -181,11 +181,11 @@ class RewardSet:
         self.functions = {name: fn for name, fn in BUILTIN.items() if weights.get(name, 0.0)}
         if weights.get("reward_model", 0.0) and reward_model is not None:
             self.functions["reward_model"] = reward_model
-        self.batch_functions = {name: fn for name, (fn, weight) in (custom or {}).items() if weight}
+        custom = {name: (fn, weight) for name, (fn, weight) in (custom or {}).items() if weight}
+        self.batch_functions = {name: fn for name, (fn, _) in custom.items()}
         if not self.functions and not self.batch_functions:
             raise ValueError("at least one reward needs a non-zero weight")
-        self.weights = ([float(weights[name]) for name in self.functions]
-                        + [weight for _, (_, weight) in (custom or {}).items() if weight])
+        self.weights = [float(weights[name]) for name in self.functions] + [weight for _, weight in custom.values()]
         self.failures = Counter()
         self.timeout = timeout
         self._jobs = self._start_worker()

@@ -112,13 +112,11 @@ class TaskSource:
         return list(self._held_out)
 
     def train(self, stream: str, step: int, n: int):
+        rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
         if stream == "sft" and self._sft is not None:
-            rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
             return [rng.choice(self._sft) for _ in range(n)]
         if self._jsonl_train is not None:
-            rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
             return [rng.choice(self._jsonl_train) for _ in range(n)]
-        rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")
         out = []
         while len(out) < n:
             e = self._example(rng)

@@ -158,16 +158,16 @@ class Trainer:
         for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group.update(initial_lr=lr, lr=lr * schedule(scheduler.last_epoch), weight_decay=self.cfg.grpo.weight_decay)
 
-    def _maybe_checkpoint(self, phase, step, total, optimizer, scheduler, force=False):
+    def _maybe_checkpoint(self, phase, step, total, optimizer, scheduler):
         every = self.cfg.checkpoint.every
-        if force or (every and (step + 1) % every == 0 and step + 1 < total):
+        if every and (step + 1) % every == 0 and step + 1 < total:
             self._save(phase, step + 1, optimizer, scheduler)
 
     # ------------------------------------------------------------------ stages
     def sft(self, start_step=0, optimizer=None, scheduler=None):
         cfg = self.cfg.sft
         if optimizer is None:
-            optimizer, scheduler = self._optimizer(cfg.lr, cfg.steps, min(10, cfg.steps), "cosine")
+            optimizer, scheduler = self._optimizer_for("sft")
         eos = self.tokenizer.eos_token_id
         for step in range(start_step, cfg.steps):
             examples = self._shard(self.data.train("sft", step, cfg.batch_size))
@@ -214,8 +214,7 @@ class Trainer:
     def grpo(self, start_step=0, optimizer=None, scheduler=None):
         cfg, rollout_cfg = self.cfg.grpo, self.cfg.rollout
         if optimizer is None:
-            optimizer, scheduler = self._optimizer(cfg.lr, cfg.steps * cfg.num_iterations, cfg.warmup_steps,
-                                                   cfg.lr_schedule)
+            optimizer, scheduler = self._optimizer_for("grpo")
         weights = torch.tensor(self.rewards.weights)
         accuracy_column = self.rewards.names.index("accuracy") if "accuracy" in self.rewards.names else None
         for step in range(start_step, cfg.steps):
