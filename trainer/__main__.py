@@ -16,7 +16,7 @@ def main(argv=None) -> int:
 
     trainer = Trainer(cfg)
     trainer.run()
-    trainer.world.close()
+    trainer.close()
     return 0
 
 

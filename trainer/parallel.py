@@ -29,6 +29,13 @@ class World:
             dist.all_reduce(value)
         return value
 
+    def all_reduce_max(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
     def barrier(self):
         if self.distributed:
             dist.barrier()

@@ -111,9 +111,8 @@ def token_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> t
     return model(**_model_inputs(mb), head=head).float()
 
 
-def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> torch.Tensor:
-    """min(exp(old - sampling), cap) on the micro-batch's completion tokens (1 elsewhere): the
-    truncated importance-sampling correction for a sampler whose numerics differ from training."""
+def _sampled_logprobs(mb: MicroBatch, sampling_logprobs: list) -> torch.Tensor:
+    """The sampler's log-probs laid out like ``mb.old_logprobs`` (0 outside the completion tokens)."""
     sampled = torch.zeros_like(mb.old_logprobs)
     flat = sampled.view(-1)
     positions = mb.mask.reshape(-1).nonzero().view(-1)
@@ -121,8 +120,21 @@ def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> tor
     if values.numel() != positions.numel():
         raise ValueError(f"sampler returned {values.numel()} log-probs for {positions.numel()} completion tokens")
     flat[positions] = values
-    ratio = torch.exp(mb.old_logprobs - sampled).clamp(max=cap)
+    return sampled
+
+
+def importance_ratio(mb: MicroBatch, sampling_logprobs: list, cap: float) -> torch.Tensor:
+    """min(exp(old - sampling), cap) on the micro-batch's completion tokens (1 elsewhere): the
+    truncated importance-sampling correction for a sampler whose numerics differ from training."""
+    ratio = torch.exp(mb.old_logprobs - _sampled_logprobs(mb, sampling_logprobs)).clamp(max=cap)
     return torch.where(mb.mask.reshape(ratio.shape), ratio, torch.ones_like(ratio))
+
+
+def sampler_mismatch(mb: MicroBatch, sampling_logprobs: list) -> tuple:
+    """(sum, count, max) over the completion tokens of |sampler's log-prob - the trainer's| under the
+    same weights (TRL's sampling_logp_difference): a stale or broken weight sync shows here first."""
+    diff = (mb.old_logprobs - _sampled_logprobs(mb, sampling_logprobs)).abs()[mb.mask.reshape(mb.old_logprobs.shape)]
+    return float(diff.sum()), diff.numel(), float(diff.max()) if diff.numel() else 0.0
 
 
 CLIP_DEFAULTS = {"epsilon_low": 0.2, "epsilon_high": 0.28}   # DAPO's clip-higher, for the clipped loss types

