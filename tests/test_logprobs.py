@@ -168,3 +168,44 @@ def test_nan_propagates_like_the_reference(backend):
         logp = r1kernels.linear_token_logprobs(h, weight, torch.tensor([1, 2, 3, 4]))
         logp.sum().backward()
     assert torch.isnan(logp).all() and torch.isnan(h.grad).all()
+
+
+def test_torch_backend_on_cuda_keeps_its_launches_in_the_hundreds(monkeypatch):
+    """The torch row kernel's blocks on CUDA are the fused lm_head's chunk, not the CPU's cache-sized 4 MiB:
+    at the GPU tests' 16,384 x 151,936 logits each pass takes hundreds of kernel launches, not tens of
+    thousands. Launches are counted on CPU as the aten calls that make a kernel (not views, not the CPU
+    scalars of torch.where), per block (one block against two) and per pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from r1kernels.kernels import torch_rows
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += not func.is_view and func is not torch.ops.aten.scalar_tensor.default
+            return func(*args, **(kwargs or {}))
+
+    def launches(rows_per_block):
+        monkeypatch.setattr(torch_rows, "block_bytes", lambda device: rows_per_block * 4 * 1000)
+        logits, targets = torch.randn(8, 1000), torch.randint(0, 1000, (8,))
+        with Count() as forward:
+            _, ent, row_max, row_log_sum = torch_rows.forward(logits, targets, 1.0)
+        with Count() as backward:
+            torch_rows.backward(logits, targets, row_max, row_log_sum, ent, torch.ones(8), torch.ones(8), 1.0,
+                                torch.empty_like(logits))
+        return forward.calls, backward.calls
+
+    one, two = launches(8), launches(4)
+    per_block = [b - a for a, b in zip(one, two)]
+    fixed = [a - p for a, p in zip(one, per_block)]
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (140 << 30, 141 << 30))
+    monkeypatch.delenv("R1K_CHUNK_BYTES", raising=False)
+    rows, vocab = 16384, 151936
+    for device, low, high in (("cuda", 100, 1000), ("cpu", 10_000, None)):
+        blocks = -(-rows // (torch_rows.block_bytes(torch.device(device)) // (4 * vocab)))
+        for f, p in zip(fixed, per_block):
+            assert low <= f + blocks * p and (high is None or f + blocks * p < high), (device, blocks, f, p)

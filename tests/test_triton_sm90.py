@@ -1,7 +1,9 @@
 """The Hopper static gate (scripts/check_triton_sm90.py): every Triton kernel configuration the
 dispatch launches, compiled for sm_90a down to SASS with no GPU, must not spill, must fit in shared
-memory, must run its bf16/fp16 dots on wgmma and must keep GPU-scope fences out of its loops;
-bench/results/sm90-static.{json,md} must be what the script prints now."""
+memory, must run its bf16/fp16 products on wgmma only (no mma.sync) and must keep GPU-scope fences out
+of its loops. The installed Triton's report, bench/results/sm90-static-triton<version>.{json,md}, must be
+what the script prints now; the report of the lowest Triton the extras admit (the GPU machine's) must be
+committed too, made from today's inputs, and obey the same rules."""
 import importlib.util
 import json
 import os
@@ -9,6 +11,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -27,9 +30,16 @@ def _load_gate():
 gate = _load_gate()
 
 
+def lowest_admitted_triton() -> str:
+    """The lower bound of the ``triton`` extra (pyproject.toml), as a full version."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["triton"]
+    low = re.search(r">=\s*([\d.]+)", extra[0]).group(1)
+    return ".".join((low.split(".") + ["0", "0"])[:3])
+
+
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory):
-    """The gate's records and table, regenerated from the sources in a process without the interpreter."""
+    """The gate's report and table, regenerated from the sources in a process without the interpreter."""
     for tool in ("ptxas", "cuobjdump"):
         if not (gate.TOOLS / tool).exists():
             pytest.skip(f"this triton wheel has no {tool}")
@@ -38,14 +48,24 @@ def fresh(tmp_path_factory):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_triton_sm90.py"), "--out-dir", str(out)],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert "kernel variants compiled for sm_90a" in result.stdout, (result.stdout + result.stderr)[-6000:]
-    return json.loads((out / "sm90-static.json").read_text()), (out / "sm90-static.md").read_text()
+    name = gate.report_name(gate.triton.__version__)
+    return json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text()
+
+
+def _committed() -> dict:
+    """Every committed report, by Triton version."""
+    reports = {}
+    for path in sorted(COMMITTED.glob("sm90-static-triton*.json")):
+        report = json.loads(path.read_text())
+        reports[report["triton"]] = report
+    return reports
 
 
 def test_every_triton_kernel_is_in_the_gate(fresh):
     """A kernel added to r1kernels/triton/ without a case in the gate would go unchecked. Kernels (what
     the host launches) are named _r1k_<op>_<phase>, unique across the package, so that a profiler
     trace names each one."""
-    records, _ = fresh
+    records = fresh[0]["records"]
     compiled = {r["kernel"] for r in records}
     defined = set()
     for path in (ROOT / "r1kernels" / "triton").glob("*.py"):
@@ -58,24 +78,61 @@ def test_every_triton_kernel_is_in_the_gate(fresh):
     assert defined and defined == compiled
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_rule_holds_outside_known_failures(fresh, rule):
-    records, _ = fresh
+def _check_rule(records: list, rule: str, version: str) -> None:
     unexpected = [f"{r['kernel']} [{r['config']}]" for r in records
                   if rule in gate.violations(r) and gate.known_failure(r, rule) is None]
-    assert not unexpected, f"{rule} broken by:\n" + "\n".join(unexpected)
+    assert not unexpected, f"triton {version}: {rule} broken by:\n" + "\n".join(unexpected)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_rule_holds_outside_known_failures(fresh, rule):
+    records = fresh[0]["records"]
+    _check_rule(records, rule, fresh[0]["triton"])
+    reports = {**_committed(), fresh[0]["triton"]: fresh[0]}
+    # an entry no configuration of any committed compiler breaks is stale (entries may name one compiler)
     stale = [key for key in gate.KNOWN_FAILURES if key[1] == rule
-             and not any(rule in gate.violations(r) and gate.known_failure(r, rule) == key for r in records)]
+             and not any(rule in gate.violations(r) and gate.known_failure(r, rule) == key
+                         for report in reports.values() for r in report["records"])]
     assert not stale, f"known failures that now pass (remove them from KNOWN_FAILURES): {stale}"
 
 
 def test_committed_report_is_current(fresh):
-    records, table = fresh
-    committed = json.loads((COMMITTED / "sm90-static.json").read_text())
-    if committed and committed[0]["triton"] != records[0]["triton"]:
-        pytest.skip(f"committed with triton {committed[0]['triton']}, this is {records[0]['triton']}")
-    assert committed == records, "stale: run `python scripts/check_triton_sm90.py` and commit bench/results/sm90-static.*"
-    assert (COMMITTED / "sm90-static.md").read_text() == table
+    report, table = fresh
+    name = gate.report_name(report["triton"])
+    committed = _committed().get(report["triton"])
+    assert committed is not None, f"no report for triton {report['triton']}: run the gate and commit {name}.*"
+    assert committed == report, f"stale: run `python scripts/check_triton_sm90.py` and commit bench/results/{name}.*"
+    assert (COMMITTED / f"{name}.md").read_text() == table
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_the_other_compilers_reports_are_current_and_obey_the_rules(rule):
+    """Each committed report of a Triton other than the installed one (the GPU machine's 3.6.0, or the
+    newest) was made from today's kernel sources, gate and shapes, and obeys every rule outside the
+    documented exceptions. The lowest Triton the extras admit has one."""
+    reports = _committed()
+    assert lowest_admitted_triton() in reports, "commit the lowest admitted Triton's report: " \
+        "bash scripts/check_triton_sm90_all.sh"
+    for version, report in reports.items():
+        assert report["inputs_sha256"] == gate.inputs_sha256(), (
+            f"bench/results/{gate.report_name(version)}.json was made from other kernel sources, gate or "
+            "shapes: regenerate it (bash scripts/check_triton_sm90_all.sh)")
+        _check_rule(report["records"], rule, version)
+
+
+def test_mma_counter_tells_wgmma_from_mma_sync():
+    sass = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0110*/                   HGMMA.64x16x16.F32.BF16 R88, gdesc[UR8], R88, gsb0 ;
+        /*0120*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24 ;
+        /*0130*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0140*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR6][R4.64] ;
+        /*0150*/                   UTMALDG.2D [UR8], [UR4] ;
+    """
+    assert gate.mma_counts(sass) == dict(hmma=1, hgmma=3, hgmma_shapes=["64x16x16", "64x64x16"], async_copies=2)
+    record = dict(spill_bytes=0, shared_bytes=0, has_dot_lowp=True, hmma=1, hgmma=3, fences_in_loop=0)
+    assert gate.violations(record) == ["wgmma"]                 # any mma.sync in a bf16/fp16 kernel breaks it
+    assert gate.violations({**record, "hmma": 0}) == []
 
 
 def test_fence_counter_sees_only_fences_inside_loops():

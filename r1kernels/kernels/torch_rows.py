@@ -6,22 +6,30 @@ import torch
 
 from r1kernels.constants import IGNORE_INDEX
 from r1kernels.kernels import accumulation_dtype
+from r1kernels.kernels.chunked_linear import chunk_bytes
 
-# Each block of rows makes a few fp32 copies of itself; 4 MiB per copy keeps them cache-sized.
-_BLOCK_BYTES = 4 << 20
+# Each block of rows makes a few fp32 copies of itself. On CPU, 4 MiB per copy keeps them cache-sized. On
+# CUDA a block is the fused lm_head's chunk (min(1 GiB, free / 16)): each block costs about a dozen kernel
+# launches, and at V = 151,936 a 4 MiB block is 6 rows, so 65,536 rows took some 33,000 launches per pass.
+CPU_BLOCK_BYTES = 4 << 20
 
 
-def _row_blocks(rows: int, vocab: int):
-    step = max(1, _BLOCK_BYTES // (4 * max(vocab, 1)))
+def block_bytes(device: torch.device) -> int:
+    return chunk_bytes(device) if device.type == "cuda" else CPU_BLOCK_BYTES
+
+
+def _row_blocks(logits: torch.Tensor):
+    rows, vocab = logits.shape
+    step = max(1, block_bytes(logits.device) // (4 * max(vocab, 1)))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
 
 def forward(logits, targets, inv_temperature):
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     acc = accumulation_dtype(logits.dtype)
     logp, entropy, row_max, row_log_sum = (logits.new_empty(rows, dtype=acc) for _ in range(4))
-    for block in _row_blocks(rows, vocab):
+    for block in _row_blocks(logits):
         z = logits[block].to(acc) * inv_temperature
         z_max = z.amax(dim=-1)
         shifted = z - z_max[:, None]
@@ -39,9 +47,8 @@ def forward(logits, targets, inv_temperature):
 
 
 def backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature, out):
-    rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    for block in _row_blocks(rows, vocab):
+    for block in _row_blocks(logits):
         z = logits[block].to(acc) * inv_temperature
         log_p = (z - row_max[block][:, None]) - row_log_sum[block][:, None]
         p = log_p.exp()

@@ -316,19 +316,20 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
 # with the sm_90 static gate (scripts/check_triton_sm90.py): the forward runs BLOCK_M = 128 with
 # 8 warps, i.e. one warpgroup per 64 query rows as in FlashAttention-2/3; the backward kernels keep
 # their fp32 accumulators (dK and dV, or dQ) within the register file: no spills in bf16/fp16 up to
-# head dim 256 (dK/dV at 128 trades pipelining, stages=1, for two CTAs per SM, and the one-kernel
-# backward, which also holds a dQ tile, takes 8 warps there; at 256 both take a 32-key tile,
-# mma.sync rather than a spilling wgmma). fp32 spills; the gate's report lists it.
+# head dim 256 with Triton 3.6 (the GPU machine's) and 3.9. At head dim 128 both backward kernels take
+# 8 warps (the deterministic dK/dV with 4 warps, 2 CTAs per SM, spills 24 B under 3.6); at 256 both take
+# a 32-key tile, mma.sync rather than a spilling wgmma, with one stage in the one-kernel backward (two
+# spill 16 B under 3.6). fp32 spills; the gate's report lists it.
 _CONFIGS = {
     "forward": {"low": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2),
                         256: (128, 32, 8, 1)},
                 "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
                          256: (16, 32, 4, 2)}},
     "backward": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 1),
-                         256: (32, 32, 8, 2)},
+                         256: (32, 32, 8, 1)},
                  "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
                           256: (16, 16, 4, 2)}},
-    "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 4, 1),
+    "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2),
                      256: (32, 32, 8, 2)},
              "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
                       256: (16, 16, 4, 2)}},
