@@ -143,15 +143,24 @@ def test_padding_matches_eager(kind):
                                atol=3e-5, rtol=1e-4)
 
 
+# (batch, left padding of the second row, attention_mask given): with no padding transformers hands
+# the attention no mask, and a static cache's unfilled slots must still be left out
+GENERATE_LAYOUTS = {"one-row": (1, 0, True), "one-row-no-mask": (1, 0, False), "two-rows": (2, 0, True),
+                    "two-rows-no-mask": (2, 0, False), "left-padded": (2, 2, True)}
+
+
 @pytest.mark.parametrize("kind", list(ARCHITECTURES))
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_generate_matches_eager(kind, cache):
+@pytest.mark.parametrize("layout", list(GENERATE_LAYOUTS))
+def test_greedy_generate_matches_eager(kind, cache, layout):
+    batch, padding, with_mask = GENERATE_LAYOUTS[layout]
     gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, VOCAB, (2, 6), generator=gen)
+    ids = torch.randint(1, VOCAB, (batch, 6), generator=gen)
     mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0           # the second prompt is left padded
-    options = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation=cache,
-                   pad_token_id=0)
+    if padding:
+        ids[1, :padding], mask[1, :padding] = 0, 0
+    options = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache, pad_token_id=0,
+                   **(dict(attention_mask=mask) if with_mask else {}))
     expected = _model(kind, "eager").generate(ids, **options)
     assert torch.equal(_model(kind, r1k_hf.NAME).generate(ids, **options), expected)
 

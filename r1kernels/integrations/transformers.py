@@ -16,7 +16,10 @@ Which tokens attend to which, decided in this order (the first that applies):
 3. ``position_ids`` [B, L] with ``q_len == k_len > 1``: a new sequence starts at each row start
    and wherever a position is not its predecessor's plus one, in every row (several packed rows
    work, unlike transformers' flash-attention path, which only unpacks batch 1).
-4. Otherwise B dense rows, causal bottom-right (which also covers decoding with a dynamic cache).
+4. ``position_ids`` [B, L] whose last position + 1 is less than the key length: a static cache, whose
+   slots past the queries' last position are not filled yet (transformers hands over no mask when
+   there is no padding): each row's keys are its first ``last + 1`` slots, causal bottom-right.
+5. Otherwise B dense rows, causal bottom-right (which also covers decoding with a dynamic cache).
 
 The layout is derived once per forward: it is cached on the tensor it comes from (the mask, the
 position ids or the offsets, which are the same object in every layer), so a forward costs at most
@@ -120,6 +123,21 @@ def _from_positions(position_ids: Tensor, batch: int, length: int) -> _Layout:
     return _Layout(cu, cu, longest, longest)
 
 
+def _from_filled(position_ids: Tensor, batch: int, q_len: int, k_len: int) -> _Layout:
+    """Rows whose keys are the first ``last position + 1`` of ``k_len`` cache slots (a static cache)."""
+    filled = (_to_host(position_ids[:, -1]).expand(batch).to(torch.int64) + 1).clamp(min=q_len, max=k_len)
+    if bool((filled == k_len).all()):
+        return _dense(batch, q_len, k_len, position_ids.device)
+    slots = int(filled.max())
+    device = position_ids.device
+    k_rows = None
+    if not bool((filled == slots).all()):
+        used = torch.arange(slots)[None, :] < filled[:, None]
+        k_rows = _to_device(used.reshape(-1).nonzero().view(-1), device)
+    cu_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=device)
+    return _Layout(cu_q, _to_device(_cu_from_lengths(filled), device), q_len, slots, None, k_rows, slots)
+
+
 def _from_offsets(cu_q: Tensor, cu_k: Tensor, max_q, max_k, total_q: int, total_k: int) -> _Layout:
     """Offsets as given. Validated once: on one host copy when the max lengths must be derived or
     host checks are on (see ``_checks.host_checks``), else by device-side asserts (no sync)."""
@@ -148,9 +166,13 @@ def _layout(batch: int, q_len: int, k_len: int, attention_mask, kwargs, device) 
         return _cached(cu_q, (batch, q_len, k_len), lambda: _from_offsets(
             cu_q, cu_k, kwargs.get("max_length_q"), kwargs.get("max_length_k"), batch * q_len, batch * k_len))
     position_ids = kwargs.get("position_ids")
-    if (position_ids is not None and position_ids.dim() == 2 and q_len == k_len > 1
-            and position_ids.shape[-1] == q_len and position_ids.shape[0] in (1, batch)):
+    usable = (position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == q_len
+              and position_ids.shape[0] in (1, batch))
+    if usable and q_len == k_len > 1:
         return _cached(position_ids, (batch, q_len), lambda: _from_positions(position_ids, batch, q_len))
+    if usable and k_len > q_len:
+        return _cached(position_ids, ("filled", batch, q_len, k_len),
+                       lambda: _from_filled(position_ids, batch, q_len, k_len))
     return _dense(batch, q_len, k_len, device)
 
 
