@@ -44,7 +44,8 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--triton-tests"):
         return
-    recorded = set(config.cache.get(TRITON_TESTS_KEY, [])) if config.cache else set()
+    cache = getattr(config, "cache", None)
+    recorded = set(cache.get(TRITON_TESTS_KEY, [])) if cache is not None else set()
     if not recorded:
         print("\n--triton-tests: no record of which tests run Triton kernels (run the suite first): running all")
         return
@@ -66,7 +67,7 @@ def pytest_runtest_call(item):
 def pytest_sessionfinish(session):
     """Add this run's Triton tests to the record (a partial run adds to it; ids no longer collected are
     dropped the next time --triton-tests runs, by the intersection with what is collected)."""
-    cache = session.config.cache
+    cache = getattr(session.config, "cache", None)  # absent under -p no:cacheprovider
     if cache is not None and _ran_triton and not session.config.getoption("--triton-tests"):
         cache.set(TRITON_TESTS_KEY, sorted(set(cache.get(TRITON_TESTS_KEY, [])) | _ran_triton))
 
