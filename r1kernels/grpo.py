@@ -489,43 +489,62 @@ def _loss_from_terms(t: _Terms, logprobs: Tensor, entropy: Optional[Tensor]) -> 
     per_token, ratio, low, high, kl = _per_token_loss(t, logp, log_ratio, keep)
 
     unit, denominator = _normalisation(t)
-    loss = (per_token * unit).sum() / denominator
-    if t.options["entropy_coef"] > 0:
-        loss = loss - _entropy_bonus(t, ent, bonus_mask)
+    policy = (per_token * unit).sum() / denominator
+    loss = policy - _entropy_bonus(t, ent, bonus_mask) if t.options["entropy_coef"] > 0 else policy
 
-    metrics = _metrics(t, ratio, low, high, kl, ent)
+    metrics = _metrics(t, ratio, low, high, kl, ent, policy)
     return GRPOLossOutput(loss, logprobs.detach().to(acc), metrics, None if entropy is None else entropy.detach(),
                           denominator)
 
 
 @torch.no_grad()
-def _metrics(t: _Terms, ratio, low, high, kl, ent) -> dict:
+def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
     """Masked token means (0-d tensors, no host sync), as TRL logs them: with a sequence-level ratio
-    (GSPO), the clip fractions are means over the batch's sequences."""
+    (GSPO), the clip fractions are means over the batch's sequences. Also TRL's per-sequence extremes
+    of the clip fractions (``clip_ratio_low_min``, ``clip_ratio_high_max``: over the sequences with a
+    token, or every sequence at sequence level; NaN when none), ``policy_loss`` (the loss before the
+    entropy bonus) and, for a loss type with a per-sequence weight (vespo's phi), its mean over the
+    sequences (an empty one's weight is phi(w = 1) = 1)."""
     m = t.m
     denom = m.sum().clamp(min=1.0)
+    sequence_level = t.options["importance_sampling_level"] == "sequence"
 
     def mean(x):
         return (x.float() * m).sum() / denom
 
+    def per_seq(x):
+        return t.layout.seq_sum(x.to(m.dtype) * m) / t.tokens_per_seq.clamp(min=1.0)
+
     def clip_mean(x):
-        if t.options["importance_sampling_level"] != "sequence":
-            return mean(x)
-        per_seq = t.layout.seq_sum(x.to(m.dtype) * m) / t.tokens_per_seq.clamp(min=1.0)
-        return per_seq.sum().float() / max(t.layout.num_seqs, 1)
+        return per_seq(x).sum().float() / max(t.layout.num_seqs, 1) if sequence_level else mean(x)
+
+    def seq_extreme(x, reduce, empty):
+        """min / max over the sequences (those with a token, at token level); NaN when there are none.
+        No boolean indexing, which would make the shapes depend on the data under torch.compile."""
+        values = per_seq(x).float()
+        if not values.numel():
+            return m.new_full((), float("nan"), dtype=torch.float32)
+        counted = torch.ones_like(values, dtype=torch.bool) if sequence_level else t.tokens_per_seq > 0
+        return torch.where(counted.any(), reduce(torch.where(counted, values, empty)), float("nan"))
 
     big = torch.finfo(ratio.dtype).max
     on = m > 0
     metrics = dict(
         clip_ratio_low=clip_mean(low), clip_ratio_high=clip_mean(high), clip_ratio_region=clip_mean(low | high),
+        clip_ratio_low_min=seq_extreme(low, torch.min, float("inf")),
+        clip_ratio_high_max=seq_extreme(high, torch.max, -float("inf")),
         ratio_mean=mean(ratio),
         ratio_min=torch.where(on, ratio, big).min() if ratio.numel() else ratio.new_zeros(()),
         ratio_max=torch.where(on, ratio, -big).max() if ratio.numel() else ratio.new_zeros(()),
+        policy_loss=policy.detach().float(),
     )
     if kl is not None:
         metrics["kl_mean"] = mean(kl)
     if ent is not None:
         metrics["entropy_mean"] = mean(ent)
+    if t.seq_weight is not None:
+        weights = torch.where(t.tokens_per_seq > 0, per_seq(t.seq_weight), torch.ones_like(t.tokens_per_seq))
+        metrics["sequence_weight_mean"] = weights.sum().float() / max(t.layout.num_seqs, 1)
     return metrics
 
 

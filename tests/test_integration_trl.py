@@ -185,9 +185,9 @@ def test_patch_refuses_trl_outside_the_supported_range(version, ok, monkeypatch)
     assert not r1k_trl.is_patched()
 
 
-def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory):
+def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory, **overrides):
     """A few steps of TRL's GRPOTrainer on a tiny random Qwen2 with a local character tokenizer:
-    (every completion generated, logged losses, final parameters)."""
+    (every completion generated, logged losses, final parameters, the logged rows)."""
     import datasets
     from trl import GRPOTrainer
 
@@ -210,6 +210,7 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
                    learning_rate=1e-3)
     options.update(LOSS_CONFIGS[loss_type])
     options.update(loss_type=loss_type, beta=beta, num_iterations=num_iterations, importance_sampling_level=level)
+    options.update(overrides)
     args = _grpo_config(**options)
     dataset = datasets.Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(24)]})
     if patched:
@@ -220,8 +221,34 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
         trainer.train()
     finally:
         r1k_trl.unpatch()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return generated, losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    return (generated, [h["loss"] for h in rows], {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+            rows)
+
+
+# what TRL's _compute_loss logs (the rest of a row, rewards, lengths, timings, comes from elsewhere in TRL)
+LOSS_METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max", "cispo_clip_ratio", "vespo/phi_seq_mean", "policy_loss",
+                "entropy_coef")
+
+
+def _assert_same_run(ours, plain, steps):
+    """The same generations, losses within 1e-6, parameters within 1e-5, and every logged row with the
+    same keys and TRL's loss metrics at the same values."""
+    assert ours[0] == plain[0], "the generations must be identical"
+    assert len(ours[1]) == len(plain[1]) >= steps
+    for a, b in zip(ours[1], plain[1]):
+        assert a == pytest.approx(b, abs=1e-6)
+    # AdamW at lr 1e-3 moves a weight by up to 1e-3 per step; a gradient near Adam's eps (the key bias
+    # has none analytically; dr_grpo's are small, over B x max_completion_length) turns rounding noise into
+    # up to ~1.3e-5 there, a wrong gradient gives ~1e-3 (the entropy bonus GA times too large: 2.7e-3)
+    for name, value in plain[2].items():
+        torch.testing.assert_close(ours[2][name], value, rtol=1e-5, atol=2e-5, msg=name)
+    for mine, theirs in zip(ours[3], plain[3]):
+        assert sorted(mine) == sorted(theirs), f"logged keys differ: {sorted(set(mine) ^ set(theirs))}"
+        for key in LOSS_METRICS:
+            if key in theirs:
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 @pytest.mark.parametrize("beta, num_iterations, level", [(0.0, 1, "token"), (0.04, 2, "sequence")],
@@ -229,19 +256,48 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
 @pytest.mark.parametrize("loss_type", list(LOSS_CONFIGS))
 def test_grpo_trainer_with_our_fused_loss_route(loss_type, beta, num_iterations, level, tmp_path, monkeypatch):
     """TRL's GRPOTrainer for real, plain and with patch(loss=True) (its loss through linear_grpo_loss):
-    the same generations, losses within 1e-6 and parameters after three steps within 1e-5."""
+    the same generations, losses within 1e-6, parameters after three steps within 1e-5, and the same
+    logged metrics under TRL's names."""
     plain = _run_grpo_trainer(loss_type, beta, num_iterations, level, False, tmp_path / "plain")
     calls = []
     original = r1kernels.grpo.linear_grpo_loss
     monkeypatch.setattr(r1kernels.grpo, "linear_grpo_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     ours = _run_grpo_trainer(loss_type, beta, num_iterations, level, True, tmp_path / "ours")
     assert len(calls) == 3, "each of the three training steps' loss must go through linear_grpo_loss"
-    assert ours[0] == plain[0], "the generations must be identical"
-    assert len(ours[1]) == len(plain[1]) >= 3
-    for a, b in zip(ours[1], plain[1]):
-        assert a == pytest.approx(b, abs=1e-6)
-    # AdamW at lr 1e-3 moves a weight by up to 1e-3 per step; a gradient near Adam's eps (the key bias
-    # has none analytically) turns rounding noise into ~1e-6 there, a wrong gradient would give ~1e-3
-    for name, value in plain[2].items():
-        torch.testing.assert_close(ours[2][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    _assert_same_run(ours, plain, 3)
     assert not r1k_trl.is_patched()
+
+
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+@pytest.mark.parametrize("loss_type", list(LOSS_CONFIGS))
+def test_grpo_trainer_under_gradient_accumulation_with_an_entropy_bonus(loss_type, accumulation, tmp_path,
+                                                                        monkeypatch):
+    """gradient_accumulation_steps 1, 2, 4 (steps_per_generation follows it, TRL's default) with
+    entropy_coef > 0, for every loss type: TRL divides the entropy bonus by the accumulation steps
+    whatever the loss type's normaliser (it was GA times too large for dapo, cispo and vespo). Two
+    steps: the second step's generations come from the first step's update."""
+    level = "sequence" if loss_type == "luspo" else "token"
+    extra = dict(gradient_accumulation_steps=accumulation, entropy_coef=0.05, max_steps=2)
+    plain = _run_grpo_trainer(loss_type, 0.0, 1, level, False, tmp_path / "plain", **extra)
+    calls = []
+    original = r1kernels.grpo.linear_grpo_loss
+    monkeypatch.setattr(r1kernels.grpo, "linear_grpo_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ours = _run_grpo_trainer(loss_type, 0.0, 1, level, True, tmp_path / "ours", **extra)
+    assert len(calls) == 2 * accumulation, "every micro-batch's loss must go through linear_grpo_loss"
+    _assert_same_run(ours, plain, 2)
+    assert "policy_loss" in ours[3][0] and "entropy_coef" in ours[3][0]
+
+
+def test_grpo_trainer_under_bf16_runs_the_lm_head_as_configured(tmp_path):
+    """bf16=True: the patched lm_head runs in TRL's autocast (bf16 products, fp32 accumulation), as TRL's
+    own; cast_lm_head_to_fp32=True: in fp32, as TRL's then. The logged entropy tells the two apart."""
+    entropies = {}
+    for cast in (False, True):
+        extra = dict(bf16=True, max_steps=2, cast_lm_head_to_fp32=cast)
+        plain = _run_grpo_trainer("dapo", 0.0, 1, "token", False, tmp_path / f"plain-{cast}", **extra)
+        ours = _run_grpo_trainer("dapo", 0.0, 1, "token", True, tmp_path / f"ours-{cast}", **extra)
+        assert ours[0] == plain[0]
+        for mine, theirs in zip(ours[3], plain[3]):
+            assert mine["entropy"] == pytest.approx(theirs["entropy"], rel=1e-7), cast
+        entropies[cast] = plain[3][0]["entropy"]
+    assert abs(entropies[True] - entropies[False]) > 1e-6, "bf16 and fp32 heads should log different entropies"

@@ -286,7 +286,7 @@ class Trainer:
             for mb in batches:
                 mb.ref_logprobs = grpo_step.token_logprobs(self.ref_model, mb, temperature, cfg.kernels)
         options = grpo_step.loss_options(cfg)
-        sums, weight_total = {}, 0.0
+        sums, extremes, weight_total = {}, {}, 0.0
         for _ in range(cfg.num_iterations):
             loss_total = 0.0
             for mb in batches:
@@ -295,11 +295,20 @@ class Trainer:
                 loss.backward()
                 loss_total += loss.item() / self.world.size
                 for key, value in out.metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * mb.num_tokens
+                    if key == "policy_loss":                 # a micro-batch's; the row has the batch's loss
+                        continue
+                    value = float(value)
+                    if key.endswith(("_min", "_max")):     # extremes stay extremes (a NaN: no sequence had one)
+                        pick = min if key.endswith("_min") else max
+                        kept = extremes.get(key, math.nan)
+                        extremes[key] = value if math.isnan(kept) else kept if math.isnan(value) else pick(kept, value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value * mb.num_tokens
                 weight_total += mb.num_tokens
             grad_norm = self._clip_and_step(optimizer, scheduler, "grpo", step)
         (loss_total,) = self._global(loss_total)
         row = {key: value / max(weight_total, 1.0) for key, value in sums.items()}
+        row.update(extremes)
         row.update(mismatch or {})
         row.update(loss=loss_total, grad_norm=grad_norm,
                    tokens=sum(int(mb.input_ids.ne(self.tokenizer.pad_token_id).sum()) for mb in batches)

@@ -127,18 +127,61 @@ def _loss_route_applies(trainer, inputs) -> bool:
     """Our fused loss covers the text-only objective; the rest stays TRL's own _compute_loss."""
     from r1kernels.grpo import LOSS_TYPES
     args = trainer.args
-    items = LOSS_TYPES.get(args.loss_type) is not None and "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
-    accumulation_differs = trainer.model.training and trainer.current_gradient_accumulation_steps != \
-        args.steps_per_generation
     return (args.loss_type in LOSS_TYPES and not getattr(args, "use_adaptive_entropy", False)
-            and not trainer.aux_loss_enabled and not any(inputs.get(k) is not None for k in _MULTIMODAL)
-            and not (items and args.entropy_coef and accumulation_differs))
+            and not trainer.aux_loss_enabled and not any(inputs.get(k) is not None for k in _MULTIMODAL))
+
+
+# TRL 1.16's _compute_loss logs the clip fractions under these names for these loss types (cispo its own)
+_TRL_CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_TRL_CLIP_MEANS = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
+                   "clip_ratio_region": "clip_ratio/region_mean"}
+
+
+def _global_mean(trainer, mean: torch.Tensor, count: torch.Tensor) -> float:
+    """TRL's global_masked_mean from our local mean over ``count`` items: sums and counts reduced over
+    the processes."""
+    totals = trainer.accelerator.reduce(torch.stack([mean.float() * count, count.float()]), reduction="sum")
+    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+def _gathered(trainer, value: torch.Tensor, reduce: str) -> float:
+    """One local value per process, gathered, then TRL's nanmean / nanmin / nanmax."""
+    values = trainer.accelerator.gather(value.float().reshape(1))
+    values = values[~torch.isnan(values)]
+    if not values.numel():
+        return float("nan")
+    return {"mean": values.mean, "min": values.min, "max": values.max}[reduce]().item()
+
+
+def _log_metrics(trainer, out, mask, policy_scale: float, mode: str) -> None:
+    """Every metric TRL's _compute_loss logs, under its names and with its reductions over processes."""
+    from r1kernels.grpo import LOSS_TYPES
+    args, metrics = trainer.args, trainer._metrics[mode]
+    tokens = mask.sum().float()
+    sequences = torch.tensor(float(mask.shape[0]), device=tokens.device)
+    clip_count = sequences if args.importance_sampling_level == "sequence" else tokens
+    if args.beta:
+        metrics["kl"].append(_global_mean(trainer, out.metrics["kl_mean"], tokens))
+    metrics["entropy"].append(_global_mean(trainer, out.metrics["entropy_mean"], tokens))
+    if args.loss_type in _TRL_CLIPPED:
+        for ours, theirs in _TRL_CLIP_MEANS.items():
+            metrics[theirs].append(_global_mean(trainer, out.metrics[ours], clip_count))
+        metrics["clip_ratio/low_min"].append(_gathered(trainer, out.metrics["clip_ratio_low_min"], "min"))
+        metrics["clip_ratio/high_max"].append(_gathered(trainer, out.metrics["clip_ratio_high_max"], "max"))
+    elif args.loss_type == "cispo":
+        metrics["cispo_clip_ratio"].append(_global_mean(trainer, out.metrics["clip_ratio_high"], clip_count))
+    if LOSS_TYPES[args.loss_type].sequence_weight is not None:        # vespo's phi, a mean over sequences
+        metrics["vespo/phi_seq_mean"].append(_global_mean(trainer, out.metrics["sequence_weight_mean"], sequences))
+    if args.entropy_coef != 0.0:         # TRL logs these when its entropy bonus is on
+        metrics["policy_loss"].append(_gathered(trainer, out.metrics["policy_loss"] * policy_scale, "mean"))
+        if mode == "train" and trainer.accelerator.sync_gradients:
+            metrics["entropy_coef"].append(args.entropy_coef)
 
 
 def _fused_compute_loss(trainer, model, inputs):
     """TRL's GRPO loss through ``linear_grpo_loss``: the backbone's hidden states go to our fused
     lm_head + loss (one pass where it applies), with TRL's options (``loss_options``), per-batch
-    inputs, gradient-accumulation scaling and logged metrics."""
+    inputs, gradient-accumulation scaling, autocast and logged metrics."""
     from trl.trainer import utils as trl_utils
 
     from r1kernels.grpo import LOSS_TYPES, linear_grpo_loss
@@ -165,34 +208,36 @@ def _fused_compute_loss(trainer, model, inputs):
         hidden = hidden.new_zeros(batch, keep, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
     mask = valid if "tool_mask" not in inputs else valid & inputs["tool_mask"].bool()
     args = trainer.args
+    mode = "train" if trainer.model.training else "eval"
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    items = "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
+    # TRL divides each micro-batch's policy loss by the accumulation steps GA, except where num_items_in_batch
+    # (dapo, cispo, vespo) normalises it: that count spans the generation batch of steps_per_generation (spg)
+    # micro-batches, so TRL rescales by spg / GA instead. Its entropy bonus is divided by GA whatever the type:
+    # our loss (policy - coef H) is scaled as the policy term, so coef is given divided back.
+    policy_scale = args.steps_per_generation / accumulation if items and mode == "train" else 1.0
+    loss_scale = policy_scale if items else 1.0 / accumulation
+    options = loss_options(args)
+    options["entropy_coef"] = args.entropy_coef / accumulation / loss_scale
     per_call = dict(old_logprobs=inputs.get("old_per_token_logps"), sampling_logprobs=inputs.get(
         "sampling_per_token_logps"))
     if args.beta:
         per_call["ref_logprobs"] = inputs["ref_per_token_logps"]
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
         per_call["is_ratio"] = inputs["importance_sampling_ratio"]
-    items = "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
     if items:
         per_call.update(num_items_in_batch=inputs["num_items_in_batch"].clamp(min=1.0),
                         num_processes=trainer.accelerator.num_processes)
-    out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias,
-                           temperature=temperature / scale, deterministic=_R1KernelsLogProbs.deterministic,
-                           **loss_options(args), **per_call)
-    mode = "train" if trainer.model.training else "eval"
-    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    # TRL: num_items_in_batch spans the generation batch (steps_per_generation micro-batches)
-    loss = out.loss * (args.steps_per_generation / accumulation if items and mode == "train" else 1.0 / accumulation)
-    metrics = trainer._metrics[mode]
-    metrics["entropy"].append(out.metrics["entropy_mean"].item())
-    if args.beta:
-        metrics["kl"].append(out.metrics["kl_mean"].item())
-    names = ({"clip_ratio_high": "cispo_clip_ratio"} if args.loss_type == "cispo" else
-             {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
-              "clip_ratio_region": "clip_ratio/region_mean"} if "delta" in LOSS_TYPES[args.loss_type].accepts
-             else {})
-    for ours, theirs in names.items():
-        metrics[theirs].append(out.metrics[ours].item())
-    return loss
+    # the lm_head as TRL runs it: in TRL's autocast (bf16/fp16 products, fp32 accumulation), or in fp32 with
+    # cast_lm_head_to_fp32 (TRL then hands over fp32 hidden states and weights)
+    precision = (torch.autocast(hidden.device.type, enabled=False) if getattr(args, "cast_lm_head_to_fp32", False)
+                 else trainer.accelerator.autocast())
+    with precision:
+        out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias,
+                               temperature=temperature / scale, deterministic=_R1KernelsLogProbs.deterministic,
+                               **options, **per_call)
+    _log_metrics(trainer, out, mask, policy_scale, mode)
+    return out.loss * loss_scale
 
 
 _original_compute_loss = None
