@@ -441,6 +441,25 @@ def test_resuming_a_finished_run_says_so(finished_run, tmp_path, capsys):
     assert "already finished its 4 GRPO steps" in result["summary"] in capsys.readouterr().out
 
 
+def test_resume_with_no_checkpoint_says_it_starts_fresh_or_fails_when_strict(tmp_path, capsys):
+    from trainer.train import Trainer
+    empty = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match=f"{empty} holds no checkpoint .checkpoint.resume_strict"):
+        Trainer(tiny_config(empty, checkpoint={"resume": True, "resume_strict": True})).run()
+    trainer = Trainer(tiny_config(empty, checkpoint={"resume": True}))
+    started = []
+
+    def sft(start, optimizer, scheduler):            # the fresh run begins at SFT step 0 with a new optimizer
+        started.append((start, optimizer))
+        raise KeyboardInterrupt
+
+    trainer.sft = sft
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert started == [(0, None)]
+    assert f"{empty} holds no checkpoint: starting a fresh run" in capsys.readouterr().out
+
+
 def test_two_fsdp2_ranks_equal_one_process(tmp_path):
     """Two FSDP2 ranks (gloo) give one process's update, and every collective they run would find a
     backend in the GPU process group (the worker checks each call's tensor devices)."""

@@ -114,7 +114,8 @@ class ParallelConfig:
 class CheckpointConfig:
     dir: str = "runs/default"
     every: int = 0                      # steps between checkpoints (0: only at the end)
-    resume: bool = False
+    resume: bool = False                # continue from the newest checkpoint in dir; none there: a fresh run
+    resume_strict: bool = False         # with resume: no checkpoint in dir is an error instead
     allow_config_change: bool = False   # resume with a changed config (the new values apply); else an error
     export: bool = True                 # save_pretrained of the final policy
     checkpointer: str = "dcp"           # dcp | "module:Class" (trainer/registry.py)

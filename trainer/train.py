@@ -321,6 +321,12 @@ class Trainer:
         phase, start = "sft", 0
         optimizer = scheduler = None
         resumed = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        if cfg.checkpoint.resume and not resumed:
+            message = f"checkpoint.resume = true, but {cfg.checkpoint.dir} holds no checkpoint"
+            if cfg.checkpoint.resume_strict:
+                raise FileNotFoundError(f"{message} (checkpoint.resume_strict = true): check checkpoint.dir")
+            if self.world.is_main:
+                print(f"{message}: starting a fresh run (checkpoint.resume_strict = true makes this an error)")
         if resumed:
             phase, start = self.checkpointer.phase_and_step(resumed)
             self._check_config(resumed)
