@@ -5,8 +5,11 @@ For each prompt's group of completions, with NaN or +-inf rewards (failed: unsco
     dr_grpo: A_i = r_i - mean_g                      (grpo with scale="none")
     rloo:    A_i = r_i - mean_{g without i} = n/(n-1) (r_i - mean_g)   (then / scale, default none)
 std is Bessel-corrected (as torch.std), from min-shifted two-pass sums in the accumulation
-dtype, never E[x^2] - E[x]^2. A group with fewer than two valid rewards, or all equal, gets
-advantages of exactly 0; failed rewards get 0. Rewards [B, R] of several reward functions are
+dtype, never E[x^2] - E[x]^2; a group of a huge range is summed on its rewards times a power of
+two (``constants.GROUP_RESCALE``), so any finite fp32 reward, up to the fp32 maximum (fp64 ones up
+to about 1e150), gives exact advantages; a row whose weighted sum overflows is a failed reward.
+A group with fewer than two valid rewards, or all equal, gets advantages of exactly 0; failed
+rewards get 0. Rewards [B, R] of several reward functions are
 weighted and summed first (TRL), or, with multi_reward="normalize_then_sum" (GDPO), each is
 normalised in its group, the weighted sum is taken, and the result is normalised over the batch.
 """

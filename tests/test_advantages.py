@@ -139,6 +139,77 @@ def test_large_batch(backend):
     assert_close_scaled(adv, expected, 1e-5)
 
 
+def _huge_reward_groups():
+    """Groups of 4 whose squared deviations overflow fp32 (the first is 1e19 times TRL's [5, 7, 6, 9]),
+    up to the fp32 maximum, beside an ordinary group."""
+    big = torch.finfo(torch.float32).max
+    return torch.cat([torch.tensor([5.0, 7, 6, 9]) * 1e19, torch.tensor([5.0, 7, 6, 9]) * 1e30,
+                      torch.tensor([-0.5, 0.5, 0.0, 0.25]) * big, torch.tensor([1.0, 0.5, 1.0, 0.75]) * big,
+                      torch.tensor([0.3, -1.2, 2.0, 0.4])])
+
+
+def _assert_close_per_group(adv, ref, rtol, what):
+    """Each group of 4 within rtol of its own largest |advantage| (groups differ by 1e30 in scale)."""
+    for g in range(0, ref.numel(), 4):
+        assert_close_scaled(adv[g:g + 4] / ref[g:g + 4].abs().max(), ref[g:g + 4] / ref[g:g + 4].abs().max(),
+                            rtol, f"{what}, group {g // 4}")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("rloo", "group"),
+                                              ("rloo", "none"), ("dr_grpo", None)])
+def test_huge_rewards_up_to_the_fp32_maximum(backend, estimator, scale):
+    """Advantages of any finite fp32 reward are the float64 reference's to fp32 precision, contiguous
+    groups and group ids alike (fp32 squares of 1e19-sized deviations used to overflow to all zeros),
+    and an ordinary group beside huge ones gets exactly the advantages it gets alone."""
+    rewards = _huge_reward_groups()
+    groups = _contiguous(rewards.numel(), 4)
+    if scale is None or scale == "none":       # the advantages themselves must fit in fp32
+        rewards[8:16] = rewards[8:16] * 0.5
+    ref = group_advantages_ref(rewards, groups, estimator, scale or "none")
+    ids = torch.arange(rewards.numel()) // 4 * 7 + 3
+    shuffle = torch.randperm(rewards.numel())
+    for how, adv in (("group_size", _run(backend, rewards, group_size=4, estimator=estimator, scale=scale)),
+                     ("group_ids", _run(backend, rewards[shuffle], group_ids=ids[shuffle], estimator=estimator,
+                                        scale=scale)[torch.argsort(shuffle)])):
+        assert torch.isfinite(adv).all() and (adv != 0).all(), how
+        _assert_close_per_group(adv, ref, 2e-6, how)
+        if scale != "batch":
+            grouping = dict(group_size=4) if how == "group_size" else dict(group_ids=ids[-4:])
+            alone = _run(backend, rewards[-4:], estimator=estimator, scale=scale, **grouping)
+            assert torch.equal(adv[-4:], alone), f"{how}: the ordinary group must not change"
+    # stats at the extremes: the mean is representable, the std of [-max, max, 0, max/3] is too
+    adv, stats = _run(backend, rewards, group_size=4, estimator=estimator, scale=scale, return_stats=True)
+    grouped = rewards.double().view(-1, 4)
+    assert_close_scaled(stats.group_mean.double() / grouped.abs().amax(1), grouped.mean(1) / grouped.abs().amax(1),
+                        1e-6, "mean")
+    assert_close_scaled(stats.group_std.double() / grouped.abs().amax(1), grouped.std(1) / grouped.abs().amax(1),
+                        1e-6, "std")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_extreme_batch_std_and_overflowing_weighted_sums(backend):
+    """The batch std of [-max, max] is sqrt(2) max, beyond fp32: scale="batch" still gives +-1/sqrt(2).
+    Rewards whose weighted sum overflows fp32 make that row a failed reward (0), not NaNs for its group."""
+    big = torch.finfo(torch.float32).max
+    adv = _run(backend, torch.tensor([-big, big]), group_size=2, scale="batch")
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]) / 2 ** 0.5)
+    rewards = torch.tensor([[big, big], [1.0, 0.0], [2.0, 1.0], [4.0, 0.0]])
+    adv = _run(backend, rewards, group_size=4)
+    ref = group_advantages_ref(torch.tensor([float("nan"), 1.0, 3.0, 4.0]), [[0, 1, 2, 3]])
+    assert_close_scaled(adv, ref, 1e-5)
+    assert adv[0] == 0
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_huge_float64_rewards(backend):
+    rewards = torch.tensor([5.0, 7, 6, 9, 1, 3, 2, 2], dtype=torch.float64) * 1e150
+    for estimator, scale in (("grpo", "group"), ("rloo", "none")):
+        adv = _run(backend, rewards, group_size=4, estimator=estimator, scale=scale)
+        ref = group_advantages_ref(rewards, _contiguous(8, 4), estimator, scale)
+        _assert_close_per_group(adv, ref, 1e-12, f"{estimator}/{scale}")
+
+
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=10), seed=st.integers(0, 10_000),
        estimator=st.sampled_from(["grpo", "rloo"]))

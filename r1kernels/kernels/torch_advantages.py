@@ -6,7 +6,9 @@ rows, or (``offsets`` given) the segments ``perm[offsets[g]:offsets[g+1]]``. Eac
 is the weighted sum of its R rewards (NaNs skipped, NaN if all are). Per group, with
 min-shifted two-pass statistics: adv = (r - mean) * factor / denom, 0 for NaN rewards and for
 groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; denom std + eps,
-``batch_denominator``, or 1). Returns (adv [B], mean [G], std [G], constant [G]).
+``batch_denominator`` / GROUP_RESCALE, or 1), computed on the rewards times GROUP_RESCALE where the
+group's half range exceeds GROUP_RESCALE_ABOVE (r1kernels/constants.py). Returns (adv [B], mean [G],
+std [G], constant [G]).
 
 ``group_normalize_by_id(rewards, weights, group_ids [B], leave_one_out, scale, eps,
 batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
@@ -21,16 +23,17 @@ from typing import Optional
 
 import torch
 
+from r1kernels.constants import GROUP_RESCALE, GROUP_RESCALE_ABOVE
 from r1kernels.kernels import accumulation_dtype
 
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Weighted sum over the R rewards of each row (weights None: all ones), failed rewards (NaN, +-inf)
-    skipped; NaN where all R failed."""
+    skipped; NaN where all R failed or the sum overflows."""
     x = rewards.to(accumulation_dtype(rewards.dtype))
     ok = torch.isfinite(x)
     total = torch.where(ok, x if weights is None else x * weights, 0.0).sum(1)
-    return torch.where(ok.any(1), total, torch.nan)
+    return torch.where(ok.any(1) & torch.isfinite(total), total, torch.nan)     # an overflowed sum fails too
 
 
 def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
@@ -49,28 +52,34 @@ def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, 
     count = zeros.index_add(0, group_of_row, ok.to(r.dtype))
     lo = r.new_full((groups,), torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, torch.inf), "amin")
     hi = r.new_full((groups,), -torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, -torch.inf), "amax")
-    shifted = r - lo[group_of_row]
+    half_range = hi * 0.5 - lo * 0.5                           # never overflows
+    unit = torch.where(half_range > GROUP_RESCALE_ABOVE, GROUP_RESCALE, 1.0).to(r.dtype)
+    lo_scaled = lo * unit
+    shifted = r * unit[group_of_row] - lo_scaled[group_of_row]
     shifted_mean = zeros.index_add(0, group_of_row, torch.where(ok, shifted, 0.0)) / count.clamp(min=1)
     deviation = shifted - shifted_mean[group_of_row]
     m2 = zeros.index_add(0, group_of_row, torch.where(ok, deviation * deviation, 0.0))
-    std = torch.where(count > 1, (m2 / (count - 1).clamp(min=1)).sqrt(), 0.0)
+    std_scaled = torch.where(count > 1, (m2 / (count - 1).clamp(min=1)).sqrt(), 0.0)
     constant = (count <= 1) | (hi == lo)
-    factor = torch.where(count > 1, count / (count - 1).clamp(min=1), 1.0) if leave_one_out else torch.ones_like(std)
+    factor = torch.where(count > 1, count / (count - 1).clamp(min=1), 1.0) if leave_one_out else torch.ones_like(m2)
     if scale == "group":
-        factor = factor / (std + eps)
+        factor = factor / (std_scaled + eps * unit)
     elif scale == "batch":
-        factor = factor / batch_denominator.to(r.dtype)
+        factor = factor / (batch_denominator.to(r.dtype) * (unit / GROUP_RESCALE))
+    else:
+        factor = factor / unit
     adv = torch.where(ok & ~constant[group_of_row], deviation * factor[group_of_row], 0.0)
-    mean = torch.where(count > 0, lo + shifted_mean, torch.nan)
+    mean = torch.where(count > 0, (lo_scaled + shifted_mean) / unit, torch.nan)
+    std = std_scaled / unit
     return adv, mean, std, constant
 
 
 def batch_denominator(values: torch.Tensor, eps: float) -> torch.Tensor:
-    """std (Bessel) of the non-NaN values [B] over the whole batch, plus eps: ``group_normalize``'s
-    statistics of one group of B rows, summed in float64, as a 0-d tensor in the accumulation dtype
-    (no host sync)."""
+    """std (Bessel) of the non-NaN values [B] over the whole batch, plus eps, times GROUP_RESCALE (as
+    every kernel takes it: finite for any fp32 rewards): ``group_normalize``'s statistics of one group
+    of B rows, summed in float64, as a 0-d tensor in the accumulation dtype (no host sync)."""
     std = group_normalize(values.double()[:, None], None, values.shape[0], None, None, False, "none", 0.0, None)[2]
-    return (std[0] + eps).to(accumulation_dtype(values.dtype))
+    return ((std[0] + eps) * GROUP_RESCALE).to(accumulation_dtype(values.dtype))
 
 
 def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,

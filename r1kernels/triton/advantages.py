@@ -16,7 +16,7 @@ import triton.language as tl
 
 from r1kernels.constants import SCALE_CODES
 from r1kernels.kernels import accumulation_dtype
-from r1kernels.triton.group_stats import INF, combined_rewards, finish_group
+from r1kernels.triton.group_stats import INF, combined_rewards, finish_group, group_unit
 
 LARGE_GROUP = 4096
 
@@ -52,24 +52,26 @@ def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denomina
         count += tl.sum(ok.to(ACC), axis=1)
         lo = tl.minimum(lo, tl.min(tl.where(ok, x, INF), axis=1))
         hi = tl.maximum(hi, tl.max(tl.where(ok, x, -INF), axis=1))
+    unit = group_unit(lo, hi)
+    lo_scaled = lo * unit
     shifted_sum = tl.zeros([GROUPS_PER_PROGRAM], ACC)
-    for c0 in range(0, group_size, BLOCK):                       # pass 2: sum of (r - min)
+    for c0 in range(0, group_size, BLOCK):                       # pass 2: sum of (r - min) * unit
         x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
                                           NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
-        shifted_sum += tl.sum(tl.where(x == x, x - lo[:, None], 0.0), axis=1)
+        shifted_sum += tl.sum(tl.where(x == x, x * unit[:, None] - lo_scaled[:, None], 0.0), axis=1)
     shifted_mean = tl.where(count > 0, shifted_sum / tl.maximum(count, 1.0), 0.0)
     m2 = tl.zeros([GROUPS_PER_PROGRAM], ACC)
     for c0 in range(0, group_size, BLOCK):                       # pass 3: squared deviations
         x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
                                           NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
-        d = (x - lo[:, None]) - shifted_mean[:, None]
+        d = (x * unit[:, None] - lo_scaled[:, None]) - shifted_mean[:, None]
         m2 += tl.sum(tl.where(x == x, d * d, 0.0), axis=1)
-    mean, std, constant, factor = finish_group(count, lo, hi, shifted_mean, m2, eps, batch_denominator_ptr,
+    mean, std, constant, factor = finish_group(count, lo, hi, unit, shifted_mean, m2, eps, batch_denominator_ptr,
                                                LEAVE_ONE_OUT, SCALE)
     for c0 in range(0, group_size, BLOCK):                       # pass 4: advantages
         x, rows, in_group = _reward_chunk(rewards_ptr, row_stride, weights_ptr, start, length, c0,
                                           NUM_REWARDS, HAS_WEIGHTS, BLOCK, ACC)
-        adv = ((x - lo[:, None]) - shifted_mean[:, None]) * factor[:, None]
+        adv = ((x * unit[:, None] - lo_scaled[:, None]) - shifted_mean[:, None]) * factor[:, None]
         use = (x == x) & ~constant[:, None]
         tl.store(adv_ptr + rows, tl.where(use, adv, 0.0), mask=in_group)
     tl.store(mean_ptr + groups, mean, mask=group_mask)

@@ -183,9 +183,10 @@ def _r1k_advantages_by_id(
                             else:                        # phase 5: advantages
                                 m2_units = tl.load(m2_ptr + slot, mask=in_batch, other=0, volatile=True)
                                 m2 = m2_units.to(tl.float64) / unit * spread * spread
+                                # float64 squares of fp32 rewards' spreads cannot overflow: the unit is 1
                                 mean, std, constant, factor = finish_group(
-                                    count, lo, hi, mean_fraction * spread, m2, eps, batch_denominator_ptr,
-                                    LEAVE_ONE_OUT, SCALE)
+                                    count, lo, hi, tl.full(lo.shape, 1.0, tl.float64), mean_fraction * spread, m2,
+                                    eps, batch_denominator_ptr, LEAVE_ONE_OUT, SCALE)
                                 adv = tl.where(valid & ~constant, deviation * spread * factor, 0.0)
                                 tl.store(adv_ptr + rows, adv.to(ACC), mask=in_batch)
                                 if WRITE_STATS:

@@ -3,16 +3,17 @@
 The tile kernel (advantages.py) and the persistent kernel (advantages_by_id.py) gather a group's
 sums differently, but both combine each row's rewards and finish a group the same way, the way
 csrc/include/r1k/group_stats.h does for C++ and r1kernels/kernels/torch_advantages.py for torch:
-with n valid rewards, min ``lo``, max ``hi``, shifted mean m' = mean(r - lo) and
-m2 = sum((r - lo) - m')^2,
+with n valid rewards, min ``lo``, max ``hi``, the group's ``unit`` (``group_unit``: 1, or
+GROUP_RESCALE where the half range exceeds GROUP_RESCALE_ABOVE, so that squares cannot overflow),
+scaled shifted rewards s = (r - lo) * unit, their mean m' and m2 = sum (s - m')^2,
 
-    mean = lo + m'                     (NaN when n = 0)
-    std  = sqrt(m2 / (n - 1))          (0 when n < 2; Bessel-corrected, as torch.std)
+    mean = (lo * unit + m') / unit     (NaN when n = 0)
+    std  = sqrt(m2 / (n - 1)) / unit   (0 when n < 2; Bessel-corrected, as torch.std)
     constant = n < 2 or hi == lo       (the group's advantages are exactly 0)
-    factor = n / (n - 1) for RLOO, else 1; divided by std + eps (scale "group"), by the batch
-             denominator (scale "batch") or by 1 (scale "none")
+    factor = n / (n - 1) for RLOO, else 1; divided, in the unit, by std + eps (scale "group"), by the
+             batch denominator (scale "batch"; it arrives times GROUP_RESCALE) or by 1 (scale "none")
 
-and a valid row's advantage is ((r - lo) - m') * factor.
+and a valid row's advantage is (s - m') * factor.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from r1kernels import constants
 
 SCALE_GROUP = tl.constexpr(constants.SCALE_GROUP)
 SCALE_BATCH = tl.constexpr(constants.SCALE_BATCH)
+RESCALE_ABOVE = tl.constexpr(constants.GROUP_RESCALE_ABOVE)
+RESCALE = tl.constexpr(constants.GROUP_RESCALE)
 INF = tl.constexpr(float("inf"))
 
 
@@ -30,7 +33,7 @@ INF = tl.constexpr(float("inf"))
 def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
                      HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
     """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), failed rewards (NaN,
-    +-inf) skipped; NaN where all failed or are masked."""
+    +-inf) skipped; NaN where all failed or are masked, or the sum overflows."""
     total = tl.zeros(rows.shape, ACC)
     seen = mask & False
     for k in tl.static_range(NUM_REWARDS):
@@ -40,24 +43,32 @@ def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWAR
             x = tl.load(weights_ptr + k).to(ACC) * x
         total += tl.where(ok, x, 0.0)
         seen = seen | ok
-    return tl.where(seen, total, float("nan"))
+    return tl.where(seen & (tl.abs(total) < INF), total, float("nan"))       # an overflowed sum fails too
 
 
 @triton.jit
-def finish_group(count, lo, hi, shifted_mean, m2, eps, batch_denominator_ptr, LEAVE_ONE_OUT: tl.constexpr,
+def group_unit(lo, hi):
+    """Each group's unit (see the module docstring) from its min and max: the half range never overflows."""
+    return tl.where(hi * 0.5 - lo * 0.5 > RESCALE_ABOVE, RESCALE, 1.0).to(lo.dtype)
+
+
+@triton.jit
+def finish_group(count, lo, hi, unit, shifted_mean, m2, eps, batch_denominator_ptr, LEAVE_ONE_OUT: tl.constexpr,
                  SCALE: tl.constexpr):
-    """(mean, std, constant, factor) of groups from their count, min, max, shifted mean and m2
-    (all in the accumulation dtype; the module docstring has the math)."""
+    """(mean, std, constant, factor) of groups from their count, min, max, unit, and the scaled shifted
+    mean and m2 (all in the accumulation dtype; the module docstring has the math)."""
     one = tl.full(count.shape, 1.0, shifted_mean.dtype)
     n = count.to(shifted_mean.dtype)
-    mean = tl.where(count > 0, lo + shifted_mean, float("nan"))
-    std = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(n - 1, one)), 0.0)
+    mean = tl.where(count > 0, (lo * unit + shifted_mean) / unit, float("nan"))
+    std_scaled = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(n - 1, one)), 0.0)
     constant = (count <= 1) | (hi == lo)
     factor = one
     if LEAVE_ONE_OUT:
         factor = tl.where(count > 1, n / tl.maximum(n - 1, one), one)
     if SCALE == SCALE_GROUP:
-        factor = factor / (std + eps)
+        factor = factor / (std_scaled + eps * unit)
     elif SCALE == SCALE_BATCH:
-        factor = factor / tl.load(batch_denominator_ptr).to(shifted_mean.dtype)
-    return mean, std, constant, factor
+        factor = factor / (tl.load(batch_denominator_ptr).to(shifted_mean.dtype) * (unit / RESCALE))
+    else:
+        factor = factor / unit
+    return mean, std_scaled / unit, constant, factor

@@ -1,11 +1,13 @@
 // Per-group advantage normalisation shared by the CPU (C++) and CUDA kernels.
 //
 // For one group of n rewards (NaN = unscorable, left out): pass 1 counts the valid rewards and
-// finds their min and max; pass 2 sums (r - min); pass 3 sums ((r - min) - mean')^2 (two-pass
+// finds their min and max; pass 2 sums s = (r - min) * unit; pass 3 sums (s - mean_s)^2 (two-pass
 // variance on shifted data, so rewards of 1e6 +- 1e-2 keep their spread); pass 4 writes
-//   adv = ((r - min) - mean') * factor / denom        (0 for NaN rewards and constant groups)
-// with factor = n / (n - 1) for RLOO (leave-one-out baseline), else 1, and denom = std + eps
-// (scale "group"), a batch-wide std + eps (scale "batch"), or 1 (scale "none").
+//   adv = (s - mean_s) * factor / denom        (0 for NaN rewards and constant groups)
+// with factor = n / (n - 1) for RLOO (leave-one-out baseline), else 1, and denom, in the same unit,
+// std + eps (scale "group"), a batch-wide std + eps (scale "batch"), or 1 (scale "none"). unit is 1,
+// or kGroupRescale (exact, a power of two) for a group whose half range exceeds kGroupRescaleAbove,
+// so that the squares cannot overflow (r1kernels/constants.py, restated here).
 #pragma once
 
 #include <math.h>
@@ -17,6 +19,8 @@ namespace r1k {
 
 enum GroupEstimator : int { kCentre = 0, kLeaveOneOut = 1 };
 enum GroupScale : int { kScaleNone = 0, kScaleGroup = 1, kScaleBatch = 2 };
+constexpr double kGroupRescaleAbove = 0x1p40;
+constexpr double kGroupRescale = 0x1p-90;  // the batch denominator arrives times this too
 
 template <typename acc_t>
 struct GroupResult {
@@ -28,7 +32,8 @@ struct GroupResult {
 R1K_HOST_DEVICE float sqrt_(float x) { return sqrtf(x); }
 R1K_HOST_DEVICE double sqrt_(double x) { return sqrt(x); }
 
-// load(j) -> acc_t reward j of the group (NaN allowed); store(j, acc_t advantage).
+// load(j) -> acc_t reward j of the group (NaN allowed); store(j, acc_t advantage). batch_denominator
+// is the batch's std + eps times kGroupRescale.
 template <typename acc_t, typename Load, typename Store>
 R1K_HOST_DEVICE GroupResult<acc_t> normalize_group(int64_t n, const Load& load, const Store& store, int estimator,
                                                    int scale, acc_t eps, acc_t batch_denominator) {
@@ -42,37 +47,42 @@ R1K_HOST_DEVICE GroupResult<acc_t> normalize_group(int64_t n, const Load& load, 
       hi = x > hi ? x : hi;
     }
   }
+  const acc_t half_range = hi * acc_t(0.5) - lo * acc_t(0.5);  // never overflows
+  const acc_t unit = half_range > acc_t(kGroupRescaleAbove) ? acc_t(kGroupRescale) : acc_t(1);
+  const acc_t lo_scaled = lo * unit;
   acc_t shifted_sum = 0;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t x = load(j);
-    if (x == x) shifted_sum += x - lo;
+    if (x == x) shifted_sum += x * unit - lo_scaled;
   }
   const acc_t shifted_mean = count > 0 ? shifted_sum / static_cast<acc_t>(count) : acc_t(0);
   acc_t m2 = 0;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t x = load(j);
     if (x == x) {
-      const acc_t d = (x - lo) - shifted_mean;
+      const acc_t d = (x * unit - lo_scaled) - shifted_mean;
       m2 += d * d;
     }
   }
   GroupResult<acc_t> result;
-  result.std = count > 1 ? sqrt_(m2 / static_cast<acc_t>(count - 1)) : acc_t(0);
-  result.mean = count > 0 ? lo + shifted_mean : acc_t(NAN);
+  const acc_t std_scaled = count > 1 ? sqrt_(m2 / static_cast<acc_t>(count - 1)) : acc_t(0);
+  result.std = std_scaled / unit;
+  result.mean = count > 0 ? (lo_scaled + shifted_mean) / unit : acc_t(NAN);
   result.constant = count <= 1 || hi == lo;
   const acc_t factor = (estimator == kLeaveOneOut && count > 1)
                            ? static_cast<acc_t>(count) / static_cast<acc_t>(count - 1) : acc_t(1);
-  const acc_t denominator = scale == kScaleGroup ? result.std + eps
-                            : scale == kScaleBatch ? batch_denominator : acc_t(1);
+  const acc_t denominator = scale == kScaleGroup ? std_scaled + eps * unit
+                            : scale == kScaleBatch ? batch_denominator * (unit / acc_t(kGroupRescale)) : unit;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t x = load(j);
     const bool use = (x == x) && !result.constant;
-    store(j, use ? ((x - lo) - shifted_mean) * factor / denominator : acc_t(0));
+    store(j, use ? ((x * unit - lo_scaled) - shifted_mean) * factor / denominator : acc_t(0));
   }
   return result;
 }
 
-// Weighted sum of one completion's R rewards, NaNs skipped; NaN when all R are NaN.
+// Weighted sum of one completion's R rewards, failed ones skipped; NaN when all R failed or the sum
+// overflows.
 template <typename acc_t, typename scalar_t>
 R1K_HOST_DEVICE acc_t combine_rewards(const scalar_t* row, int64_t num_rewards, const acc_t* weights) {
   acc_t total = 0;
@@ -84,7 +94,7 @@ R1K_HOST_DEVICE acc_t combine_rewards(const scalar_t* row, int64_t num_rewards, 
       any = true;
     }
   }
-  return any ? total : acc_t(NAN);
+  return any && total - total == acc_t(0) ? total : acc_t(NAN);  // a sum that overflowed fails too
 }
 
 }  // namespace r1k
