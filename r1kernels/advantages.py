@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import accumulation_dtype, torch_advantages
+from r1kernels.kernels import accumulation_dtype, torch_advantages, unit_stride
 
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 SCALES = ("group", "batch", "none")
@@ -110,8 +110,8 @@ def _validate(rewards, group_size, group_ids, estimator, scale, reward_weights, 
     _checks.tensor("rewards", rewards)
     if not rewards.is_floating_point():
         raise TypeError(f"rewards must be a floating tensor (NaN marks an unscorable completion), got {rewards.dtype}")
-    if rewards.dim() not in (1, 2) or rewards.shape[0] < 1:
-        raise ValueError(f"rewards must be [B] or [B, R] with B >= 1, got shape {tuple(rewards.shape)}")
+    if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[1] < 1):
+        raise ValueError(f"rewards must be [B] or [B, R] with R >= 1, got shape {tuple(rewards.shape)}")
     batch = rewards.shape[0]
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -165,8 +165,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     leave_one_out = estimator == "rloo"
     backend = backends.resolve("advantages", rewards.device)
     rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
-    if rewards_2d.stride(1) != 1:
-        rewards_2d = rewards_2d.contiguous()
+    rewards_2d = unit_stride(rewards_2d)
     num_rewards = rewards_2d.shape[1]
     weights = (None if reward_weights is None
                else reward_weights.to(device=rewards.device, dtype=accumulation_dtype(rewards.dtype)).contiguous())

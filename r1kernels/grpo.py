@@ -207,7 +207,7 @@ class _Layout:
 
     def seq_sum(self, x: Tensor) -> Tensor:
         if self.padded:
-            return x.view(self.num_seqs, -1).sum(1)
+            return x.view(self.shape).sum(1)             # (B, T) spelled out: B = 0 leaves -1 undefined
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add(0, self.seq_ids, x)
 
     def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False) -> Optional[Tensor]:

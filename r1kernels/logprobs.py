@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import accumulation_dtype
+from r1kernels.kernels import accumulation_dtype, unit_stride
 
 
 def _row_kernel(backend: str):
@@ -118,8 +118,7 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
     _checks.backend_dtype(backend, "logits", logits)
     vocab = logits.shape[-1]
     logits_2d = logits.reshape(-1, vocab)
-    if logits_2d.stride(-1) != 1:
-        logits_2d = logits_2d.contiguous()
+    logits_2d = unit_stride(logits_2d)
     if inplace_backward and not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(logits_2d) == 1:
         raise ValueError("inplace_backward=True needs logits whose elements do not share memory; these are "
                          "expanded (a stride of 0): pass logits.contiguous() or inplace_backward=False")
@@ -304,10 +303,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    if hidden_2d.stride(-1) != 1:
-        hidden_2d = hidden_2d.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+    hidden_2d, weight = unit_stride(hidden_2d), unit_stride(weight)
     return hidden_2d, weight, targets.reshape(-1), inv_temperature, backend, bool(deterministic)
 
 

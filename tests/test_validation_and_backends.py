@@ -237,3 +237,65 @@ def test_invalid_inputs_name_the_argument_on_every_backend(op, case, call, error
         with r1kernels.use_backend(**{op: backend}), pytest.raises(error) as raised:
             call()
         assert argument in str(raised.value), f"{backend}: {raised.value!r} does not name {argument}"
+
+
+
+def _empty(shape, strides, requires_grad=True):
+    """An empty tensor with the given strides: empty tensors are 'contiguous' whatever theirs are."""
+    return torch.empty_strided(shape, strides).requires_grad_(requires_grad)
+
+
+V, D = 7, 5
+
+
+def _ids(*shape):
+    return torch.zeros(shape, dtype=torch.long)
+
+
+def _q():
+    return _empty((0, 2, 16), (1, 0, 0)), _empty((0, 2, 16), (0, 1, 0)), _empty((0, 2, 16), (0, 0, 0))
+
+
+# op: (its inputs, some empty with odd strides; the call). torch.randn(0, 1) * 0.1 has strides (1, 0),
+# which the cpu backend's "unit vocab stride" check refused; B = 0 broke the losses' per-sequence sums
+EMPTY_CALLS = {
+    "token_logprobs": (lambda: [_empty((0, V), (1, 0)), _ids(0)],
+                       lambda x, t: r1kernels.token_logprobs(x, t, return_entropy=True)),
+    "token_logprobs [B, 0, V]": (lambda: [_empty((3, 0, V), (0, 1, 0)), _ids(3, 0)], r1kernels.token_logprobs),
+    "linear_token_logprobs": (lambda: [_empty((0, D), (1, 0)), torch.randn(V, D, requires_grad=True), _ids(0)],
+                              r1kernels.linear_token_logprobs),
+    "grpo_loss, B = 0": (lambda: [_empty((0, 3, V), (0, 0, 0)), _ids(0, 3), torch.zeros(0)], r1kernels.grpo_loss),
+    "grpo_loss, T = 0": (lambda: [_empty((2, 0, V), (1, 0, 1)), _ids(2, 0), torch.ones(2)], r1kernels.grpo_loss),
+    "linear_grpo_loss": (lambda: [_empty((0, 3, D), (1, 0, 0)), torch.randn(V, D, requires_grad=True), _ids(0, 3),
+                                  torch.zeros(0)], r1kernels.linear_grpo_loss),
+    "policy_loss": (lambda: [_empty((0, 3), (1, 0)), torch.zeros(0)],
+                    lambda logp, adv: r1kernels.policy_loss(logp, adv, loss_type="dapo")),
+    "group_advantages": (lambda: [_empty((0,), (0,), False)], lambda r: r1kernels.group_advantages(r, group_size=4)),
+    "group_advantages [0, R], ids": (lambda: [_empty((0, 2), (1, 0), False), _ids(0)],
+                                     lambda r, ids: r1kernels.group_advantages(r, group_ids=ids)),
+    "varlen_attention": (lambda: [*_q(), torch.zeros(1, dtype=torch.int32)],
+                         lambda q, k, v, cu: r1kernels.varlen_attention(q, k, v, cu, cu, 0, 0, causal=True)),
+}
+
+
+@pytest.mark.parametrize("op", list(EMPTY_CALLS))
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_inputs_with_any_strides_give_empty_results(op, backend):
+    """Every op, on every backend: empty outputs (a loss of 0 over no tokens) and, backward, a gradient
+    of each differentiable input's shape (zeros for the lm_head weight)."""
+    make, call = EMPTY_CALLS[op]
+    inputs = make()
+    with r1kernels.use_backend(backend):
+        out = call(*inputs)
+    outputs = [out.loss] if hasattr(out, "loss") else list(out) if isinstance(out, tuple) else [out]
+    for value in outputs:
+        if value.dim() == 0:
+            assert value.item() == 0.0, "the loss over no tokens is 0"
+        else:
+            assert value.numel() == 0
+    leaves = [x for x in inputs if x.requires_grad]
+    if leaves:
+        with r1kernels.use_backend(backend):
+            sum(value.sum() for value in outputs).backward()
+        for x in leaves:
+            assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()

@@ -31,6 +31,12 @@ def visible_keys(q_len: int, k_len: int, causal: bool, window_size, device) -> t
     return allowed
 
 
+def empty_output(q, k, v, dtype):
+    """The output of no queries, [0, Hq, D], connected to q, k and v so that backward gives each its
+    (zero) gradient: a scalar times 0 broadcast onto no elements, so a NaN in k or v shows nowhere."""
+    return q.to(dtype) + (k.sum() + v.sum()).to(dtype) * 0
+
+
 def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
                          window_size=(-1, -1), softcap=0.0, dtype=torch.float64, sinks=None):
     """(out [total_q, Hq, D] in ``dtype``, lse [Hq, total_q] in ``dtype``). Differentiable by autograd,
@@ -56,6 +62,6 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None
         probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
         outs.append((probs @ vs).transpose(0, 1))
         lses.append(torch.where(lse == -math.inf, math.inf, lse))
-    out = torch.cat(outs, 0) if outs else q.new_zeros(0, hq, d, dtype=dtype)
+    out = torch.cat(outs, 0) if outs else empty_output(q, k, v, dtype)
     lse = torch.cat(lses, 1) if lses else q.new_zeros(hq, 0, dtype=dtype)
     return out, lse
