@@ -55,9 +55,11 @@ def _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal):
 
 def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, sinks, need_lse):
     """(out, lse or None). SDPA per sequence where its semantics are exactly ours, else the
-    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, sinks, lse).
-    Both read the offsets on the host (this backend loops over sequences in Python)."""
-    plain = not need_lse and softcap == 0 and window_size == (-1, -1) and sinks is None and q.dtype != torch.float64
+    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, sinks, lse,
+    and non-finite inputs, whose NaNs SDPA spreads through masked scores to every query). Both read
+    the offsets on the host (this backend loops over sequences in Python)."""
+    plain = (not need_lse and softcap == 0 and window_size == (-1, -1) and sinks is None and q.dtype != torch.float64
+             and all(bool(torch.isfinite(x).all()) for x in (q, k, v)))
     if plain:
         bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
         if not causal or bounds_q == bounds_k:

@@ -167,6 +167,42 @@ def test_query_without_keys_gives_zero(backend):
     assert (out[4:].abs() > 0).any()
 
 
+NAN_CASES = [
+    # lens_q, lens_k, hq, hkv, causal, window, softcap: several tiles per sequence (edge and inner ones)
+    ([5, 70, 3], [5, 70, 3], 4, 2, True, (-1, -1), 0.0),
+    ([40, 9], [52, 9], 2, 2, True, (7, -1), 0.0),                       # bottom-right, sliding window
+    ([30, 12], [30, 12], 2, 1, False, (-1, -1), 20.0),                  # bidirectional, softcap
+]
+
+
+@pytest.mark.parametrize("backend, return_lse, deterministic", ROUTES, ids=lambda r: str(r))
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("case", NAN_CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-w{c[5][0]}-s{int(c[6])}")
+def test_a_nan_reaches_exactly_what_depends_on_it(backend, return_lse, deterministic, where, case):
+    """One NaN in q, k or v: on every backend the outputs, lse and gradients that are NaN are exactly
+    the float64 reference's (its rule: a NaN reaches exactly the softmaxes that include it; a query
+    that cannot see its key stays finite), and every finite value matches it. Under Triton the queries
+    that saw a NaN key came out as zeros with lse = +inf; under torch (SDPA) the whole sequence was NaN."""
+    lens_q, lens_k, hq, hkv, causal, window, softcap = case
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, 32, torch.float32)
+    seq = max(len(lens_q) - 2, 0)                    # a middle token of the longest sequence
+    cu, lens = (cu_q, lens_q) if where == "q" else (cu_k, lens_k)
+    row = int(cu[seq]) + lens[seq] // 2
+    {"q": q, "k": k, "v": v}[where][row, 0, 3] = float("nan")
+    grad = torch.randn_like(q)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    out, lse, grads = _run(backend, q, k, v, cu_q, cu_k, lens_q, lens_k, grad, return_lse, deterministic=deterministic,
+                           **kw)
+    ref_out, ref_lse, ref_grads = _reference(q, k, v, cu_q, cu_k, grad, torch.float64, **kw)
+    pairs = [("out", out, ref_out), *zip(("dq", "dk", "dv"), grads, ref_grads)]
+    pairs += [("lse", lse, ref_lse)] if lse is not None else []
+    assert torch.isnan(ref_out).any() and not torch.isnan(ref_out).all(), "the case must have NaN and finite outputs"
+    for name, ours, ref in pairs:
+        nan = torch.isnan(ref)
+        assert torch.equal(torch.isnan(ours), nan), f"{name}: NaN at {(torch.isnan(ours) ^ nan).nonzero()[:4].tolist()}"
+        assert_close_scaled(ours[~nan], ref[~nan], 2e-5, name)
+
+
 def test_flash_attn_compat_signature_and_errors():
     q, k, v, cu, _ = _inputs([8, 3], [8, 3], 2, 2, 64, torch.float32)
     out, lse, probs = flash_attn_varlen_func(q, k, v, cu, cu, 8, 8, causal=True, return_attn_probs=True)

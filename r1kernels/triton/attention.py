@@ -158,12 +158,14 @@ def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k
                                                   kv_head, stride_kt, stride_kh, stride_vt, stride_vh, scale2,
                                                   softcap2, left, right, True, HAS_SOFTCAP, BLOCK_N, DOT_FP32,
                                                   PRECISION)
-        seen = row_sum > 0
-        out = tl.where(seen[:, None], acc / tl.where(seen, row_sum, 1.0)[:, None], 0.0)
+        # a query that sees no key has a sum of exactly 0; one whose scores hold a NaN has a NaN sum
+        # (and keeps it: its output and lse are NaN, as the reference's)
+        unseen = row_sum == 0
+        out = tl.where(unseen[:, None], 0.0, acc / tl.where(unseen, 1.0, row_sum)[:, None])
         tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
         # natural-log lse; flash-attn 2's +inf for a query that sees no key, so that the backward's P = 0
-        lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("inf"))
+        lse = tl.where(unseen, float("inf"), (row_max + tl.math.log2(tl.where(unseen, 1.0, row_sum))) * LN2)
         tl.store(lse_ptr + head * total_q + q_start + offs_m, lse, mask=m_mask)
 
 
@@ -184,13 +186,13 @@ def _backward_tile(dk, dv, k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_p
     lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
     s_t, tanh_t = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
-    s_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right), s_t, float("-inf"))
-    p_t = tl.math.exp2(s_t - lse2[None, :])                     # lse = +inf: P = 0
+    visible_t = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right)
+    p_t = tl.where(visible_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)      # lse = +inf: P = 0
     dv += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
     ds_t = p_t * (dot(v, tl.trans(do), None, DOT_FP32, PRECISION) - delta[None, :])
     if HAS_SOFTCAP:
         ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-    ds_t = ds_t.to(q.dtype)
+    ds_t = tl.where(visible_t, ds_t, 0.0).to(q.dtype)
     dk += dot(ds_t, q, None, DOT_FP32, PRECISION)
     if ATOMIC_DQ:
         dq = dot(tl.trans(ds_t), k, None, DOT_FP32, PRECISION)
@@ -272,12 +274,12 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, k_start, k_len, q_len, n_star
     k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
                        stride_vh)
     s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
-    s = tl.where(_visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right), s, float("-inf"))
-    p = tl.math.exp2(s - lse2[:, None])
+    visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right)
+    p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
     ds = p * (dot(do, tl.trans(v), None, DOT_FP32, PRECISION) - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * (1.0 - capped_tanh * capped_tanh)
-    return dq + dot(ds.to(k.dtype), k, None, DOT_FP32, PRECISION)
+    return dq + dot(tl.where(visible, ds, 0.0).to(k.dtype), k, None, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -389,7 +391,16 @@ def _block_table(cu, block, total):
     return per_offsets[key]
 
 
+def _finite_or_zero(x):
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
 def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
+    """out, lse. Non-finite values follow the reference's rule: a key whose value holds one gets a
+    NaN key instead and a zero value, so that its NaN reaches exactly the queries that see it (an
+    invisible key's P is 0 inside a masked tile, and 0 * NaN in the P V product would reach them all)."""
+    bad_values = ~torch.isfinite(v).all(-1, keepdim=True)
+    k, v = torch.where(bad_values, float("nan"), k), torch.where(bad_values, 0.0, v)
     total_q, heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
@@ -409,7 +420,11 @@ def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
 def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, softcap, deterministic):
     """dq, dk, dv; ``delta`` [Hq, total_q] fp32 is rowsum(dO * O), computed once by the caller.
     Default: one kernel, dQ by atomic adds (5 GEMMs). ``deterministic``: dK/dV and dQ kernels that
-    each write every output row once (7 GEMMs: S and dP are computed by both)."""
+    each write every output row once (7 GEMMs: S and dP are computed by both). Non-finite q and k
+    are zeroed: the forward's lse (NaN for a query whose softmax saw one) and delta (NaN where the
+    output is) carry each NaN to exactly the gradients that depend on it, while in the dQ and dK
+    products an invisible pair's dS = 0 times a NaN would carry it everywhere."""
+    q, k = _finite_or_zero(q), _finite_or_zero(k)
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
