@@ -25,17 +25,32 @@ constexpr int64_t kBlock = 512;  // elements per block: the block's z values sta
 // trick, so the loops have no calls and, with every FP op computed before a select (GCC will not
 // if-convert an FP op that may trap), no branches: GCC vectorises them. Arguments below -87
 // (where expf is denormal or 0, including -inf) give exactly 0. Each loop is compiled twice, for
-// AVX2 + FMA and for the baseline, and the CPU's features pick one at run time.
+// AVX2 + FMA (kFma: the polynomial's multiply-adds fused, written out since setup.py turns off
+// contraction) and for the baseline, and the CPU's features pick one at run time.
+template <bool kFma>
+__attribute__((always_inline)) inline float multiply_add(float a, float b, float c) {
+  if constexpr (kFma) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+template <bool kFma>
 __attribute__((always_inline)) inline float exp_vectorisable(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
-  const float t = xc * 1.44269504f + 12582912.0f;
+  const float t = multiply_add<kFma>(xc, 1.44269504f, 12582912.0f);
   const float n = t - 12582912.0f;
   int32_t n_int;
   std::memcpy(&n_int, &t, sizeof n_int);
   n_int -= 0x4B400000;
-  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-6f;
-  const float poly =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+  const float r = multiply_add<kFma>(-n, 1.42860677e-6f, multiply_add<kFma>(-n, 0.693145752f, xc));
+  float poly = multiply_add<kFma>(1.0f / 720, r, 1.0f / 120);
+  poly = multiply_add<kFma>(poly, r, 1.0f / 24);
+  poly = multiply_add<kFma>(poly, r, 1.0f / 6);
+  poly = multiply_add<kFma>(poly, r, 0.5f);
+  poly = multiply_add<kFma>(poly, r, 1.0f);
+  poly = multiply_add<kFma>(poly, r, 1.0f);
   const int32_t scale_bits = (n_int + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof scale);
@@ -44,13 +59,14 @@ __attribute__((always_inline)) inline float exp_vectorisable(float x) {
 }
 
 // sum += exp(z_j - m), tilted += exp(z_j - m) (z_j - m) over a block of n values (all <= m).
+template <bool kFma>
 __attribute__((always_inline)) inline void exp_sum_tilted_body(const float* z, int64_t n, float m, float* sum,
                                                                float* tilted) {
   float s = 0.0f, t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
   for (int64_t j = 0; j < n; ++j) {
     const float d = z[j] - m;
-    const float e = exp_vectorisable(d);
+    const float e = exp_vectorisable<kFma>(d);
     const float tilt = e * d;
     s += e;
     t += e > 0.0f ? tilt : 0.0f;
@@ -60,34 +76,37 @@ __attribute__((always_inline)) inline void exp_sum_tilted_body(const float* z, i
 }
 
 // d logits of one fp32 row (logit_grad of softmax_stats.h, vectorised); the target's +g_logp after.
+// z = row * inv_t is rounded before the max is subtracted, as row_stats rounded it (no fused
+// multiply-add here): the max element's z - m is then exactly 0.
+template <bool kFma>
 __attribute__((always_inline)) inline void logit_grad_row_body(const float* row, float* drow, int64_t vocab,
                                                                float inv_t, float m, float log_sum, float entropy,
                                                                float g_logp, float g_ent) {
 #pragma omp simd
   for (int64_t v = 0; v < vocab; ++v) {
     const float log_p = (row[v] * inv_t - m) - log_sum;
-    const float p = exp_vectorisable(log_p);
+    const float p = exp_vectorisable<kFma>(log_p);
     const float term = g_ent * p * (log_p + entropy);
     const float entropy_term = p > 0.0f ? term : 0.0f;
-    drow[v] = (-g_logp * p - entropy_term) * inv_t;
+    drow[v] = multiply_add<kFma>(-g_logp, p, -entropy_term) * inv_t;
   }
 }
 
 __attribute__((target("avx2,fma"))) void exp_sum_tilted_avx2(const float* z, int64_t n, float m, float* sum,
                                                              float* tilted) {
-  exp_sum_tilted_body(z, n, m, sum, tilted);
+  exp_sum_tilted_body<true>(z, n, m, sum, tilted);
 }
 void exp_sum_tilted_baseline(const float* z, int64_t n, float m, float* sum, float* tilted) {
-  exp_sum_tilted_body(z, n, m, sum, tilted);
+  exp_sum_tilted_body<false>(z, n, m, sum, tilted);
 }
 __attribute__((target("avx2,fma"))) void logit_grad_row_avx2(const float* row, float* drow, int64_t vocab,
                                                              float inv_t, float m, float log_sum, float entropy,
                                                              float g_logp, float g_ent) {
-  logit_grad_row_body(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+  logit_grad_row_body<true>(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
 }
 void logit_grad_row_baseline(const float* row, float* drow, int64_t vocab, float inv_t, float m, float log_sum,
                              float entropy, float g_logp, float g_ent) {
-  logit_grad_row_body(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+  logit_grad_row_body<false>(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
 }
 
 const bool kAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
