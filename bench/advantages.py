@@ -6,6 +6,7 @@ the floor is one read of the [B, R] rewards and one write of the [B] advantages.
 from __future__ import annotations
 
 import collections
+import functools
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -67,19 +68,20 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
             work = batch * NUM_REWARDS * 4 + batch * 4
             shape = f"B={batch} G={size} R={NUM_REWARDS}"
             impls = {
-                "ours group_advantages(group_size)": lambda: r1kernels.group_advantages(
-                    rewards, group_size=size, reward_weights=weights),
-                "ours group_advantages(group_ids)": lambda: r1kernels.group_advantages(
-                    rewards, group_ids=uids, reward_weights=weights),
-                "TRL torch sequence": lambda: trl_advantages(rewards, weights, size),
+                "ours group_advantages(group_size)": functools.partial(
+                    r1kernels.group_advantages, rewards, group_size=size, reward_weights=weights),
+                "ours group_advantages(group_ids)": functools.partial(
+                    r1kernels.group_advantages, rewards, group_ids=uids, reward_weights=weights),
+                "TRL torch sequence": functools.partial(trl_advantages, rewards, weights, size),
             }
             if batch <= (QUICK_VERL_MAX_BATCH if quick else VERL_MAX_BATCH):
-                impls["verl per-uid Python loop"] = lambda: verl_advantages(rewards, weights, uids)
+                impls["verl per-uid Python loop"] = functools.partial(verl_advantages, rewards, weights, uids)
             for name, fn in impls.items():
                 slow = name.startswith("verl")
 
                 def case(fn=fn, slow=slow):
-                    seconds = median_time(fn, device, warmup=0 if slow else 3, repeats=1 if slow else (5 if quick else 20))
+                    repeats = 1 if slow else (5 if quick else 20)
+                    seconds = median_time(fn, device, warmup=0 if slow else 3, repeats=repeats)
                     return seconds, count_launches(fn, device) if not slow else None
 
                 result, note = try_case(case)

@@ -160,7 +160,8 @@ def print_plan(steps: list[Step]) -> int:
     for step in steps:
         print(f"{step.name:18s} {step.budget:6d}s  {step.what}{'  (waits for the build)' if step.needs_build else ''}")
         print(f"{'':18s} {'':7s}  = {step.costs}")
-    print(f"{'summary':18s} {SUMMARY_BUDGET:6d}s  summary markdown, one JSON, logs archive (rewritten after every step)")
+    print(f"{'summary':18s} {SUMMARY_BUDGET:6d}s  summary markdown, one JSON, logs archive "
+          "(rewritten after every step)")
     print(f"{'bench-train':18s} {'rest':>7s}  one GRPO update, only if {TRAIN_MIN_SECONDS} s or more remain")
     print(f"CUDA_HOME={os.environ.get('CUDA_HOME', '')}  (the toolkit the build uses; bench/gpu_check.sh asks nvcc)")
     total = budget(steps)
@@ -254,7 +255,8 @@ def summarize(stage: str, outcomes: list[dict], meta: dict) -> tuple[str, dict]:
         lines += ["", f"## {payload['benchmark']}" + (" (--quick)" if payload.get("quick") else ""), "",
                   f"measured ceilings: {payload['ceilings']['bandwidth'] / 1e9:.0f} GB/s copy, "
                   f"{payload['ceilings']['matmul_flops'] / 1e12:.0f} TFLOP/s {payload['ceilings']['dtype']} matmul", "",
-                  "| implementation | phase | shape | ms | peak MiB | of measured | of datasheet | peers: their time / ours |",
+                  "| implementation | phase | shape | ms | peak MiB | of measured | of datasheet "
+                  "| peers: their time / ours |",
                   "|---|---|---|---|---|---|---|---|"]
         for i, row in enumerate(rows):
             ms = f"{row['seconds'] * 1e3:.2f}" if row["seconds"] else (row["note"] or "-")

@@ -321,7 +321,8 @@ def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon
     if not entropy_coef >= 0:
         raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
     if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
-        raise ValueError(f"off_policy_mask_threshold must be >= 0 (a mean log-prob drift), got {off_policy_mask_threshold}")
+        raise ValueError("off_policy_mask_threshold must be >= 0 (a mean log-prob drift), "
+                         f"got {off_policy_mask_threshold}")
     if isinstance(top_entropy_quantile, bool) or not 0 < top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile!r}")
 

@@ -38,5 +38,5 @@ def measure(setup: str, run: str, threads: int = 2) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed:\n{proc.stderr[-4000:]}")
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])

@@ -82,7 +82,8 @@ def test_the_plan_finds_the_cuda_toolkit_from_nvcc():
     result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
                             text=True, timeout=120, env=env)
     home = next(line for line in result.stdout.splitlines() if line.startswith("CUDA_HOME=")).split()[0][10:]
-    assert (pathlib.Path(home) / "bin" / "nvcc").is_file() and (pathlib.Path(home) / "include" / "cuda_runtime.h").is_file()
+    home = pathlib.Path(home)
+    assert (home / "bin" / "nvcc").is_file() and (home / "include" / "cuda_runtime.h").is_file()
 
 
 def test_the_build_step_names_why_the_extension_has_no_cuda(monkeypatch):

@@ -179,12 +179,13 @@ def _cu(*bounds):
 # (op (its name in backends.OPS), case, call, exception, the argument the message must name); each row runs
 # on every backend of that op that runs on this machine's CPU
 INVALID = [
-    ("logprobs", "logits int", lambda: r1kernels.token_logprobs(torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1])),
-     TypeError, "logits"),
+    ("logprobs", "logits int",
+     lambda: r1kernels.token_logprobs(torch.ones(2, 5, dtype=torch.long), torch.tensor([0, 1])), TypeError, "logits"),
     ("logprobs", "target past V", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 5])),
      ValueError, "targets"),
-    ("logprobs", "temperature NaN", lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), float("nan")),
-     ValueError, "temperature"),
+    ("logprobs", "temperature NaN",
+     lambda: r1kernels.token_logprobs(torch.randn(2, 5), torch.tensor([0, 1]), float("nan")), ValueError,
+     "temperature"),
     ("linear_logprobs", "weight shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 3),
                                                                                 torch.tensor([0, 1])),
      ValueError, "weight"),
@@ -196,8 +197,8 @@ INVALID = [
      ValueError, "targets"),
     ("advantages", "group size not dividing", lambda: r1kernels.group_advantages(torch.randn(5), 2),
      ValueError, "group_size"),
-    ("advantages", "group ids shape", lambda: r1kernels.group_advantages(torch.randn(4), group_ids=torch.zeros(3).long()),
-     ValueError, "group_ids"),
+    ("advantages", "group ids shape",
+     lambda: r1kernels.group_advantages(torch.randn(4), group_ids=torch.zeros(3).long()), ValueError, "group_ids"),
     ("advantages", "unknown estimator", lambda: r1kernels.group_advantages(torch.randn(4), 2, estimator="ppo"),
      ValueError, "estimator"),
     ("attention", "offsets past total", lambda: r1kernels.varlen_attention(

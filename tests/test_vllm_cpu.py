@@ -29,7 +29,7 @@ from trainer import registry, step as S  # noqa: E402
 from trainer.model import attach_fused_head, build_model  # noqa: E402
 from trainer.parallel import World  # noqa: E402
 from trainer.rollout import VLLMEngine, builtin_model_dir  # noqa: E402
-from trainer.tokenizer import load_tokenizer, prompt_text  # noqa: E402
+from trainer.tokenizer import load_tokenizer  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 # vLLM samples in bf16 on CPU, the trainer scores in fp32: per token the log-probs differ by bf16 rounding
@@ -114,7 +114,8 @@ def test_a_sync_after_an_optimizer_step_moves_vllm_to_the_new_policy(setup):
     engine.generate(model, PROMPTS, 2)
     before = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    ids = torch.tensor([tokenizer("12+34=<think>2+4=6</think><answer>46</answer>", add_special_tokens=False)["input_ids"]])
+    text = "12+34=<think>2+4=6</think><answer>46</answer>"
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     for _ in range(3):
         model(ids, labels=ids).loss.backward()
         optimizer.step()

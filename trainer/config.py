@@ -62,7 +62,8 @@ class GRPOConfig:
     prompts_per_step: int = 32
     num_generations: int = 8
     lr: float = 1e-4
-    warmup_steps: int = 30         # long warm-up: a fresh Adam on noisy policy gradients otherwise knocks the SFT model back
+    # long warm-up: a fresh Adam on noisy policy gradients otherwise knocks the SFT model back
+    warmup_steps: int = 30
     lr_schedule: str = "cosine"         # cosine | linear | constant
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -165,8 +166,8 @@ POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_g
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
             "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers", "rewards.timeout_s",
             "grpo.max_bad_steps"}
-NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm",
-                "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
+NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every",
+                "grpo.max_grad_norm", "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
 
 
 def _fields(cls):
@@ -212,7 +213,8 @@ def _custom_rewards(key: str, value) -> list:
     for i, entry in enumerate(value):
         where = f"{key}[{i}]"
         if not isinstance(entry, dict) or set(entry) - {"function", "weight"} or "function" not in entry:
-            raise ConfigError(f"{where}: expected a table with 'function' (\"module:name\") and 'weight', got {entry!r}")
+            raise ConfigError(f"{where}: expected a table with 'function' (\"module:name\") and 'weight', "
+                              f"got {entry!r}")
         function = entry["function"]
         if not isinstance(function, str) or not registry.is_import_path(function):
             raise ConfigError(f"{where}.function: expected \"module:name\", got {function!r}")

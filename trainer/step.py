@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 import r1kernels
+from r1kernels.constants import IGNORE_INDEX
 from r1kernels.grpo import LOSS_TYPES, loss_normaliser
 
 
@@ -22,7 +23,7 @@ class MicroBatch:
     rows: list                      # indices into the rollout batch
     input_ids: torch.Tensor         # packed [1, N] or padded [B, T]
     position_ids: torch.Tensor
-    targets: torch.Tensor           # packed [N] or padded [B, T]; -100 where no loss
+    targets: torch.Tensor           # packed [N] or padded [B, T]; IGNORE_INDEX where no loss
     mask: torch.Tensor              # bool, completion tokens only
     advantages: torch.Tensor        # [S]
     cu_seqlens: Optional[torch.Tensor] = None      # packed only
@@ -41,9 +42,15 @@ class MicroBatch:
 
 
 def _targets_and_mask(ids: list, prompt_len: int):
-    targets = ids[1:] + [-100]
+    targets = ids[1:] + [IGNORE_INDEX]
     mask = [prompt_len - 1 <= i < len(ids) - 1 for i in range(len(ids))]
     return targets, mask
+
+
+def _pad_right(rows: list, fill) -> list:
+    """Lists padded on the right with ``fill`` to the longest one's length."""
+    width = max(len(row) for row in rows)
+    return [row + [fill] * (width - len(row)) for row in rows]
 
 
 def build_micro_batches(prompt_ids, completion_ids, advantages, max_tokens, packing, pad_id, device, rows=None):
@@ -67,14 +74,12 @@ def build_micro_batches(prompt_ids, completion_ids, advantages, max_tokens, pack
                 torch.tensor([t for targets, _ in tm for t in targets], device=device),
                 torch.tensor([m for _, mask in tm for m in mask], device=device), adv, cu_seqlens=packed.cu_seqlens))
         else:
-            width = max(len(x) for x in ids)
-            right = lambda xs, fill: [x + [fill] * (width - len(x)) for x in xs]  # noqa: E731
-            input_ids = torch.tensor(right(ids, pad_id), device=device)
-            attention = torch.tensor(right([[1] * len(x) for x in ids], 0), device=device)
+            input_ids = torch.tensor(_pad_right(ids, pad_id), device=device)
+            attention = torch.tensor(_pad_right([[1] * len(x) for x in ids], 0), device=device)
             batches.append(MicroBatch(
                 members, input_ids, (attention.cumsum(1) - 1).clamp(min=0),
-                torch.tensor(right([t for t, _ in tm], -100), device=device),
-                torch.tensor(right([m for _, m in tm], False), device=device), adv, attention_mask=attention))
+                torch.tensor(_pad_right([t for t, _ in tm], IGNORE_INDEX), device=device),
+                torch.tensor(_pad_right([m for _, m in tm], False), device=device), adv, attention_mask=attention))
     return batches
 
 
@@ -96,7 +101,7 @@ def naive_logprobs(hidden, weight, bias, targets, temperature):
     if bias is not None:
         logits = logits + bias
     logp = torch.log_softmax(logits.float() / temperature, -1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
 
 
 @torch.no_grad()

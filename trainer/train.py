@@ -71,7 +71,8 @@ class Trainer:
         reward_model = reward_fns.RewardModel(cfg.model.reward_model) if cfg.model.reward_model else None
         self.rewards = reward_fns.RewardSet(vars(cfg.rewards), reward_model, timeout=cfg.rewards.timeout_s,
                                             custom=reward_fns.load_custom(cfg.rewards.custom))
-        self.engine = registry.load("rollout.engine", cfg.rollout.engine, registry.ENGINES)(cfg, self.tokenizer, self.world)
+        engine_class = registry.load("rollout.engine", cfg.rollout.engine, registry.ENGINES)
+        self.engine = engine_class(cfg, self.tokenizer, self.world)
         self.checkpointer = registry.load("checkpoint.checkpointer", cfg.checkpoint.checkpointer,
                                           registry.CHECKPOINTERS)(cfg.checkpoint, self.world)
         self.log = registry.load("log.logger", cfg.log.logger, registry.LOGGERS)(cfg, self.world)
@@ -102,7 +103,8 @@ class Trainer:
             dtype = next(self.model.parameters()).dtype
             ref = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
         attach_fused_head(ref)
-        ref = parallel.shard_model(ref, decoder_layers(ref), self.world, cfg.parallel.fsdp, cfg.parallel.mixed_precision)
+        ref = parallel.shard_model(ref, decoder_layers(ref), self.world, cfg.parallel.fsdp,
+                                   cfg.parallel.mixed_precision)
         if not resumed_in_grpo:
             set_model_state_dict(ref, get_model_state_dict(self.model))
         elif cfg.sft.steps:
@@ -212,7 +214,7 @@ class Trainer:
         return total_correct / max(total, 1.0)
 
     def grpo(self, start_step=0, optimizer=None, scheduler=None):
-        cfg, rollout_cfg = self.cfg.grpo, self.cfg.rollout
+        cfg = self.cfg.grpo
         if optimizer is None:
             optimizer, scheduler = self._optimizer_for("grpo")
         weights = torch.tensor(self.rewards.weights)

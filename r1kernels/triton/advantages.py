@@ -2,8 +2,9 @@
 
 Each program owns GROUPS_PER_PROGRAM groups as the rows of a [groups, BLOCK] tile and sweeps
 their rewards four times (count/min/max, shifted sum, shifted squared deviations, write), the
-same passes as csrc/include/r1k/group_stats.h, finished by group_stats.finish_group. Small groups fit one tile, so after the first
-pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one write of the advantages.
+same passes as csrc/include/r1k/group_stats.h, finished by group_stats.finish_group. Small groups fit
+one tile, so after the first pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one
+write of the advantages.
 Groups longer than LARGE_GROUP rows (few groups, so few programs here) and arbitrary group ids go
 to the persistent kernel of r1kernels/triton/advantages_by_id.py, which spreads any group over
 every SM; the routing is r1kernels/advantages.py's. This module imports nothing of that one.
