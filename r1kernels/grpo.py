@@ -516,13 +516,15 @@ def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
     def per_seq(x):
         return t.layout.seq_sum(x.to(m.dtype) * m) / t.tokens_per_seq.clamp(min=1.0)
 
-    def clip_mean(x):
-        return per_seq(x).sum().float() / max(t.layout.num_seqs, 1) if sequence_level else mean(x)
+    def clip_mean(x, x_per_seq=None):
+        if not sequence_level:
+            return mean(x)
+        return (per_seq(x) if x_per_seq is None else x_per_seq).sum().float() / max(t.layout.num_seqs, 1)
 
-    def seq_extreme(x, reduce, empty):
-        """min / max over the sequences (those with a token, at token level); NaN when there are none.
-        No boolean indexing, which would make the shapes depend on the data under torch.compile."""
-        values = per_seq(x).float()
+    def seq_extreme(values, reduce, empty):
+        """min / max of per-sequence values over the sequences (those with a token, at token level); NaN
+        when there are none. No boolean indexing, which would make shapes depend on the data under compile."""
+        values = values.float()
         if not values.numel():
             return m.new_full((), float("nan"), dtype=torch.float32)
         counted = torch.ones_like(values, dtype=torch.bool) if sequence_level else t.tokens_per_seq > 0
@@ -530,10 +532,12 @@ def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
 
     big = torch.finfo(ratio.dtype).max
     on = m > 0
+    low_per_seq, high_per_seq = per_seq(low), per_seq(high)
     metrics = dict(
-        clip_ratio_low=clip_mean(low), clip_ratio_high=clip_mean(high), clip_ratio_region=clip_mean(low | high),
-        clip_ratio_low_min=seq_extreme(low, torch.min, float("inf")),
-        clip_ratio_high_max=seq_extreme(high, torch.max, -float("inf")),
+        clip_ratio_low=clip_mean(low, low_per_seq), clip_ratio_high=clip_mean(high, high_per_seq),
+        clip_ratio_region=clip_mean(low | high),
+        clip_ratio_low_min=seq_extreme(low_per_seq, torch.min, float("inf")),
+        clip_ratio_high_max=seq_extreme(high_per_seq, torch.max, -float("inf")),
         ratio_mean=mean(ratio),
         ratio_min=torch.where(on, ratio, big).min() if ratio.numel() else ratio.new_zeros(()),
         ratio_max=torch.where(on, ratio, -big).max() if ratio.numel() else ratio.new_zeros(()),

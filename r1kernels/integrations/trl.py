@@ -137,45 +137,41 @@ _TRL_CLIP_MEANS = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "
                    "clip_ratio_region": "clip_ratio/region_mean"}
 
 
-def _global_mean(trainer, mean: torch.Tensor, count: torch.Tensor) -> float:
-    """TRL's global_masked_mean from our local mean over ``count`` items: sums and counts reduced over
-    the processes."""
-    totals = trainer.accelerator.reduce(torch.stack([mean.float() * count, count.float()]), reduction="sum")
-    return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-
-def _gathered(trainer, value: torch.Tensor, reduce: str) -> float:
-    """One local value per process, gathered, then TRL's nanmean / nanmin / nanmax."""
-    values = trainer.accelerator.gather(value.float().reshape(1))
-    values = values[~torch.isnan(values)]
-    if not values.numel():
-        return float("nan")
-    return {"mean": values.mean, "min": values.min, "max": values.max}[reduce]().item()
-
-
 def _log_metrics(trainer, out, mask, policy_scale: float, mode: str) -> None:
-    """Every metric TRL's _compute_loss logs, under its names and with its reductions over processes."""
+    """Every metric TRL's _compute_loss logs, under its names and with its reductions over processes:
+    masked means as TRL's global_masked_mean (local sums and counts, summed over the processes, in one
+    reduce), per-process values gathered (in one gather) for TRL's nanmin / nanmax / nanmean."""
     from r1kernels.grpo import LOSS_TYPES
     args, metrics = trainer.args, trainer._metrics[mode]
     tokens = mask.sum().float()
     sequences = torch.tensor(float(mask.shape[0]), device=tokens.device)
     clip_count = sequences if args.importance_sampling_level == "sequence" else tokens
+    means, gathered = {}, {}          # TRL's name -> (our local mean, its count) / (local value, reduction)
     if args.beta:
-        metrics["kl"].append(_global_mean(trainer, out.metrics["kl_mean"], tokens))
-    metrics["entropy"].append(_global_mean(trainer, out.metrics["entropy_mean"], tokens))
+        means["kl"] = (out.metrics["kl_mean"], tokens)
+    means["entropy"] = (out.metrics["entropy_mean"], tokens)
     if args.loss_type in _TRL_CLIPPED:
-        for ours, theirs in _TRL_CLIP_MEANS.items():
-            metrics[theirs].append(_global_mean(trainer, out.metrics[ours], clip_count))
-        metrics["clip_ratio/low_min"].append(_gathered(trainer, out.metrics["clip_ratio_low_min"], "min"))
-        metrics["clip_ratio/high_max"].append(_gathered(trainer, out.metrics["clip_ratio_high_max"], "max"))
+        means.update({theirs: (out.metrics[ours], clip_count) for ours, theirs in _TRL_CLIP_MEANS.items()})
+        gathered["clip_ratio/low_min"] = (out.metrics["clip_ratio_low_min"], torch.min)
+        gathered["clip_ratio/high_max"] = (out.metrics["clip_ratio_high_max"], torch.max)
     elif args.loss_type == "cispo":
-        metrics["cispo_clip_ratio"].append(_global_mean(trainer, out.metrics["clip_ratio_high"], clip_count))
+        means["cispo_clip_ratio"] = (out.metrics["clip_ratio_high"], clip_count)
     if LOSS_TYPES[args.loss_type].sequence_weight is not None:        # vespo's phi, a mean over sequences
-        metrics["vespo/phi_seq_mean"].append(_global_mean(trainer, out.metrics["sequence_weight_mean"], sequences))
+        means["vespo/phi_seq_mean"] = (out.metrics["sequence_weight_mean"], sequences)
     if args.entropy_coef != 0.0:         # TRL logs these when its entropy bonus is on
-        metrics["policy_loss"].append(_gathered(trainer, out.metrics["policy_loss"] * policy_scale, "mean"))
+        gathered["policy_loss"] = (out.metrics["policy_loss"] * policy_scale, torch.mean)
         if mode == "train" and trainer.accelerator.sync_gradients:
             metrics["entropy_coef"].append(args.entropy_coef)
+    totals = trainer.accelerator.reduce(
+        torch.stack([torch.stack([mean.float() * count, count.float()]) for mean, count in means.values()]),
+        reduction="sum")
+    for name, value in zip(means, (totals[:, 0] / totals[:, 1].clamp(min=1.0)).tolist()):
+        metrics[name].append(value)
+    if gathered:
+        values = trainer.accelerator.gather(torch.stack([value.float() for value, _ in gathered.values()])[None])
+        for column, (name, (_, reduce)) in zip(values.unbind(1), gathered.items()):
+            column = column[~torch.isnan(column)]
+            metrics[name].append(reduce(column).item() if column.numel() else float("nan"))
 
 
 def _fused_compute_loss(trainer, model, inputs):
