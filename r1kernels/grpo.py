@@ -679,7 +679,10 @@ class _LossWithGradients(torch.autograd.Function):
             raise RuntimeError("linear_grpo_loss: backward ran twice through a loss whose gradients were "
                                "computed in the forward; compute the loss again for a second backward")
         grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
+        if grad_output.device.type == "cpu" and bool(grad_output == 1):
+            scaled = grads      # loss.backward(): nothing to scale (reading the value is free on CPU only)
+        else:
+            scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
         if scaled[0] is not None:
             scaled[0] = scaled[0].view(ctx.hidden_shape)
         return (None, *scaled, None, None, None)

@@ -89,8 +89,8 @@ def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):
     monkeypatch.setenv("R1K_CHUNK_BYTES", str(10 * V * 4))             # 10-token chunks: 6 of them
     chunks = -(-B * T // 10)
     logits_calls = []
-    original = chunked_linear._logits
-    monkeypatch.setattr(chunked_linear, "_logits", lambda *a: logits_calls.append(1) or original(*a))
+    original = chunked_linear._Chunks.logits
+    monkeypatch.setattr(chunked_linear._Chunks, "logits", lambda *a: logits_calls.append(1) or original(*a))
     d = _batch(dtype=torch.float32)
     hidden, weight, _, targets = _inputs(torch.float32)
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
@@ -132,7 +132,7 @@ def test_frozen_lm_head_and_unknown_options():
 def test_one_pass_memory_at_benchmark_shape():
     """B=4, T=1024, H=512, V=32768 fp32 (bench grpo): forward+backward peaks at most a fifth of one
     fp32 [N, V] logits tensor (102 MiB; materialising costs 1 GiB) above the inputs and the
-    gradients, on the cpu backend: one 32 MiB chunk of logits, d logits in place, MKL's buffers."""
+    gradients, on the cpu backend: one 64 MiB chunk of logits, d logits in place, MKL's buffers."""
     backend = "cpu" if "cpu" in cpu_backends() else "torch"
     setup = """
         import torch, r1kernels

@@ -24,9 +24,10 @@ constexpr int64_t kBlock = 512;  // elements per block: the block's z values sta
 // (relative error below 2e-7), 2^n built in the exponent bits; n is rounded with the 1.5 * 2^23
 // trick, so the loops have no calls and, with every FP op computed before a select (GCC will not
 // if-convert an FP op that may trap), no branches: GCC vectorises them. Arguments below -87
-// (where expf is denormal or 0, including -inf) give exactly 0. Each loop is compiled twice, for
-// AVX2 + FMA (kFma: the polynomial's multiply-adds fused, written out since setup.py turns off
-// contraction) and for the baseline, and the CPU's features pick one at run time.
+// (where expf is denormal or 0, including -inf) give exactly 0. Each loop is compiled three times,
+// for AVX-512 and for AVX2 (both with FMA: kFma, the polynomial's multiply-adds fused, written out
+// since setup.py turns off contraction) and for the baseline; the CPU's features pick one at load.
+// The two FMA builds compute the same roundings; only their sums' order differs.
 template <bool kFma>
 __attribute__((always_inline)) inline float multiply_add(float a, float b, float c) {
   if constexpr (kFma) {
@@ -56,6 +57,22 @@ __attribute__((always_inline)) inline float exp_vectorisable(float x) {
   std::memcpy(&scale, &scale_bits, sizeof scale);
   const float value = poly * scale;  // computed before the select, so no FP op is conditional
   return x < -87.0f ? 0.0f : value;
+}
+
+// z_j = row_j * inv_t over a block of n values; returns their max, NaN if any z is NaN (the
+// reference's NaN rule: a block of only NaN must not be skipped as empty). The NaN test is an
+// integer reduction beside the max, so the loop vectorises.
+__attribute__((always_inline)) inline float scale_max_body(const float* row, float* z, int64_t n, float inv_t) {
+  float block_max = -INFINITY;
+  int any_nan = 0;
+#pragma omp simd reduction(max : block_max) reduction(| : any_nan)
+  for (int64_t j = 0; j < n; ++j) {
+    const float value = row[j] * inv_t;
+    z[j] = value;
+    block_max = value > block_max ? value : block_max;
+    any_nan |= value != value;
+  }
+  return any_nan ? NAN : block_max;
 }
 
 // sum += exp(z_j - m), tilted += exp(z_j - m) (z_j - m) over a block of n values (all <= m).
@@ -92,16 +109,36 @@ __attribute__((always_inline)) inline void logit_grad_row_body(const float* row,
   }
 }
 
-__attribute__((target("avx2,fma"))) void exp_sum_tilted_avx2(const float* z, int64_t n, float m, float* sum,
-                                                             float* tilted) {
+// The three builds of each loop, and the pick.
+#define R1K_AVX512 __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define R1K_AVX2 __attribute__((target("avx2,fma")))
+
+R1K_AVX512 float scale_max_avx512(const float* row, float* z, int64_t n, float inv_t) {
+  return scale_max_body(row, z, n, inv_t);
+}
+R1K_AVX2 float scale_max_avx2(const float* row, float* z, int64_t n, float inv_t) {
+  return scale_max_body(row, z, n, inv_t);
+}
+float scale_max_baseline(const float* row, float* z, int64_t n, float inv_t) {
+  return scale_max_body(row, z, n, inv_t);
+}
+
+R1K_AVX512 void exp_sum_tilted_avx512(const float* z, int64_t n, float m, float* sum, float* tilted) {
+  exp_sum_tilted_body<true>(z, n, m, sum, tilted);
+}
+R1K_AVX2 void exp_sum_tilted_avx2(const float* z, int64_t n, float m, float* sum, float* tilted) {
   exp_sum_tilted_body<true>(z, n, m, sum, tilted);
 }
 void exp_sum_tilted_baseline(const float* z, int64_t n, float m, float* sum, float* tilted) {
   exp_sum_tilted_body<false>(z, n, m, sum, tilted);
 }
-__attribute__((target("avx2,fma"))) void logit_grad_row_avx2(const float* row, float* drow, int64_t vocab,
-                                                             float inv_t, float m, float log_sum, float entropy,
-                                                             float g_logp, float g_ent) {
+
+R1K_AVX512 void logit_grad_row_avx512(const float* row, float* drow, int64_t vocab, float inv_t, float m,
+                                      float log_sum, float entropy, float g_logp, float g_ent) {
+  logit_grad_row_body<true>(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+}
+R1K_AVX2 void logit_grad_row_avx2(const float* row, float* drow, int64_t vocab, float inv_t, float m, float log_sum,
+                                  float entropy, float g_logp, float g_ent) {
   logit_grad_row_body<true>(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
 }
 void logit_grad_row_baseline(const float* row, float* drow, int64_t vocab, float inv_t, float m, float log_sum,
@@ -109,16 +146,39 @@ void logit_grad_row_baseline(const float* row, float* drow, int64_t vocab, float
   logit_grad_row_body<false>(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
 }
 
-const bool kAvx2Fma = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+enum class Isa { kAvx512, kAvx2, kBaseline };
+
+Isa detect_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kBaseline;
+}
+
+const Isa kIsa = detect_isa();
+
+float scale_max_f32(const float* row, float* z, int64_t n, float inv_t) {
+  switch (kIsa) {
+    case Isa::kAvx512: return scale_max_avx512(row, z, n, inv_t);
+    case Isa::kAvx2: return scale_max_avx2(row, z, n, inv_t);
+    default: return scale_max_baseline(row, z, n, inv_t);
+  }
+}
 
 void exp_sum_tilted_f32(const float* z, int64_t n, float m, float* sum, float* tilted) {
-  (kAvx2Fma ? exp_sum_tilted_avx2 : exp_sum_tilted_baseline)(z, n, m, sum, tilted);
+  switch (kIsa) {
+    case Isa::kAvx512: return exp_sum_tilted_avx512(z, n, m, sum, tilted);
+    case Isa::kAvx2: return exp_sum_tilted_avx2(z, n, m, sum, tilted);
+    default: return exp_sum_tilted_baseline(z, n, m, sum, tilted);
+  }
 }
 
 void logit_grad_row_f32(const float* row, float* drow, int64_t vocab, float inv_t, float m, float log_sum,
                         float entropy, float g_logp, float g_ent) {
-  (kAvx2Fma ? logit_grad_row_avx2 : logit_grad_row_baseline)(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp,
-                                                             g_ent);
+  switch (kIsa) {
+    case Isa::kAvx512: return logit_grad_row_avx512(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+    case Isa::kAvx2: return logit_grad_row_avx2(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+    default: return logit_grad_row_baseline(row, drow, vocab, inv_t, m, log_sum, entropy, g_logp, g_ent);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -128,11 +188,15 @@ SoftmaxStats<acc_t> row_stats(const scalar_t* row, int64_t vocab, acc_t inv_t) {
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     acc_t block_max = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      z[j] = static_cast<acc_t>(row[start + j]) * inv_t;
-      // NaN wins: std::max would drop it, and a block of only NaN would then be skipped as empty,
-      // giving a finite logp (and a NaN gradient) where the reference gives NaN
-      block_max = (z[j] > block_max || z[j] != z[j]) ? z[j] : block_max;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      block_max = scale_max_f32(row + start, z, n, inv_t);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        z[j] = static_cast<acc_t>(row[start + j]) * inv_t;
+        // NaN wins: std::max would drop it, and a block of only NaN would then be skipped as empty,
+        // giving a finite logp (and a NaN gradient) where the reference gives NaN
+        block_max = (z[j] > block_max || z[j] != z[j]) ? z[j] : block_max;
+      }
     }
     if (block_max == -INFINITY) continue;
     SoftmaxStats<acc_t> block{block_max, acc_t(0), acc_t(0)};
