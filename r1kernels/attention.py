@@ -35,17 +35,21 @@ def _as_int(name: str, value) -> int:
 
 def _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal):
     """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap, no sinks).
-    Queries slice with cu_q, keys and values with cu_k; a query with no key gives 0."""
+    Queries split by cu_q, keys and values by cu_k; a query with no key gives 0. ``split``, not one
+    slice per sequence: the backward of S slices writes S zero-filled [total, H, D] gradients (quadratic
+    in the sequences: 0.08 s of a 0.16 s layer at 64 rollouts on CPU), a split's backward one."""
+    sizes_q = [b - a for a, b in zip(bounds_q[:-1], bounds_q[1:])]
+    sizes_k = [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:])]
     outs = []
-    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
-        if q1 == q0:
+    for q_s, k_s, v_s in zip(q.split(sizes_q), k.split(sizes_k), v.split(sizes_k)):
+        if q_s.shape[0] == 0:
             continue
-        if k1 == k0:
-            outs.append(q.new_zeros(q1 - q0, *q.shape[1:]))
+        if k_s.shape[0] == 0:
+            outs.append(q.new_zeros(q_s.shape))
             continue
         out = torch.nn.functional.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1), is_causal=causal,
-            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+            q_s.transpose(0, 1), k_s.transpose(0, 1), v_s.transpose(0, 1), is_causal=causal, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1])
         outs.append(out.transpose(0, 1))
     if not outs:
         from r1kernels.reference.attention import empty_output
