@@ -132,6 +132,31 @@ def print_table(title: str, rows: list[Row], ceilings: Ceilings) -> None:
         frac = f"{r.fraction * 100:7.1f}%" if r.fraction is not None else f"{'-':>8s}"
         name = f"{r.name} {r.phase}".strip()
         print(f"{name:44s} {r.shape:28s} {ms} {mib} {frac}  {r.note}")
+    for line in summary_lines(rows):
+        print(line)
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """Per shape and phase: the floor (the work at the measured ceiling) and who is ahead, ours
+    against the fastest peer; ``reference: ...`` rows are yardsticks, not peers."""
+    groups: dict = {}
+    for r in rows:
+        if r.seconds and not r.name.startswith("reference"):
+            groups.setdefault((r.phase, r.shape), []).append(r)
+    lines = []
+    for (phase, shape), group in groups.items():
+        text = f"{phase} {shape}:".replace(" :", ":")
+        bounded = next((r for r in group if r.work and r.limit), None)
+        if bounded:
+            text += f" floor {bounded.work / bounded.limit * 1e3:.1f} ms at the measured {bounded.bound} ceiling;"
+        ours = min((r for r in group if r.name.startswith("ours")), key=lambda r: r.seconds, default=None)
+        peer = min((r for r in group if not r.name.startswith("ours")), key=lambda r: r.seconds, default=None)
+        if ours and peer:
+            ahead = ours if ours.seconds <= peer.seconds else peer
+            text += (f" ahead: {ahead.name} ({ours.name} at {ours.seconds / peer.seconds:.2f}x the time of the "
+                     f"fastest peer, {peer.name})")
+        lines.append(text)
+    return lines
 
 
 def git_commit() -> str:

@@ -47,10 +47,12 @@ def _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal):
         if k_s.shape[0] == 0:
             outs.append(q.new_zeros(q_s.shape))
             continue
+        # [1, H, T, D]: on CPU only 4-d inputs reach SDPA's flash kernel (3-d ones take the math path,
+        # which materialises the [T, T] scores: 1.4x slower at 64-512 tokens)
         out = torch.nn.functional.scaled_dot_product_attention(
-            q_s.transpose(0, 1), k_s.transpose(0, 1), v_s.transpose(0, 1), is_causal=causal, scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1])
-        outs.append(out.transpose(0, 1))
+            q_s.transpose(0, 1)[None], k_s.transpose(0, 1)[None], v_s.transpose(0, 1)[None], is_causal=causal,
+            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out[0].transpose(0, 1))
     if not outs:
         from r1kernels.reference.attention import empty_output
         return empty_output(q, k, v, q.dtype)

@@ -137,3 +137,20 @@ def test_a_check_killed_mid_run_keeps_every_finished_step(tmp_path):
         logs = {m.name.split("/")[-1]: m for m in tar.getmembers()}
         assert "two" in tar.extractfile(logs["second.log"]).read().decode()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_every_table_states_its_floor_and_who_is_ahead():
+    """bench's tables end with, per shape and phase, the floor at the measured ceiling and the
+    leader, ours against the fastest peer (reference rows are yardsticks, never the leader)."""
+    from bench.common import summary_lines
+    shape = "N=4"
+    rows = [Row("ours op [cpu]", shape, 2.0, None, 100.0, 200.0, phase="fwd", bound="matmul"),
+            Row("naive", shape, 3.0, None, 100.0, 200.0, phase="fwd", bound="matmul"),
+            Row("torch.compile(naive)", shape, 1.6, None, 100.0, 200.0, phase="fwd", bound="matmul"),
+            Row("reference: 3 matmuls", shape, 0.1, None, 100.0, 200.0, phase="fwd", bound="matmul"),
+            Row("ours op [cpu]", shape, 1.0, None, 100.0, 200.0, phase="fwd+bwd", bound="matmul"),
+            Row("naive", shape, 4.0, None, 100.0, 200.0, phase="fwd+bwd", bound="matmul")]
+    fwd, both = summary_lines(rows)
+    assert fwd.startswith("fwd N=4: floor 500.0 ms at the measured matmul ceiling")
+    assert "ahead: torch.compile(naive) (ours op [cpu] at 1.25x the time of the fastest peer" in fwd
+    assert "ahead: ours op [cpu] (ours op [cpu] at 0.25x the time of the fastest peer, naive)" in both

@@ -37,6 +37,8 @@ from trainer.config import ConfigError, parse_args  # noqa: E402
     (["--grpo.lr=inf"], "grpo.lr: must be finite"),
     (["--rollout.temperature=nan"], "rollout.temperature: must be finite"),
     (["--model.dtype=bfloat16"], "model.allow_bf16_params"),
+    (["--model.vocab_size=-1"], "model.vocab_size: must be >= 0"),
+    (["--model.name=builtin-0.5b", "--model.vocab_size=1024"], "model.vocab_size applies to builtin-tiny only"),
 ])
 def test_config_rejects_bad_values(argv, words):
     with pytest.raises(ConfigError, match=words):
@@ -72,6 +74,17 @@ def test_reference_model_is_the_policy_at_the_start_of_grpo(tmp_path, monkeypatc
         assert torch.equal(ref[name], value), name
     assert any(not torch.equal(initial[n], v) for n, v in snapshots[0].items()), "SFT must have moved the policy"
     assert not any(p.requires_grad for p in ref.values()), "the reference is frozen"
+
+
+def test_builtin_tiny_with_a_real_sized_vocabulary():
+    """model.vocab_size pads the built-in tokenizer (bench train's 32,768-token case): the model's
+    embedding and lm_head get that many rows, and the built-in tokens keep their ids."""
+    from trainer.tokenizer import load_tokenizer
+    tokenizer, padded = load_tokenizer("builtin-tiny"), load_tokenizer("builtin-tiny", 1000)
+    assert len(tokenizer) < 1000 == len(padded)
+    assert padded("12+3=")["input_ids"] == tokenizer("12+3=")["input_ids"]
+    with pytest.raises(ValueError, match="vocab_size: the built-in tokenizer has"):
+        load_tokenizer("builtin-tiny", 10)
 
 
 def test_config_file_and_unknown_keys(tmp_path):

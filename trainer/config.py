@@ -28,6 +28,8 @@ class ModelConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 256
+    vocab_size: int = 0                 # builtin-tiny only: its tokenizer padded with unused tokens to this size
+    #                                     (a real lm_head, e.g. 32768); 0 keeps its own 82 tokens
     dtype: str = "float32"              # float32 | bfloat16: the parameters and AdamW's state (compute: parallel)
     allow_bf16_params: bool = False     # bf16 parameters with AdamW: updates below bf16's spacing are lost
     reference_model: bool = False       # load a frozen copy (needed when grpo.beta > 0)
@@ -166,7 +168,7 @@ POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_g
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
             "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers", "rewards.timeout_s",
             "grpo.max_bad_steps"}
-NON_NEGATIVE = {"log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every",
+NON_NEGATIVE = {"model.vocab_size", "log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every",
                 "grpo.max_grad_norm", "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
 
 
@@ -269,6 +271,9 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
                           "spacing (most of them at lr 1e-6) are rounded away and training silently stalls. Keep "
                           "float32 parameters with parallel.mixed_precision = 'bf16' (bf16 compute), or set "
                           "model.allow_bf16_params = true if you mean it")
+    if cfg.model.vocab_size and cfg.model.name != "builtin-tiny":
+        raise ConfigError(f"model.vocab_size applies to builtin-tiny only (the vocabulary of {cfg.model.name!r} is "
+                          "its tokenizer's); leave it 0")
     if cfg.grpo.beta > 0 and not cfg.model.reference_model:
         raise ConfigError("grpo.beta > 0 needs model.reference_model = true")
     if set(cfg.data.operators) - set("+-*") or not cfg.data.operators:

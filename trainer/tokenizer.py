@@ -12,6 +12,8 @@ def builtin_tokenizer(vocab_size: int | None = None):
     from transformers import PreTrainedTokenizerFast
 
     tokens = SPECIAL + list(CHARS)
+    if vocab_size and vocab_size < len(tokens):
+        raise ValueError(f"vocab_size: the built-in tokenizer has {len(tokens)} tokens; {vocab_size} cannot hold them")
     tokens += [f"<unused{i}>" for i in range((vocab_size or 0) - len(tokens))]
     vocab = {token: i for i, token in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -21,11 +23,12 @@ def builtin_tokenizer(vocab_size: int | None = None):
                                    unk_token="<unk>", additional_special_tokens=SPECIAL[4:])
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, vocab_size: int = 0):
+    """``vocab_size`` (builtin-tiny only): the built-in tokenizer padded to that size."""
     from trainer.model import BUILTIN_MODELS
 
     if name in BUILTIN_MODELS:
-        return builtin_tokenizer(BUILTIN_MODELS[name].get("vocab_size"))
+        return builtin_tokenizer(BUILTIN_MODELS[name].get("vocab_size") or vocab_size or None)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name)

@@ -49,7 +49,7 @@ class Trainer:
         random.seed(cfg.seed + self.world.rank)
         torch.manual_seed(cfg.seed + self.world.rank)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.tokenizer = load_tokenizer(cfg.model.name, cfg.model.vocab_size)
         torch.manual_seed(cfg.seed)       # identical initial weights on every rank
         model = build_model(cfg.model, self.tokenizer, dtype).to(self.world.device)
         attach_fused_head(model)
