@@ -290,7 +290,9 @@ def test_grpo_trainer_under_gradient_accumulation_with_an_entropy_bonus(loss_typ
 
 def test_grpo_trainer_under_bf16_runs_the_lm_head_as_configured(tmp_path):
     """bf16=True: the patched lm_head runs in TRL's autocast (bf16 products, fp32 accumulation), as TRL's
-    own; cast_lm_head_to_fp32=True: in fp32, as TRL's then. The logged entropy tells the two apart."""
+    own; cast_lm_head_to_fp32=True: in fp32, as TRL's then. The logged entropy tells the two apart: they
+    differ by 3.8e-6, ours and TRL's by at most two fp32 ulps at 4.4 (our kernel sums in another order)."""
+    tolerance = 1e-6
     entropies = {}
     for cast in (False, True):
         extra = dict(bf16=True, max_steps=2, cast_lm_head_to_fp32=cast)
@@ -298,6 +300,6 @@ def test_grpo_trainer_under_bf16_runs_the_lm_head_as_configured(tmp_path):
         ours = _run_grpo_trainer("dapo", 0.0, 1, "token", True, tmp_path / f"ours-{cast}", **extra)
         assert ours[0] == plain[0]
         for mine, theirs in zip(ours[3], plain[3]):
-            assert mine["entropy"] == pytest.approx(theirs["entropy"], rel=1e-7), cast
+            assert mine["entropy"] == pytest.approx(theirs["entropy"], rel=0, abs=tolerance), cast
         entropies[cast] = plain[3][0]["entropy"]
-    assert abs(entropies[True] - entropies[False]) > 1e-6, "bf16 and fp32 heads should log different entropies"
+    assert abs(entropies[True] - entropies[False]) > 2 * tolerance, "bf16 and fp32 heads should log different entropies"
