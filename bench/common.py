@@ -145,7 +145,7 @@ def summary_lines(rows: list[Row]) -> list[str]:
             groups.setdefault((r.phase, r.shape), []).append(r)
     lines = []
     for (phase, shape), group in groups.items():
-        text = f"{phase} {shape}:".replace(" :", ":")
+        text = f"{phase} {shape}".strip() + ":"       # advantages' rows have no phase
         bounded = next((r for r in group if r.work and r.limit), None)
         if bounded:
             text += f" floor {bounded.work / bounded.limit * 1e3:.1f} ms at the measured {bounded.bound} ceiling;"
