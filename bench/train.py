@@ -3,7 +3,9 @@ fused lm_head + loss) against the same trainer with naive PyTorch (materialised 
 batches with SDPA. The same fixed rollouts feed both; reports train tokens/s and peak memory
 (MFU on GPU). Rollout speed is the generation engine's and is the same for both. On CPU three
 shapes: the built-in 82-token vocabulary with short and with long rollouts, and a 32,768-token
-vocabulary, where the lm_head is most of the work and the fused loss shows."""
+vocabulary, where the lm_head is most of the work and the fused loss shows. Ours runs the lm_head on
+the completion rows only (prompt and padding positions skipped, as TRL's logits_to_keep does); naive
+on every position, prompt and padding included."""
 from __future__ import annotations
 
 import tempfile

@@ -336,6 +336,33 @@ def test_packed_and_padded_steps_give_the_same_gradients(tmp_path):
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_fused_head_sees_only_the_completion_rows(packing, monkeypatch, tmp_path):
+    """The lm_head GEMMs run on the loss rows alone (prompt and padding positions skipped), with
+    per-sequence offsets that count each sequence's completion tokens; old log-probs come back in
+    the micro-batch's layout, zero off the completion tokens."""
+    import r1kernels
+    seen = []
+    for name in ("linear_grpo_loss", "linear_token_logprobs"):
+        original = getattr(r1kernels, name)
+
+        def spy(hidden, *args, _original=original, **kwargs):
+            seen.append((hidden.shape[0], kwargs.get("cu_seqlens")))
+            return _original(hidden, *args, **kwargs)
+        monkeypatch.setattr(r1kernels, name, spy)
+    cfg = tiny_config(tmp_path).grpo
+    prompts, completions, adv = fixed_rollouts(seed=5)
+    model = _model()
+    for mb in S.build_micro_batches(prompts, completions, adv, 30, packing, 0, torch.device("cpu")):
+        seen.clear()
+        old = S.token_logprobs(model, mb, 1.0, "r1kernels")
+        S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.loss_options(cfg))
+        lengths = [len(completions[r]) for r in mb.rows]
+        assert [rows for rows, _ in seen] == [sum(lengths)] * 2
+        assert seen[1][1].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+        assert old.shape == mb.targets.shape and bool((old[~mb.mask] == 0).all()) and bool((old[mb.mask] < 0).all())
+
+
 # ------------------------------------------------------------------ checkpoints and ranks
 def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
     from trainer import checkpoint

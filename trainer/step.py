@@ -28,9 +28,22 @@ class MicroBatch:
     advantages: torch.Tensor        # [S]
     cu_seqlens: Optional[torch.Tensor] = None      # packed only
     attention_mask: Optional[torch.Tensor] = None  # padded only
+    loss_rows: Optional[torch.Tensor] = None       # flat indices of the tokens with a loss (set by __post_init__)
+    loss_cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] offsets of each sequence's rows in loss_rows
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
     is_ratio: Optional[torch.Tensor] = None        # sampler/trainer importance ratio per token (vLLM)
+
+    def __post_init__(self):
+        # The lm_head only runs on the rows that have a loss (like TRL's logits_to_keep, but exact for
+        # packed rows too): prompt and padding positions never reach the [tokens, V] GEMMs.
+        flat = self.mask.reshape(-1)
+        self.loss_rows = flat.nonzero().view(-1)
+        if self.cu_seqlens is None:        # padded: a row per sequence
+            offsets = torch.nn.functional.pad(self.mask.sum(1).cumsum(0), (1, 0))
+        else:                              # packed: loss tokens before each sequence's start
+            offsets = torch.nn.functional.pad(flat.cumsum(0), (1, 0))[self.cu_seqlens.long()]
+        self.loss_cu_seqlens = offsets.to(torch.int32)
 
     @property
     def num_seqs(self) -> int:
@@ -83,16 +96,13 @@ def build_micro_batches(prompt_ids, completion_ids, advantages, max_tokens, pack
     return batches
 
 
-def _model_inputs(mb: MicroBatch) -> dict:
+def model_inputs(mb: MicroBatch) -> dict:
+    """The model's keyword arguments for the micro-batch: varlen offsets when packed, else a padding mask."""
     if mb.cu_seqlens is not None:
         max_len = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
         return dict(input_ids=mb.input_ids, position_ids=mb.position_ids, cu_seq_lens_q=mb.cu_seqlens,
                     cu_seq_lens_k=mb.cu_seqlens, max_length_q=max_len, max_length_k=max_len)
     return dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
-
-
-def _flat_hidden(hidden, mb):
-    return hidden.reshape(-1, hidden.shape[-1]) if mb.cu_seqlens is not None else hidden
 
 
 def naive_logprobs(hidden, weight, bias, targets, temperature):
@@ -104,16 +114,45 @@ def naive_logprobs(hidden, weight, bias, targets, temperature):
     return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
 
 
+def _on_loss_rows(x: Optional[torch.Tensor], mb: MicroBatch) -> Optional[torch.Tensor]:
+    """``x``, laid out like ``mb.targets``, on the micro-batch's loss rows only (None stays None)."""
+    return None if x is None else x.reshape(-1).index_select(0, mb.loss_rows)
+
+
+def make_head(mb: MicroBatch, temperature: float, kernels: str, loss: Optional[dict] = None):
+    """The model's head for one micro-batch. Without ``loss``: per-token log-probs laid out like
+    ``mb.targets`` (0 where there is no loss); with ``loss`` (policy_loss's options): the GRPO loss
+    output on the micro-batch's advantages and old/ref/importance log-probs.
+
+    The fused kernels see only the loss rows (the completion tokens), packed by ``mb.loss_cu_seqlens``,
+    so prompt and padding positions never reach the [tokens, V] GEMMs; naive materialises the logits
+    of every position, as a plain trainer does."""
+    def head(hidden, weight, bias):
+        if kernels == "naive":
+            packed = mb.cu_seqlens is not None
+            logp = naive_logprobs(hidden.reshape(-1, hidden.shape[-1]) if packed else hidden, weight, bias,
+                                  mb.targets, temperature)
+            if loss is None:
+                return logp
+            layout = dict(cu_seqlens=mb.cu_seqlens) if packed else {}
+            return r1kernels.policy_loss(logp, mb.advantages, mb.mask, old_logprobs=mb.old_logprobs,
+                                         ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio, **layout, **loss)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, mb.loss_rows)
+        targets = _on_loss_rows(mb.targets, mb)
+        if loss is None:
+            logp = r1kernels.linear_token_logprobs(rows, weight, targets, bias, temperature)
+            return logp.new_zeros(mb.targets.numel()).index_copy(0, mb.loss_rows, logp).view(mb.targets.shape)
+        return r1kernels.linear_grpo_loss(
+            rows, weight, targets, mb.advantages, bias=bias, temperature=temperature, cu_seqlens=mb.loss_cu_seqlens,
+            old_logprobs=_on_loss_rows(mb.old_logprobs, mb), ref_logprobs=_on_loss_rows(mb.ref_logprobs, mb),
+            is_ratio=_on_loss_rows(mb.is_ratio, mb), **loss)
+    return head
+
+
 @torch.no_grad()
 def token_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> torch.Tensor:
     """Per-token log-probs of the micro-batch's targets (old policy or reference), no gradient."""
-    def head(hidden, weight, bias):
-        hidden = _flat_hidden(hidden, mb)
-        if kernels == "naive":
-            return naive_logprobs(hidden, weight, bias, mb.targets, temperature)
-        return r1kernels.linear_token_logprobs(hidden, weight, mb.targets, bias, temperature)
-
-    return model(**_model_inputs(mb), head=head).float()
+    return model(**model_inputs(mb), head=make_head(mb, temperature, kernels)).float()
 
 
 def _sampled_logprobs(mb: MicroBatch, sampling_logprobs: list) -> torch.Tensor:
@@ -176,17 +215,7 @@ def loss_scale(global_normaliser: float, world_size: int) -> float:
 
 def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):
     """The (unscaled) loss output of one micro-batch, gradients attached."""
-    extra = dict(old_logprobs=mb.old_logprobs, ref_logprobs=mb.ref_logprobs, is_ratio=mb.is_ratio)
+    loss = dict(options)
     if "max_completion_length" in LOSS_TYPES[cfg.loss_type].accepts:
-        extra["max_completion_length"] = max_completion_length
-    layout = dict(cu_seqlens=mb.cu_seqlens) if mb.cu_seqlens is not None else {}
-
-    def head(hidden, weight, bias):
-        hidden = _flat_hidden(hidden, mb)
-        if cfg.kernels == "naive":
-            logp = naive_logprobs(hidden, weight, bias, mb.targets, temperature)
-            return r1kernels.policy_loss(logp, mb.advantages, mb.mask, **layout, **extra, **options)
-        return r1kernels.linear_grpo_loss(hidden, weight, mb.targets, mb.advantages, mb.mask, bias=bias,
-                                          temperature=temperature, **layout, **extra, **options)
-
-    return model(**_model_inputs(mb), head=head)
+        loss["max_completion_length"] = max_completion_length
+    return model(**model_inputs(mb), head=make_head(mb, temperature, cfg.kernels, loss))

@@ -183,7 +183,8 @@ class Trainer:
             (global_tokens,) = self._global(sum(mb.num_tokens for mb in batches))
             total_loss = 0.0
             for mb in batches:
-                logp = self.model(**grpo_step._model_inputs(mb), head=self._logprob_head(mb, 1.0, grad=True))
+                head = grpo_step.make_head(mb, 1.0, self.cfg.grpo.kernels)
+                logp = self.model(**grpo_step.model_inputs(mb), head=head)
                 loss = -(logp * mb.mask.reshape(logp.shape)).sum() / max(global_tokens, 1.0) * self.world.size
                 loss.backward()
                 total_loss += loss.item() / self.world.size
@@ -191,14 +192,6 @@ class Trainer:
             self.log.log({"phase": "sft", "step": step, "loss": total_loss}, cfg.steps)
             self._maybe_checkpoint("sft", step, cfg.steps, optimizer, scheduler)
         return optimizer, scheduler
-
-    def _logprob_head(self, mb, temperature, grad):
-        def head(hidden, weight, bias):
-            hidden = grpo_step._flat_hidden(hidden, mb)
-            if self.cfg.grpo.kernels == "naive":
-                return grpo_step.naive_logprobs(hidden, weight, bias, mb.targets, temperature)
-            return r1kernels.linear_token_logprobs(hidden, weight, mb.targets, bias, temperature)
-        return head
 
     @torch.no_grad()
     def evaluate(self) -> float:
