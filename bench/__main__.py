@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
 
 BENCHMARKS = ["logprobs", "linear", "grpo", "advantages", "attention", "train"]
 
@@ -20,11 +18,6 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.names) - set(BENCHMARKS) - {"all"})
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)}, all)")
-    # CPU peak memory is read from the resident high-water mark, which follows live tensors only
-    # when every large allocation is its own mapping: re-exec once with a fixed mmap threshold.
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -3,7 +3,9 @@
 Times are medians over repeats after warm-up: CUDA events on GPU, perf_counter on CPU.
 Peak memory is the allocator's high-water mark above the starting point: CUDA's
 max_memory_allocated on GPU; on CPU the process's resident high-water mark (VmHWM), which
-tracks live tensor bytes because ``python -m bench`` runs with a fixed malloc mmap threshold.
+tracks live tensor bytes because glibc's mmap threshold is held at 64 KiB while it is measured
+(each large allocation its own mapping). Times run under glibc's usual settings: a 64 KiB threshold
+for them would turn every freed buffer into page faults on its next use (+30-60% on bench train).
 Ceilings are measured in the same run (a large copy for bandwidth, a large matmul for FLOP/s)
 so that "fraction of the limit" compares against this machine, not a datasheet.
 """
@@ -16,6 +18,8 @@ import os
 import platform
 import statistics
 import subprocess
+import ctypes
+import ctypes.util
 import time
 
 import torch
@@ -63,6 +67,24 @@ def _rss_field(key: str) -> int:
     return 0
 
 
+# mallopt(3) parameters and the values glibc's dynamic rule settles on once a buffer of 32 MiB or more
+# has been freed (as in every benchmark here): the mmap threshold at its 64-bit maximum, trim at twice it
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_SETTLED = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
+_MEASURING = {_M_MMAP_THRESHOLD: 64 << 10, _M_TRIM_THRESHOLD: 128 << 10}
+
+
+def _mallopt(settings: dict, trim: bool = False) -> None:
+    """Apply glibc malloc settings, then with ``trim`` hand every free heap page back to the kernel, so
+    that reusing one counts in VmHWM (a no-op where the C library is not glibc)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "mallopt"):
+        for param, value in settings.items():
+            libc.mallopt(param, value)
+        if trim:
+            libc.malloc_trim(0)
+
+
 def peak_memory(fn, device: torch.device) -> int:
     """Bytes allocated at the peak of ``fn()`` above what was live before it."""
     if device.type == "cuda":
@@ -72,11 +94,15 @@ def peak_memory(fn, device: torch.device) -> int:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _rss_field("VmRSS")
-    fn()
-    return _rss_field("VmHWM") - before
+    _mallopt(_MEASURING, trim=True)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_field("VmRSS")
+        fn()
+        return _rss_field("VmHWM") - before
+    finally:
+        _mallopt(_SETTLED)
 
 
 @dataclasses.dataclass
