@@ -11,6 +11,7 @@ so that "fraction of the limit" compares against this machine, not a datasheet.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -18,8 +19,6 @@ import os
 import platform
 import statistics
 import subprocess
-import ctypes
-import ctypes.util
 import time
 
 import torch
@@ -72,17 +71,17 @@ def _rss_field(key: str) -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _SETTLED = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
 _MEASURING = {_M_MMAP_THRESHOLD: 64 << 10, _M_TRIM_THRESHOLD: 128 << 10}
+_LIBC = ctypes.CDLL(None)   # the process's own symbols, libc's among them (no find_library subprocess)
 
 
 def _mallopt(settings: dict, trim: bool = False) -> None:
     """Apply glibc malloc settings, then with ``trim`` hand every free heap page back to the kernel, so
     that reusing one counts in VmHWM (a no-op where the C library is not glibc)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if hasattr(libc, "mallopt"):
+    if hasattr(_LIBC, "mallopt"):
         for param, value in settings.items():
-            libc.mallopt(param, value)
+            _LIBC.mallopt(param, value)
         if trim:
-            libc.malloc_trim(0)
+            _LIBC.malloc_trim(0)
 
 
 def peak_memory(fn, device: torch.device) -> int:

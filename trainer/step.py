@@ -28,8 +28,8 @@ class MicroBatch:
     advantages: torch.Tensor        # [S]
     cu_seqlens: Optional[torch.Tensor] = None      # packed only
     attention_mask: Optional[torch.Tensor] = None  # padded only
-    loss_rows: Optional[torch.Tensor] = None       # flat indices of the tokens with a loss (set by __post_init__)
-    loss_cu_seqlens: Optional[torch.Tensor] = None  # [S + 1] offsets of each sequence's rows in loss_rows
+    loss_rows: torch.Tensor = dataclasses.field(init=False)        # flat indices of the tokens with a loss
+    loss_cu_seqlens: torch.Tensor = dataclasses.field(init=False)  # [S + 1] each sequence's offset in loss_rows
     old_logprobs: Optional[torch.Tensor] = None
     ref_logprobs: Optional[torch.Tensor] = None
     is_ratio: Optional[torch.Tensor] = None        # sampler/trainer importance ratio per token (vLLM)
