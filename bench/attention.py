@@ -50,7 +50,7 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
     impls = {}
     for backend in (["triton"] if device.type == "cuda" else []) + ["torch"]:
         impls[f"ours varlen_attention [{backend}]"] = ours(backend)
-    if device.type == "cuda":    # dQ by its own kernel (7 GEMMs) rather than atomic adds (5)
+    if device.type == "cuda":    # dQ by its own kernel (8 GEMMs) rather than atomic adds (6)
         impls["ours varlen_attention [triton, deterministic]"] = ours("triton", deterministic=True)
     fa2 = optional("flash_attn", "flash_attn_varlen_func")
     if fa2 is not None and device.type == "cuda":

@@ -220,8 +220,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     ``sinks [Hq]`` (optional, differentiable): GPT-OSS's attention sinks, one extra logit per head
     in each softmax denominator. ``deterministic`` (flash-attn's switch, off by default as there):
-    the Triton backward adds dQ atomically in one 5-GEMM kernel unless it is set, and then runs a dK/dV
-    kernel and a dQ kernel that each write every output once (7 GEMMs); the torch backend always is.
+    the Triton backward adds dQ atomically in one 6-GEMM kernel unless it is set, and then runs a dK/dV
+    kernel and a dQ kernel that each write every output once (8 GEMMs; also the path for softcap at
+    head dim 128 and for head dim 256, where the one kernel does not fit); the torch backend always is.
     """
     _validate_tensors(q, k, v, softcap, window_size, sinks)
     max_q, max_k = _validate_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],

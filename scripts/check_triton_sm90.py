@@ -15,8 +15,12 @@ divisibility of real model sizes), and reads the result:
     has_dot_lowp  a bf16/fp16 tl.dot in the kernel (TTGIR)
     hmma, hgmma   mma.sync (HMMA) and Hopper warpgroup MMA (HGMMA) instructions in the SASS, and the
                   HGMMA shapes (MxNxK; N is the tile width one instruction covers)
+    hgmma_min_n   the narrowest HGMMA N, and hgmma_n_floor what it must reach: 64 (an N = 16 or 32
+                  wgmma moves its operands from shared memory for a quarter or half of the work), or the
+                  head dim where it is narrower (a [rows, head dim] product cannot be wider)
+    stages        the software-pipelining depth the launch asks for (num_stages)
     async_copies  asynchronous global-to-shared copies in the SASS (LDGSTS, cp.async; UTMALDG and
-                  UBLKCP, the tensor memory accelerator's)
+                  UBLKCP, the tensor memory accelerator's): the loads the pipeline overlaps
     fences_in_loop  GPU- or system-scope MEMBARs inside a loop of the SASS (a backward branch)
     flops, hbm_bytes  per launch at the GPU benchmark shape (bench/*.py SHAPES["cuda"]): tensor-core
                   FLOPs (2 per multiply-add) and the bytes the op must move at least (each input read
@@ -63,23 +67,25 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from bench import hardware  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+MIN_WGMMA_N = 64
 TOOLS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 # (kernel, rule, configs it applies to: a substring of the config, "" for all) -> why it fails today
 # and which issue rewrites it. An entry that no configuration breaks is an error too, so the list
 # cannot go stale, and configurations outside an entry's filter stay gated.
 KNOWN_FAILURES = {
+    ("attention._r1k_attention_forward", "wgmma_n", "BLOCK_D=256"):
+        "head dim 256: the fp32 output tile alone takes 128 registers a thread; beside it only a 32-key score "
+        "tile fits without spilling (FlashAttention-3 has 80 keys there, on 240 registers its producer warp frees)",
+    ("attention._r1k_attention_backward_dq", "wgmma_n", "BLOCK_D=256"):
+        "head dim 256: as for the forward, the fp32 dQ tile beside a 32-key score tile",
     ("attention._r1k_attention_backward_dkdv", "wgmma", "BLOCK_D=256"):
-        "head dim 256: a tensor-core tile of 64 keys (wgmma's smallest M) with dK, dV and the K, V tiles "
-        "needs more than 255 registers and spills 200-400 B; the 32-key tile runs mma.sync without spilling, "
-        "which is the one taken (FlashAttention-3 keeps K and V in shared memory, a choice Triton does not expose)",
-    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=256"):
-        "head dim 256: as for _r1k_attention_backward_dkdv, plus the dQ product's operands",
-    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=64 "):
-        "issue 25: dQ += dS K runs on mma.sync (16 HMMA beside the wgmma of the other four products): its rows are "
-        "the 32-query tile, under wgmma's 64; the re-tiled backward (64 queries x 128 keys) removes it",
-    ("attention._r1k_attention_backward", "wgmma", "BLOCK_D=128 "):
-        "issue 25: as at head dim 64",
+        "head dim 256: a tensor-core tile of 64 keys (wgmma's smallest M) with the dK or dV accumulator needs more "
+        "than 255 registers and spills 160-200 B; the 32-key tile runs mma.sync (FlashAttention-3 keeps its "
+        "score tiles at N = 32 there too)",
+    ("attention._r1k_attention_backward_dkdv", "spills", "BLOCK_D=256 EVEN_D=True DOT_FP32=False PRECISION=tf32 "
+     "warps=8 stages=2 triton=3.6.0"):
+        "head dim 256 under Triton 3.6: its ptxas holds the 32-key mma.sync kernel to 128 registers and spills 16 B",
     ("attention._r1k_attention_backward", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("attention._r1k_attention_backward_dkdv", "spills", "in=fp32"):
@@ -88,19 +94,30 @@ KNOWN_FAILURES = {
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
     ("linear_logprobs._r1k_linear_logprobs_backward_atomic", "spills", "in=fp32"):
         "issue 11: the fused-tile backward's fp32 tiles; its rewrite re-tiles the kernel",
+    ("linear_logprobs._r1k_linear_logprobs_backward_atomic", "wgmma_n", ""):
+        "the opt-in fused-tile lm_head (triton_tile): its [64 rows, 64 hidden] products split N across two "
+        "warpgroups (N = 32); the default lm_head runs cuBLAS",
+    ("linear_logprobs._r1k_linear_logprobs_backward_hidden", "wgmma_n", ""):
+        "as for _r1k_linear_logprobs_backward_atomic",
 }
 
 
 def violations(record: dict) -> list[str]:
-    """The gate's rules, by name: what must hold for every configuration the dispatch launches. "wgmma":
-    a bf16/fp16 kernel runs every product on warpgroup MMAs, none on mma.sync (HMMA)."""
+    """The gate's rules, by name: what must hold for every configuration the dispatch launches. For a
+    bf16/fp16 kernel: "wgmma", every product on warpgroup MMAs, none on mma.sync (HMMA); "wgmma_n",
+    none narrower than hgmma_n_floor; "pipelined", at least 2 stages with asynchronous loads."""
     broken = []
     if record["spill_bytes"] > 0:
         broken.append("spills")
     if record["shared_bytes"] > hardware.SM90_SHARED_PER_BLOCK:
         broken.append("shared")
-    if record["has_dot_lowp"] and (record["hmma"] > 0 or record["hgmma"] == 0):
-        broken.append("wgmma")
+    if record["has_dot_lowp"]:
+        if record["hmma"] > 0 or record["hgmma"] == 0:
+            broken.append("wgmma")
+        elif record["hgmma_min_n"] < record["hgmma_n_floor"]:
+            broken.append("wgmma_n")
+        if record["stages"] < 2 or record["async_copies"] == 0:
+            broken.append("pipelined")
     if record["fences_in_loop"]:          # an ordered atomic in a hot loop: use sem="relaxed" or "acquire"
         broken.append("fences")
     return broken
@@ -154,9 +171,9 @@ def _record_launch(self: JITFunction, *args, grid, warmup, **kwargs):
         return None
     _seen.add(key)
     flops, hbm_bytes, math, shape = _workload[self.__name__]
-    launches.append(dict(kernel=name, config=config, module=self.__module__, fn=self.__name__, signature=signature,
-                         constexprs=constexprs, attrs=attrs, options=options.__dict__, flops=flops,
-                         hbm_bytes=hbm_bytes, math=math, shape=shape))
+    launches.append(dict(kernel=name, config=config, constexprs_shown=shown, module=self.__module__,
+                         fn=self.__name__, signature=signature, constexprs=constexprs, attrs=attrs,
+                         options=options.__dict__, flops=flops, hbm_bytes=hbm_bytes, math=math, shape=shape))
     return None
 
 
@@ -229,7 +246,7 @@ def _attention():
     cu = torch.tensor([0, 48, 128], dtype=torch.int32)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         e = _elt(dtype)
-        for head_dim in (128, 64, 256, 32, 4):       # the benchmark's 128 first; 96 and 100 compile as 128
+        for head_dim in (128, 96, 64, 256, 32, 16):     # the benchmark's 128 first; 96: a head dim under its tile
             config, _ = attention._config("forward", dtype, head_dim)
             math = _math(dtype, config["PRECISION"])
             one_matmul = 2 * head_dim * heads * causal_pairs           # QK^T or PV over the causal pairs
@@ -237,11 +254,12 @@ def _attention():
             kv_bytes = 2 * total * kv_heads * head_dim * e
             lse_bytes = total * heads * 4
             shape = f"{len(lengths)} seqs {total} tok H={heads}/{kv_heads} D={head_dim} causal"
+            # tensor-core work as the kernels do it: the backward's dV pass forms S again (6 GEMMs, 5 in dK/dV)
             _workload.update(
                 _r1k_attention_forward=(2 * one_matmul, 2 * q_bytes + kv_bytes + lse_bytes, math, shape),
-                _r1k_attention_backward=(5 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes + total * heads
+                _r1k_attention_backward=(6 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes + total * heads
                                          * head_dim * 4, math, shape),        # + the fp32 dQ accumulator's adds
-                _r1k_attention_backward_dkdv=(4 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes, math,
+                _r1k_attention_backward_dkdv=(5 * one_matmul, 2 * q_bytes + 2 * kv_bytes + 2 * lse_bytes, math,
                                               shape),
                 _r1k_attention_backward_dq=(3 * one_matmul, 3 * q_bytes + kv_bytes + 2 * lse_bytes, math, shape))
             q = torch.zeros(128, 4, head_dim, dtype=dtype)
@@ -295,6 +313,7 @@ def mma_counts(sass: str) -> dict:
     shapes = _HGMMA.findall(sass)
     return dict(hmma=len(_HMMA.findall(sass)), hgmma=len(shapes),
                 hgmma_shapes=sorted(set(shapes), key=lambda m: [int(x) for x in m.split("x")]),
+                hgmma_min_n=min((int(m.split("x")[1]) for m in shapes), default=0),
                 async_copies=len(_ASYNC_COPY.findall(sass)))
 
 
@@ -336,6 +355,8 @@ def _compile(index: int) -> dict:
     record = dict(kernel=spec["kernel"], config=spec["config"], **resources, shared_bytes=shared,
                   ctas_per_sm=hardware.ctas_per_sm(resources["registers"], num_warps, shared),
                   has_dot_lowp=bool(_LOWP_DOT.search(kernel.asm["ttgir"])), **mma_counts(sass),
+                  hgmma_n_floor=min(MIN_WGMMA_N, spec["constexprs_shown"].get("BLOCK_D", MIN_WGMMA_N)),
+                  stages=spec["options"]["num_stages"],
                   fences_in_loop=fences_in_loops(sass), flops=spec["flops"], hbm_bytes=spec["hbm_bytes"],
                   benchmark_shape=spec["shape"], math=spec["math"], triton=triton.__version__)
     for gpu, peaks in hardware.PEAKS.items():
@@ -388,20 +409,23 @@ def markdown(records: list[dict]) -> str:
         f"Generated by `python scripts/check_triton_sm90.py` with triton {triton.__version__}, no GPU: compiled "
         "for sm_90a with a real call's specialisation, read from ptxas resources and the SASS. Rules (tested): "
         "no spills; shared memory <= 227 KB; a bf16/fp16 kernel's products are all wgmma (HGMMA), none mma.sync "
-        "(HMMA); no GPU-scope fence inside a loop. Async copies: LDGSTS (cp.async), UTMALDG/UBLKCP (TMA). "
+        "(HMMA), none narrower than N = 64 (or the head dim, where narrower: the floor), at least 2 stages with "
+        "asynchronous loads; no GPU-scope fence inside a loop. Async copies: LDGSTS (cp.async), UTMALDG/UBLKCP "
+        "(TMA). "
         "Roofline: tensor-core FLOPs and the bytes the op must move at least, at the GPU benchmark shape, as "
         "time at datasheet peak (`bench/hardware.py`); an estimate, not a measurement.",
         "",
         "| kernel | config | regs | spill B | smem KB | CTAs/SM | lowp dot | HMMA | HGMMA | HGMMA shapes "
-        "| async copies | fences in loop | GFLOP | GB | H100 us | H200 us | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| min N (floor) | stages | async copies | fences in loop | GFLOP | GB | H100 us | H200 us | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         broken, unexpected = violations(r), unexpected_violations(r)
         gate = "FAIL: " + ", ".join(unexpected) if unexpected else ("known: " + ", ".join(broken) if broken else "ok")
         lines.append(f"| {r['kernel']} | {r['config']} | {r['registers']} | {r['spill_bytes']} | "
                      f"{r['shared_bytes'] / 1024:.1f} | {r['ctas_per_sm']} | {'yes' if r['has_dot_lowp'] else 'no'} | "
-                     f"{r['hmma']} | {r['hgmma']} | {' '.join(r['hgmma_shapes']) or '-'} | {r['async_copies']} | "
+                     f"{r['hmma']} | {r['hgmma']} | {' '.join(r['hgmma_shapes']) or '-'} | "
+                     f"{r['hgmma_min_n'] or '-'} ({r['hgmma_n_floor']}) | {r['stages']} | {r['async_copies']} | "
                      f"{r['fences_in_loop']} | {r['flops'] / 1e9:.0f} | "
                      f"{r['hbm_bytes'] / 1e9:.2f} | {r['h100_us']} | {r['h200_us']} | {gate} |")
     lines += ["", "Benchmark shapes: " + "; ".join(sorted({f"{r['kernel'].split('.')[0]}: {r['benchmark_shape']}"

@@ -342,17 +342,17 @@ def test_compiled_graph_rejects_bad_offsets(backend):
     (False, (9, 13), [45, 7], [52, 7]), (True, (-1, -1), [30, 12], [61, 12])])
 def test_unequal_tiles_split_edge_and_inner_key_tiles(deterministic, tiles, causal, window, lens_q, lens_k,
                                                      monkeypatch):
-    """The GPU configurations have BLOCK_M != BLOCK_N (128 x 64 forward, 32 x 64 dK/dV); the split of
-    each block's tiles (keys of a query block, queries of a key block) into masked edge tiles and
-    unmasked inner tiles must hold for them too, in both backwards."""
+    """The GPU configurations have BLOCK_M != BLOCK_N (128 x 64 forward, 64 x 128 dK/dV, 128 x 64 dQ);
+    the split of each block's tiles (keys of a query block, queries of a key block) into masked edge
+    tiles and unmasked inner tiles must hold for them too, in both backwards."""
     if "triton" not in BACKENDS:
         pytest.skip("needs the Triton interpreter")
     from r1kernels.triton import attention as triton_attention
     block_m, block_n = tiles
     original = triton_attention._config
 
-    def unequal(kernel, dtype, head_dim):
-        config, launch = original(kernel, dtype, head_dim)
+    def unequal(*args):
+        config, launch = original(*args)
         return dict(config, BLOCK_M=block_m, BLOCK_N=block_n), launch
 
     monkeypatch.setattr(triton_attention, "_config", unequal)
@@ -367,17 +367,27 @@ def test_unequal_tiles_split_edge_and_inner_key_tiles(deterministic, tiles, caus
         assert_close_scaled(g, r, 6e-5, f"d{name}")
 
 
-def test_block_table_lists_every_block_once():
-    """The Triton grid's work items: each (sequence, block) exactly once, at most S empty slots,
+@pytest.mark.parametrize("heavy", [None, "last", "first"])
+def test_block_table_lists_every_block_once_heaviest_first(heavy):
+    """The Triton grid's work items: each (sequence, block) exactly once, at most S empty slots (a start
+    no sequence reaches) and those last, ordered by the block's work (the keys a causal query block
+    sees, the queries a causal key block is seen by, else the sequence's length), heaviest first;
     built on the device without reading lengths on the host, and cached on the offsets tensor."""
     from r1kernels.triton.attention import _block_table
-    lengths = [0, 5, 33, 16, 1]
+    lengths = [0, 5, 33, 16, 1, 70]
     cu = _cu(lengths)
-    slot_seq, first_slot, bound = _block_table(cu, 16, sum(lengths))
+    slot_seq, slot_start, bound = _block_table(cu, 16, sum(lengths), heavy)
     assert bound == len(lengths) + sum(lengths) // 16
-    items = [(s, slot - int(first_slot[s])) for slot, s in enumerate(slot_seq.tolist()) if s < len(lengths)]
-    expected = [(s, b) for s, n in enumerate(lengths) for b in range(-(-n // 16))]
-    assert items == expected
-    assert bound - len(items) <= len(lengths)
-    assert _block_table(cu, 16, sum(lengths))[0] is slot_seq, "built once per offsets tensor"
-    assert _block_table(cu, 32, sum(lengths))[0] is not slot_seq
+    items = [(s, start) for s, start in zip(slot_seq.tolist(), slot_start.tolist()) if start < lengths[s]]
+    expected = [(s, b * 16) for s, n in enumerate(lengths) for b in range(-(-n // 16))]
+    assert sorted(items) == expected
+    unused = slot_start[len(items):].tolist()
+    assert unused == [1 << 30] * (bound - len(items)) and len(unused) <= len(lengths)
+
+    def work(s, start):
+        return {"last": min(start + 16, lengths[s]), "first": lengths[s] - start, None: lengths[s]}[heavy]
+
+    works = [work(s, start) for s, start in items]
+    assert works == sorted(works, reverse=True)
+    assert _block_table(cu, 16, sum(lengths), heavy)[0] is slot_seq, "built once per offsets tensor"
+    assert _block_table(cu, 32, sum(lengths), heavy)[0] is not slot_seq

@@ -1,7 +1,8 @@
 """The Hopper static gate (scripts/check_triton_sm90.py): every Triton kernel configuration the
 dispatch launches, compiled for sm_90a down to SASS with no GPU, must not spill, must fit in shared
-memory, must run its bf16/fp16 products on wgmma only (no mma.sync) and must keep GPU-scope fences out
-of its loops. The installed Triton's report, bench/results/sm90-static-triton<version>.{json,md}, must be
+memory, must run its bf16/fp16 products on wgmma only (no mma.sync), none narrower than N = 64 (or
+the head dim), with at least 2 stages of asynchronous loads, and must keep GPU-scope fences out of its
+loops. The installed Triton's report, bench/results/sm90-static-triton<version>.{json,md}, must be
 what the script prints now; the report of the lowest Triton the extras admit (the GPU machine's) must be
 committed too, made from today's inputs, and obey the same rules."""
 import importlib.util
@@ -17,7 +18,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "bench" / "results"
-RULES = ("spills", "shared", "wgmma", "fences")
+RULES = ("spills", "shared", "wgmma", "wgmma_n", "pipelined", "fences")
 
 
 def _load_gate():
@@ -129,10 +130,16 @@ def test_mma_counter_tells_wgmma_from_mma_sync():
         /*0140*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], desc[UR6][R4.64] ;
         /*0150*/                   UTMALDG.2D [UR8], [UR4] ;
     """
-    assert gate.mma_counts(sass) == dict(hmma=1, hgmma=3, hgmma_shapes=["64x16x16", "64x64x16"], async_copies=2)
-    record = dict(spill_bytes=0, shared_bytes=0, has_dot_lowp=True, hmma=1, hgmma=3, fences_in_loop=0)
+    assert gate.mma_counts(sass) == dict(hmma=1, hgmma=3, hgmma_shapes=["64x16x16", "64x64x16"], hgmma_min_n=16,
+                                         async_copies=2)
+    record = dict(spill_bytes=0, shared_bytes=0, has_dot_lowp=True, hmma=1, hgmma=3, hgmma_min_n=16,
+                  hgmma_n_floor=16, stages=2, async_copies=2, fences_in_loop=0)
     assert gate.violations(record) == ["wgmma"]                 # any mma.sync in a bf16/fp16 kernel breaks it
-    assert gate.violations({**record, "hmma": 0}) == []
+    assert gate.violations({**record, "hmma": 0}) == []         # N = 16 where the head dim is 16
+    assert gate.violations({**record, "hmma": 0, "hgmma_n_floor": 64}) == ["wgmma_n"]
+    assert gate.violations({**record, "hmma": 0, "stages": 1}) == ["pipelined"]
+    assert gate.violations({**record, "hmma": 0, "async_copies": 0}) == ["pipelined"]
+    assert gate.violations({**record, "has_dot_lowp": False, "stages": 1}) == []     # fp32 row kernels
 
 
 def test_fence_counter_sees_only_fences_inside_loops():

@@ -1,13 +1,17 @@
-"""Triton varlen FlashAttention-2: forward and backward, GQA without copying K and V.
+"""Triton varlen FlashAttention: forward and backward, GQA without copying K and V, tiled for Hopper.
 
 Forward: one program per (BLOCK_M queries of a sequence, query head), the work items listed by a
 block table built on the device from cu_seqlens (no empty programs for short sequences, no host
-sync); it streams the visible key blocks with an online softmax and saves the log-sum-exp. Backward
-recomputes the probabilities from the log-sum-exp. Each program owns a block of keys of one KV
-head and accumulates dK and dV over every query head of its group; by default it also adds its
-queries' dQ atomically (FlashAttention-2's 5 GEMMs), and with ``deterministic`` a second kernel owns
-a block of queries and accumulates dQ instead (7 GEMMs, every output written by exactly one
-program). Either way a sequence's results do not depend on what else is packed with it.
+sync, the heaviest blocks first); it streams the visible key blocks with an online softmax and saves
+the log-sum-exp. Backward recomputes the probabilities from the log-sum-exp. Each program owns a
+block of keys of one KV head and accumulates over every query head of its group, in two passes over
+the queries: dV (from P), then dK (from dS), each holding one fp32 accumulator, which keeps every
+product on a warpgroup MMA of N >= 64 without spilling (one pass holding both does not fit in the
+register file). By default the dK pass also adds its queries' dQ atomically (6 GEMMs, one more than
+FlashAttention-2's 5: S is formed in both passes); with ``deterministic`` a second kernel owns a
+block of queries and accumulates dQ instead (8 GEMMs, every output written by exactly one program).
+Either way a sequence's results do not depend on what else is packed with it. docs/design.md states
+the tiles and the estimates behind them.
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ def _capped(raw, softcap, HAS_SOFTCAP: tl.constexpr):
     """(softcap * tanh(raw / softcap), that tanh) or (raw, 1.0). Scores are in log2 units (log2(e)
     folded into the scale and the cap alike), which leaves tanh's argument unchanged."""
     if HAS_SOFTCAP:
-        capped_tanh = 2.0 * tl.sigmoid(2.0 * raw / softcap) - 1.0
+        # tanh(x) = 1 - 2 / (1 + e^(2x)), the division to 2 ulp: IEEE division's slow path costs registers the
+        # backward does not have (flash-attn itself uses tanh.approx, ~2^-11)
+        capped_tanh = 1.0 - tl.fdiv(2.0, 1.0 + tl.math.exp2(raw * (2.0 * LOG2E / softcap)), ieee_rounding=False)
         return softcap * capped_tanh, capped_tanh
     return raw, tl.full(raw.shape, 1.0, tl.float32)
 
@@ -54,23 +60,30 @@ def _sequence_bounds(cu_q_ptr, cu_k_ptr, seq):
 
 
 @triton.jit
-def _head_rows(ptr, seq_start, offs, mask, head, stride_t, stride_h, offs_d, d_mask):
-    """Rows ``offs`` of one sequence and head of a [total, heads, D] tensor (zeros outside the masks)."""
-    return tl.load(ptr + (seq_start + offs)[:, None] * stride_t + head * stride_h + offs_d[None, :],
+def _head_rows(ptr, first_row, rows, mask, head, stride_t, stride_h, offs_d, d_mask):
+    """Rows first_row + rows of one head of a [total, heads, D] tensor (zeros outside the masks). The
+    row base is a scalar and the in-tile offsets are int32, so a loop's offset tile is the same every
+    iteration and only the scalar moves."""
+    return tl.load(ptr + first_row * stride_t + head * stride_h + (rows[:, None] * stride_t + offs_d[None, :]),
                    mask=mask[:, None] & d_mask[None, :], other=0.0)
 
 
 @triton.jit
-def _work_item(pid, heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK: tl.constexpr):
-    """(sequence, first row of its block, head) of this program, from the block table; the few
-    slots past the last block get a start of 2^30, which no sequence reaches, and do nothing."""
-    head = pid % heads
+def _work_item(pid, heads, slot_seq_ptr, slot_start_ptr):
+    """(sequence, first row of its block, head) of this program, from the block table; the few slots
+    past the last block have a start of 2^30, which no sequence reaches, and do nothing."""
     slot = pid // heads
-    seq = tl.load(slot_seq_ptr + slot)
-    valid = seq < num_seqs
-    seq = tl.minimum(seq, num_seqs - 1)
-    start = tl.where(valid, (slot - tl.load(first_slot_ptr + seq)) * BLOCK, 1 << 30)
-    return seq, start, head
+    return tl.load(slot_seq_ptr + slot), tl.load(slot_start_ptr + slot), pid % heads
+
+
+@triton.jit
+def _dims(head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """Offsets along the head dimension and their mask; with EVEN_D (head_dim == BLOCK_D) the mask is
+    all true at compile time, so loads need no per-element predicate."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:
+        return offs_d, offs_d < BLOCK_D
+    return offs_d, offs_d < head_dim
 
 
 @triton.jit
@@ -124,20 +137,20 @@ def _forward_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, k_start, k_len, q_len,
 @triton.jit
 def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k_ptr, stride_qt, stride_qh,
                            stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, total_q, heads, group,
-                           head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale2, softcap2, left, right,
+                           head_dim, slot_seq_ptr, slot_start_ptr, scale2, softcap2, left, right,
                            HAS_SOFTCAP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                            DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """out and lse of BLOCK_M queries of one head: masked tiles at the band's edges, unmasked inside."""
-    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_M)
+    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, slot_start_ptr)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     if m_start < q_len:
         kv_head = head // group
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < head_dim
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m_start + rows
+        offs_d, d_mask = _dims(head_dim, BLOCK_D, EVEN_D)
         m_mask = offs_m < q_len
-        q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+        q = _head_rows(q_ptr, q_start + m_start, rows, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -170,99 +183,126 @@ def _r1k_attention_forward(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_q_ptr, cu_k
 
 
 @triton.jit
-def _backward_tile(dk, dv, k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, q_len, k_len, m_start,
+def _store_rows(ptr, first_row, rows_left, head, stride_t, stride_h, x, head_dim, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    """x [R, BLOCK_D] into rows first_row.. of one head (the first min(R, rows_left) rows). Addresses and mask
+    are rebuilt here from scalars rather than kept from the loads: a tile's worth of them would stay live
+    across the whole loop."""
+    rows = tl.arange(0, x.shape[0])
+    dims, d_mask = _dims(head_dim, BLOCK_D, EVEN_D)
+    tl.store(ptr + first_row * stride_t + head * stride_h + (rows[:, None] * stride_t + dims[None, :]),
+             x.to(ptr.dtype.element_ty), mask=(rows < rows_left)[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _backward_tile(acc, k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, q_len, k_len, m_start,
                    head, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q, offs_d, d_mask,
                    scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                   BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one key block += the part from queries [m_start, m_start + BLOCK_M) of one head;
-    with ATOMIC_DQ also those queries' dQ += dS K, unscaled, into an fp32 accumulator (FlashAttention-2's
-    5 GEMMs). The products are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so
-    that P^T and dS^T feed dV += P^T dO and dK += dS^T Q as they are; dQ reads dS^T through a
-    transposed shared-memory view (the tile passes through shared memory for any dot)."""
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+                   DV: tl.constexpr, BLOCK_M: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block's dV (pass DV) or dK += the part from queries [m_start, m_start + BLOCK_M) of one
+    head; with ATOMIC_DQ the dK pass also adds those queries' dQ += dS K, unscaled, into an fp32
+    accumulator. The products are formed transposed ([keys, queries]: S^T = K Q^T, dP^T = V dO^T), so
+    that P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers, and each warpgroup's wgmma N
+    is the BLOCK_M queries; dQ reads dS^T through a transposed shared-memory view."""
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m_start + rows
     m_mask = offs_m < q_len
-    q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
-    do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
-    lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
-    delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
-    s_t, tanh_t = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
+    # no `other`: the rows past the sequence are invisible, their P and dS zeroed by the masks below
+    # (a select after the pipelined load would carry the mask into the next iteration)
+    lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask) * LOG2E
+    q = _head_rows(q_ptr, q_start + m_start, rows, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+    do = _head_rows(do_ptr, q_start + m_start, rows, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
+    s_t, _ = _capped(dot(k, tl.trans(q), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
     visible_t = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, left, right)
     p_t = tl.where(visible_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)      # lse = +inf: P = 0
-    dv += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
-    ds_t = p_t * (dot(v, tl.trans(do), None, DOT_FP32, PRECISION) - delta[None, :])
-    if HAS_SOFTCAP:
-        ds_t = ds_t * (1.0 - tanh_t * tanh_t)
-    ds_t = tl.where(visible_t, ds_t, 0.0).to(q.dtype)
-    dk += dot(ds_t, q, None, DOT_FP32, PRECISION)
-    if ATOMIC_DQ:
-        dq = dot(tl.trans(ds_t), k, None, DOT_FP32, PRECISION)
-        # relaxed: the adds need no order among themselves, so no memory fence enters the loop
-        tl.atomic_add(dq_ptr + (q_start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :], dq,
-                      mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
-    return dk, dv
+    if DV:
+        acc += dot(p_t.to(do.dtype), do, None, DOT_FP32, PRECISION)
+    else:
+        if HAS_SOFTCAP:
+            # d capped / d raw = 1 - tanh^2, with tanh read back from P (log2 P + lse = softcap tanh) rather than
+            # kept: one [N, M] tile fewer stays live. P = 0 (invisible, or underflowed) stays 0, a NaN stays NaN.
+            tanh_t = (tl.math.log2(p_t) + lse2[None, :]) * (1.0 / softcap2)
+            p_t = tl.where(p_t == 0.0, 0.0, p_t * (1.0 - tanh_t * tanh_t))
+        delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask)
+        # dP^T - delta with the subtraction as the product's starting accumulator: no [M] vector stays live
+        minus_delta = tl.broadcast_to(-delta[None, :], (v.shape[0], BLOCK_M))
+        ds_t = p_t * dot(v, tl.trans(do), minus_delta, DOT_FP32, PRECISION)
+        ds_t = tl.where(visible_t, ds_t, 0.0).to(q.dtype)
+        acc += dot(ds_t, q, None, DOT_FP32, PRECISION)
+        if ATOMIC_DQ:
+            dq = dot(tl.trans(ds_t), k, None, DOT_FP32, PRECISION)
+            # relaxed: the adds need no order among themselves, so no memory fence enters the loop
+            tl.atomic_add(dq_ptr + (q_start + offs_m)[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                          dq, mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
+    return acc
 
 
 @triton.jit
 def _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
-                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2,
+                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, slot_start_ptr, scale, scale2,
                 softcap2, left, right, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of BLOCK_N keys of one KV head, over every query head of its group. Every query tile
-    is masked: split into masked edges and an unmasked inside as in the forward, the loop bodies
-    spill at head dims 64 and 128 (the sm_90 gate measured 40-450 B), which costs more than the masks."""
-    seq, n_start, kv_head = _work_item(tl.program_id(0), kv_heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_N)
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """dK and dV of BLOCK_N keys of one KV head, over every query head of its group: a pass for dV, then
+    one for dK, each over (query head, query tile) pairs in one loop, so the pipeline prefetches across
+    heads. disable_licm: a hoisted loop invariant (the [BLOCK_M, D] offset tiles) would stay live through
+    the loop, which holds no registers to spare."""
+    seq, n_start, kv_head = _work_item(tl.program_id(0), kv_heads, slot_seq_ptr, slot_start_ptr)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     if n_start < k_len:
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < head_dim
-        k, v, kv_mask = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
-                                 stride_vt, stride_vh)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        offs_d, d_mask = _dims(head_dim, BLOCK_D, EVEN_D)
+        k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+                           stride_vt, stride_vh)
         # the queries' view of _key_tiles: query and key swap roles, the shift changes sign, the window's sides swap
         lo, _, _, hi = _key_tiles(n_start, q_len - k_len, right, left, q_len, BLOCK_N, BLOCK_M)
+        tiles = tl.cdiv(hi - lo, BLOCK_M)
         tile = (k, v, offs_n, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, q_start, q_len, k_len)
         strides = (stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total_q)
-        for h in range(0, group):
-            head = kv_head * group + h
-            for m_start in range(lo, hi, BLOCK_M):
-                dk, dv = _backward_tile(dk, dv, *tile, m_start, head, *strides, offs_d, d_mask, scale2, softcap2, left,
-                                        right, HAS_SOFTCAP, ATOMIC_DQ, BLOCK_M, DOT_FP32, PRECISION)
-        out = (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
-        tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-        out = (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
-        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for i in tl.range(0, group * tiles, disable_licm=True):
+            dv = _backward_tile(dv, *tile, lo + (i % tiles) * BLOCK_M, kv_head * group + i // tiles, *strides,
+                                offs_d, d_mask, scale2, softcap2, left, right, HAS_SOFTCAP, ATOMIC_DQ, True, BLOCK_M,
+                                DOT_FP32, PRECISION)
+        _store_rows(dv_ptr, k_start + n_start, k_len - n_start, kv_head, stride_vt, stride_vh, dv, head_dim, BLOCK_D,
+                    EVEN_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for i in tl.range(0, group * tiles, disable_licm=True):
+            dk = _backward_tile(dk, *tile, lo + (i % tiles) * BLOCK_M, kv_head * group + i // tiles, *strides,
+                                offs_d, d_mask, scale2, softcap2, left, right, HAS_SOFTCAP, ATOMIC_DQ, False, BLOCK_M,
+                                DOT_FP32, PRECISION)
+        _store_rows(dk_ptr, k_start + n_start, k_len - n_start, kv_head, stride_kt, stride_kh, dk * scale, head_dim,
+                    BLOCK_D, EVEN_D)
 
 
 @triton.jit
 def _r1k_attention_backward(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr,
                             cu_k_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
                             stride_doh, stride_dqt, stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr,
-                            first_slot_ptr, num_seqs, scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            slot_start_ptr, scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
                             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """The default backward, one kernel of 5 GEMMs: dK and dV of a key block, and its queries' dQ
+    """The default backward, one kernel of 6 GEMMs: dK and dV of a key block, and its queries' dQ
     added atomically into an fp32 accumulator (bitwise run-to-run order varies, as in flash-attn)."""
     _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt,
-                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2,
-                softcap2, left, right, HAS_SOFTCAP, True, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+                stride_dqh, total_q, kv_heads, group, head_dim, slot_seq_ptr, slot_start_ptr, scale, scale2,
+                softcap2, left, right, HAS_SOFTCAP, True, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
 
 
 @triton.jit
 def _r1k_attention_backward_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_q_ptr, cu_k_ptr,
                                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                                 stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
+                                 stride_doh, total_q, kv_heads, group, head_dim, slot_seq_ptr, slot_start_ptr,
                                  scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-                                 PRECISION: tl.constexpr):
-    """The deterministic backward's first kernel (4 GEMMs): dK and dV only; dQ is the next kernel's."""
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                                 DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """The deterministic backward's first kernel (5 GEMMs): dK and dV only; dQ is the next kernel's."""
     _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk_ptr, cu_q_ptr, cu_k_ptr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, 0, 0,
-                total_q, kv_heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs, scale, scale2, softcap2,
-                left, right, HAS_SOFTCAP, False, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION)
+                total_q, kv_heads, group, head_dim, slot_seq_ptr, slot_start_ptr, scale, scale2, softcap2,
+                left, right, HAS_SOFTCAP, False, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_FP32, PRECISION)
 
 
 @triton.jit
@@ -285,22 +325,22 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, k_start, k_len, q_len, n_star
 @triton.jit
 def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_q_ptr, cu_k_ptr,
                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot,
-                               stride_doh, total_q, heads, group, head_dim, slot_seq_ptr, first_slot_ptr, num_seqs,
+                               stride_doh, total_q, heads, group, head_dim, slot_seq_ptr, slot_start_ptr,
                                scale, scale2, softcap2, left, right, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-                               PRECISION: tl.constexpr):
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """The deterministic backward's second kernel (3 GEMMs): dQ of BLOCK_M queries of one head, each
     row written by one program."""
-    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, first_slot_ptr, num_seqs, BLOCK_M)
+    seq, m_start, head = _work_item(tl.program_id(0), heads, slot_seq_ptr, slot_start_ptr)
     q_start, q_len, k_start, k_len = _sequence_bounds(cu_q_ptr, cu_k_ptr, seq)
     if m_start < q_len:
         kv_head = head // group
-        offs_m = m_start + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < head_dim
+        rows = tl.arange(0, BLOCK_M)
+        offs_m = m_start + rows
+        offs_d, d_mask = _dims(head_dim, BLOCK_D, EVEN_D)
         m_mask = offs_m < q_len
-        q = _head_rows(q_ptr, q_start, offs_m, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
-        do = _head_rows(do_ptr, q_start, offs_m, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
+        q = _head_rows(q_ptr, q_start + m_start, rows, m_mask, head, stride_qt, stride_qh, offs_d, d_mask)
+        do = _head_rows(do_ptr, q_start + m_start, rows, m_mask, head, stride_dot, stride_doh, offs_d, d_mask)
         lse2 = tl.load(lse_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + head * total_q + q_start + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -313,46 +353,48 @@ def _r1k_attention_backward_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, 
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-# Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D) for bf16/fp16
-# (tensor cores) and for fp32 ("ieee" dots on CUDA cores, whose operands live in registers). Chosen
-# with the sm_90 static gate (scripts/check_triton_sm90.py): the forward runs BLOCK_M = 128 with
-# 8 warps, i.e. one warpgroup per 64 query rows as in FlashAttention-2/3; the backward kernels keep
-# their fp32 accumulators (dK and dV, or dQ) within the register file: no spills in bf16/fp16 up to
-# head dim 256 with Triton 3.6 (the GPU machine's) and 3.9. At head dim 128 both backward kernels take
-# 8 warps (the deterministic dK/dV with 4 warps, 2 CTAs per SM, spills 24 B under 3.6); at 256 both take
-# a 32-key tile, mma.sync rather than a spilling wgmma, with one stage in the one-kernel backward (two
-# spill 16 B under 3.6). fp32 spills; the gate's report lists it.
+# Tiles per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages) by head-dim bucket (BLOCK_D), for bf16/fp16
+# ("low"; "low_softcap" where softcap needs another), and for fp32 ("ieee" dots on CUDA cores).
+# None: no tile fits, the backward takes the two-kernel path.
 _CONFIGS = {
-    "forward": {"low": {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2),
-                        256: (128, 32, 8, 1)},
+    "forward": {"low": {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 64, 8, 3),
+                        256: (128, 32, 8, 2)},
                 "fp32": {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (32, 32, 4, 2),
                          256: (16, 32, 4, 2)}},
-    "backward": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 1),
-                         256: (32, 32, 8, 1)},
+    "backward": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 128, 8, 2),
+                         256: None},
+                 "low_softcap": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: None, 256: None},
                  "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
                           256: (16, 16, 4, 2)}},
-    "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2),
+    "dkdv": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 128, 8, 2),
                      256: (32, 32, 8, 2)},
              "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (16, 32, 4, 2),
                       256: (16, 16, 4, 2)}},
-    "dq": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 8, 2),
-                   256: (64, 32, 8, 2)},
+    "dq": {"low": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (128, 64, 8, 2),
+                   256: (128, 32, 8, 2)},
            "fp32": {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 4, 2),
                     256: (16, 16, 4, 2)}},
 }
 
 
-def _config(kernel, dtype, head_dim):
-    """(constexprs, launch options) of one kernel. Under the interpreter: 16 x 16 tiles, so that tests
-    with short sequences still cross tile edges, and exact fp32 dots."""
-    interpreting = backends.triton_interpreting()
+def _config(kernel, dtype, head_dim, softcap=False):
+    """(constexprs, launch options) of one kernel, or None where the table has no tile for it. Under
+    the interpreter: 16 x 16 tiles, so that tests with short sequences still cross tile edges, and
+    exact fp32 dots."""
     block_d = max(16, triton.next_power_of_2(head_dim))   # padded (masked) to a tensor-core dot's smallest K
-    if interpreting:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, DOT_FP32=True, PRECISION="ieee"), {}
-    kind = "fp32" if dtype == torch.float32 else "low"
-    block_m, block_n, warps, stages = _CONFIGS[kernel][kind][block_d]
+    shape = dict(BLOCK_D=block_d, EVEN_D=head_dim == block_d)
+    if backends.triton_interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, **shape, DOT_FP32=True, PRECISION="ieee"), {}
+    if dtype == torch.float32:
+        kind = "fp32"
+    else:
+        kind = "low_softcap" if softcap and "low_softcap" in _CONFIGS[kernel] else "low"
+    tile = _CONFIGS[kernel][kind][block_d]
+    if tile is None:
+        return None
+    block_m, block_n, warps, stages = tile
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    return (dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_FP32=False, PRECISION=precision),
+    return (dict(BLOCK_M=block_m, BLOCK_N=block_n, **shape, DOT_FP32=False, PRECISION=precision),
             dict(num_warps=warps, num_stages=stages))
 
 
@@ -369,25 +411,36 @@ def _scales(scale, softcap):
     return scale * log2e, (softcap if softcap > 0 else 1.0) * log2e
 
 
-_BLOCK_TABLES = WeakTensorKeyDictionary()     # cu_seqlens -> {(block, version): table}
+_BLOCK_TABLES = WeakTensorKeyDictionary()     # cu_seqlens -> {(block, version, total, heavy): table}
 
 
-def _block_table(cu, block, total):
+def _block_table(cu, block, total, heavy=None):
     """Work items of ``block`` rows over every sequence, built on the device with no host sync:
-    (slot -> sequence [bound] int32, first slot of each sequence [S] int32, bound). A sequence of
-    length L has cdiv(L, block) items, so bound = S + total // block covers them all and at most S
+    (slot -> sequence [bound] int32, slot -> first row of its block [bound] int32, bound). A sequence
+    of length L has cdiv(L, block) items, so bound = S + total // block covers them all and at most S
     slots are empty, whatever the spread of lengths (a grid of max_seqlen blocks per sequence would
-    leave most programs empty on a packed RL batch). Cached on the offsets tensor: built once per
-    micro-batch, not per layer."""
-    key = (block, cu._version, total)
+    leave most programs empty on a packed RL batch). The slots are ordered heaviest first, so that the
+    longest programs start in the first wave and the short ones fill the tail: under a causal mask a
+    query block's work grows with its position (``heavy="last"``) and a key block's shrinks
+    (``"first"``); otherwise every block of a sequence costs its length. Cached on the offsets
+    tensor: built once per micro-batch, not per layer."""
+    key = (block, cu._version, total, heavy)
     per_offsets = _BLOCK_TABLES.setdefault(cu, {})
     if key not in per_offsets:
-        blocks = (cu[1:] - cu[:-1] + block - 1) // block
+        lengths = (cu[1:] - cu[:-1]).long()
+        blocks = (lengths + block - 1) // block
         ends = blocks.cumsum(0)
         bound = blocks.numel() + total // block
-        slots = torch.arange(bound, device=cu.device, dtype=ends.dtype)
-        per_offsets[key] = (torch.searchsorted(ends, slots, right=True).to(torch.int32),
-                            (ends - blocks).to(torch.int32), bound)
+        slots = torch.arange(bound, device=cu.device)
+        seq = torch.searchsorted(ends, slots, right=True)
+        used = seq < blocks.numel()
+        seq = seq.clamp(max=blocks.numel() - 1)
+        start = (slots - (ends - blocks)[seq]) * block
+        length = lengths[seq]
+        work = {"last": torch.minimum(start + block, length), "first": length - start, None: length}[heavy]
+        order = torch.argsort(torch.where(used, work, -1), descending=True, stable=True)
+        start = torch.where(used, start, 1 << 30)
+        per_offsets[key] = (seq[order].to(torch.int32), start[order].to(torch.int32), bound)
     return per_offsets[key]
 
 
@@ -407,23 +460,24 @@ def forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap):
     num_seqs = cu_q.numel() - 1
     if total_q == 0 or num_seqs == 0:
         return out, lse.fill_(float("inf"))
-    config, launch = _config("forward", q.dtype, head_dim)
+    config, launch = _config("forward", q.dtype, head_dim, softcap > 0)
     left, right = _window(causal, window_size)
-    slot_seq, first_slot, bound = _block_table(cu_q, config["BLOCK_M"], total_q)
+    slot_seq, slot_start, bound = _block_table(cu_q, config["BLOCK_M"], total_q, "last" if causal else None)
     _r1k_attention_forward[(bound * heads,)](
         q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, slot_seq, first_slot, num_seqs,
+        out.stride(0), out.stride(1), total_q, heads, heads // k.shape[1], head_dim, slot_seq, slot_start,
         *_scales(scale, softcap), left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return out, lse
 
 
 def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, softcap, deterministic):
     """dq, dk, dv; ``delta`` [Hq, total_q] fp32 is rowsum(dO * O), computed once by the caller.
-    Default: one kernel, dQ by atomic adds (5 GEMMs). ``deterministic``: dK/dV and dQ kernels that
-    each write every output row once (7 GEMMs: S and dP are computed by both). Non-finite q and k
-    are zeroed: the forward's lse (NaN for a query whose softmax saw one) and delta (NaN where the
-    output is) carry each NaN to exactly the gradients that depend on it, while in the dQ and dK
-    products an invisible pair's dS = 0 times a NaN would carry it everywhere."""
+    Default: one kernel, dQ by atomic adds (6 GEMMs), where ``_CONFIGS["backward"]`` has a tile for
+    the head dim; else, and with ``deterministic``, dK/dV and dQ kernels that each write every output
+    row once (8 GEMMs: S and dP are computed by both). Non-finite q and k are zeroed: the forward's
+    lse (NaN for a query whose softmax saw one) and delta (NaN where the output is) carry each NaN to
+    exactly the gradients that depend on it, while in the dQ and dK products an invisible pair's
+    dS = 0 times a NaN would carry it everywhere."""
     q, k = _finite_or_zero(q), _finite_or_zero(k)
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -436,24 +490,26 @@ def backward(do, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_size, so
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     scales = (scale, *_scales(scale, softcap))
     group = heads // kv_heads
-    if not deterministic:
-        config, launch = _config("backward", q.dtype, head_dim)
-        slot_seq, first_slot, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0])
+    keys_heavy = "first" if causal else None
+    one_kernel = None if deterministic else _config("backward", q.dtype, head_dim, softcap > 0)
+    if one_kernel is not None:
+        config, launch = one_kernel
+        slot_seq, slot_start, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0], keys_heavy)
         dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         _r1k_attention_backward[(bound * kv_heads,)](
             q, k, v, do, lse, delta, dk, dv, dq_sum, cu_q, cu_k, *strides, dq_sum.stride(0), dq_sum.stride(1), total_q,
-            kv_heads, group, head_dim, slot_seq, first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0,
+            kv_heads, group, head_dim, slot_seq, slot_start, *scales, left, right, HAS_SOFTCAP=softcap > 0,
             **config, **launch)
         return dq_sum.mul_(scale).to(q.dtype), dk, dv
     dq = torch.zeros_like(q)
-    config, launch = _config("dkdv", q.dtype, head_dim)
-    slot_seq, first_slot, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0])
+    config, launch = _config("dkdv", q.dtype, head_dim, softcap > 0)
+    slot_seq, slot_start, bound = _block_table(cu_k, config["BLOCK_N"], k.shape[0], keys_heavy)
     _r1k_attention_backward_dkdv[(bound * kv_heads,)](
         q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *strides, total_q, kv_heads, group, head_dim, slot_seq,
-        first_slot, num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
-    config, launch = _config("dq", q.dtype, head_dim)
-    slot_seq, first_slot, bound = _block_table(cu_q, config["BLOCK_M"], total_q)
+        slot_start, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+    config, launch = _config("dq", q.dtype, head_dim, softcap > 0)
+    slot_seq, slot_start, bound = _block_table(cu_q, config["BLOCK_M"], total_q, "last" if causal else None)
     _r1k_attention_backward_dq[(bound * heads,)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, group, head_dim, slot_seq, first_slot,
-        num_seqs, *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *strides, total_q, heads, group, head_dim, slot_seq, slot_start,
+        *scales, left, right, HAS_SOFTCAP=softcap > 0, **config, **launch)
     return dq, dk, dv
