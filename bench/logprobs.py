@@ -33,8 +33,8 @@ def our_backends(device):
 
 
 def naive_logprobs(logits, targets, temperature=1.0):
-    """What trainers write: full fp32 log-softmax, then gather."""
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets[:, None])[:, 0]
+    """What trainers write: full fp32 log-softmax, then gather (targets in range; any leading shape)."""
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def optional(module, attr):

@@ -14,17 +14,13 @@ import textwrap
 
 _PRELUDE = """
 import json
-def _status(key):
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(key + ':'):
-                return int(line.split()[1]) * 1024
+from bench.common import proc_status_bytes
 def reset_peak():
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')
-    return _status('VmRSS')
+    return proc_status_bytes('VmRSS')
 def peak():
-    return _status('VmHWM')
+    return proc_status_bytes('VmHWM')
 """
 
 

@@ -2,6 +2,7 @@
 padded, save/resume, and two FSDP2 ranks against one process."""
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -47,11 +48,12 @@ def test_config_rejects_bad_values(argv, words):
 
 def test_cispo_caps_its_ratio_at_five_and_clipped_types_keep_their_defaults():
     cispo = parse_args(["--grpo.loss_type=cispo"]).grpo
-    assert S.loss_options(cispo)["epsilon_high"] == 5.0
-    assert S.loss_options(parse_args(["--grpo.loss_type=cispo", "--grpo.cispo_cap=2.5"]).grpo)["epsilon_high"] == 2.5
-    grpo = S.loss_options(parse_args([]).grpo)
+    assert S.policy_loss_options(cispo)["epsilon_high"] == 5.0
+    capped = parse_args(["--grpo.loss_type=cispo", "--grpo.cispo_cap=2.5"]).grpo
+    assert S.policy_loss_options(capped)["epsilon_high"] == 2.5
+    grpo = S.policy_loss_options(parse_args([]).grpo)
     assert (grpo["epsilon_low"], grpo["epsilon_high"]) == (0.2, 0.28)
-    assert "epsilon_low" not in S.loss_options(parse_args(["--grpo.loss_type=sapo"]).grpo)
+    assert "epsilon_low" not in S.policy_loss_options(parse_args(["--grpo.loss_type=sapo"]).grpo)
 
 
 def test_reference_model_is_the_policy_at_the_start_of_grpo(tmp_path, monkeypatch):
@@ -85,6 +87,15 @@ def test_builtin_tiny_with_a_real_sized_vocabulary():
     assert padded("12+3=")["input_ids"] == tokenizer("12+3=")["input_ids"]
     with pytest.raises(ValueError, match="vocab_size: the built-in tokenizer has"):
         load_tokenizer("builtin-tiny", 10)
+
+
+def test_help_states_each_default_once(capsys):
+    """``python -m trainer --help``: every field with the default of the embedded run, stated once."""
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert re.search(r"--grpo\.loss_type STR\s+\(default: 'grpo'\)\n", text)
+    assert not [line for line in text.splitlines() if line.count("(default:") > 1]
 
 
 def test_config_file_and_unknown_keys(tmp_path):
@@ -288,7 +299,7 @@ def test_grpo_step_equals_float64_reference(loss_type, tmp_path):
     batches = S.build_micro_batches(prompts, completions, adv, 24, True, 0, torch.device("cpu"))
     assert len(batches) > 1, "the test needs several micro-batches"
     tokens = sum(mb.num_tokens for mb in batches)
-    options = S.loss_options(cfg)
+    options = S.policy_loss_options(cfg)
     scale = S.loss_scale(S.local_normaliser(loss_type, batches, 12), 1)
     total = 0.0
     for mb in batches:   # auto backends: the C++ CPU kernels (float64) and torch attention
@@ -329,7 +340,7 @@ def test_packed_and_padded_steps_give_the_same_gradients(tmp_path):
         batches = S.build_micro_batches(prompts, completions, adv, 30, packing, 0, torch.device("cpu"))
         scale = S.loss_scale(S.local_normaliser("grpo", batches, 12), 1)
         for mb in batches:
-            out = S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.loss_options(cfg))
+            out = S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.policy_loss_options(cfg))
             (out.loss_sum * scale).backward()
         grads[packing] = {n: p.grad for n, p in model.named_parameters()}
     for name in grads[True]:
@@ -355,8 +366,8 @@ def test_fused_head_sees_only_the_completion_rows(packing, monkeypatch, tmp_path
     model = _model()
     for mb in S.build_micro_batches(prompts, completions, adv, 30, packing, 0, torch.device("cpu")):
         seen.clear()
-        old = S.token_logprobs(model, mb, 1.0, "r1kernels")
-        S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.loss_options(cfg))
+        old = S.model_logprobs(model, mb, 1.0, "r1kernels")
+        S.micro_batch_loss(model, mb, cfg, 1.0, 12, S.policy_loss_options(cfg))
         lengths = [len(completions[r]) for r in mb.rows]
         assert [rows for rows, _ in seen] == [sum(lengths)] * 2
         assert seen[1][1].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
@@ -372,8 +383,8 @@ def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
 
     real_save = checkpoint.save
 
-    def save_then_crash(directory, step, phase, *args, **kwargs):
-        path = real_save(directory, step, phase, *args, **kwargs)
+    def save_then_crash(directory, phase, step, *args, **kwargs):
+        path = real_save(directory, phase, step, *args, **kwargs)
         if phase == "grpo" and step == 2:
             raise KeyboardInterrupt("simulated crash")
         return path
@@ -563,7 +574,7 @@ def test_vllm_engine_generates_and_syncs(tmp_path):
                                     torch.device("cuda"))
     total = count = 0
     for mb in batches:
-        mb.old_logprobs = S.token_logprobs(model, mb, cfg.temperature, "r1kernels")
+        mb.old_logprobs = S.model_logprobs(model, mb, cfg.temperature, "r1kernels")
         part = S.sampler_mismatch(mb, out.sampling_logprobs)
         total, count = total + part[0], count + part[1]
     assert total / count < 0.05

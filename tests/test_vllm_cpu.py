@@ -66,7 +66,7 @@ def mismatch(model, rollouts, temperature):
                                     4096, True, 0, torch.device("cpu"))
     total = count = worst = 0.0
     for mb in batches:
-        mb.old_logprobs = S.token_logprobs(model, mb, temperature, "r1kernels")
+        mb.old_logprobs = S.model_logprobs(model, mb, temperature, "r1kernels")
         part = S.sampler_mismatch(mb, rollouts.sampling_logprobs)
         total, count, worst = total + part[0], count + part[1], max(worst, part[2])
     assert count > 0

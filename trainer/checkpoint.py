@@ -52,7 +52,7 @@ def path(directory: str, phase: str, step: int) -> str:
     return os.path.join(directory, f"{phase}_step_{step:06d}")
 
 
-def save(directory: str, step: int, phase: str, model, optimizer, scheduler, world, config=None) -> str:
+def save(directory: str, phase: str, step: int, model, optimizer, scheduler, world, config=None) -> str:
     """``config``: the run's config as a dict, compared on resume (see ``saved_config``)."""
     final = path(directory, phase, step)
     tmp = final + ".tmp"
@@ -183,7 +183,7 @@ class Checkpointer:
         self.directory, self.world = checkpoint_cfg.dir, world
 
     def save(self, phase: str, step: int, model, optimizer, scheduler, config: dict):
-        return save(self.directory, step, phase, model, optimizer, scheduler, self.world, config=config)
+        return save(self.directory, phase, step, model, optimizer, scheduler, self.world, config=config)
 
     def latest(self):
         return latest(self.directory)

@@ -10,7 +10,8 @@ import os
 import typing
 from typing import Optional
 
-from r1kernels.grpo import LOSS_TYPES, check_options
+from r1kernels.advantages import ESTIMATORS, SCALES
+from r1kernels.grpo import IS_LEVELS, LOSS_TYPES, check_options
 from trainer import registry
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -52,14 +53,14 @@ class DataConfig:
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class SFTPhaseConfig:
     steps: int = 250                    # 0 skips the cold start (R1-Zero)
     batch_size: int = 64
     lr: float = 1e-3
 
 
 @dataclasses.dataclass
-class GRPOConfig:
+class GRPOPhaseConfig:
     steps: int = 200
     prompts_per_step: int = 32
     num_generations: int = 8
@@ -136,8 +137,8 @@ class LogConfig:
 class TrainerConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    sft: SFTPhaseConfig = dataclasses.field(default_factory=SFTPhaseConfig)
+    grpo: GRPOPhaseConfig = dataclasses.field(default_factory=GRPOPhaseConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
     rewards: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -151,9 +152,9 @@ CHOICES = {
     "data.task": tuple(registry.TASKS),
     "grpo.lr_schedule": ("cosine", "linear", "constant"),
     "grpo.loss_type": tuple(LOSS_TYPES),
-    "grpo.importance_sampling_level": ("token", "sequence"),
-    "grpo.scale_rewards": ("group", "batch", "none"),
-    "grpo.advantage_estimator": ("grpo", "rloo", "dr_grpo"),
+    "grpo.importance_sampling_level": IS_LEVELS,
+    "grpo.scale_rewards": SCALES,
+    "grpo.advantage_estimator": ESTIMATORS,
     "grpo.kernels": ("r1kernels", "naive"),
     "rollout.engine": tuple(registry.ENGINES),
     "checkpoint.checkpointer": tuple(registry.CHECKPOINTERS),
@@ -296,7 +297,7 @@ def _non_finite(obj, prefix=""):
 
 def _validate_loss(cfg: TrainerConfig) -> None:
     """The GRPO loss options, by the library's own rules, before any work starts."""
-    from trainer.step import loss_options
+    from trainer.step import policy_loss_options
 
     g = cfg.grpo
     if g.loss_type == "cispo" and (g.epsilon_low is not None or g.epsilon_high is not None):
@@ -304,7 +305,7 @@ def _validate_loss(cfg: TrainerConfig) -> None:
                           "is grpo.cispo_cap")
     if g.loss_type != "cispo" and g.cispo_cap is not None:
         raise ConfigError(f"grpo.cispo_cap applies to loss_type 'cispo', not {g.loss_type!r}")
-    options = loss_options(g)
+    options = policy_loss_options(g)
     if "max_completion_length" in LOSS_TYPES[g.loss_type].accepts:
         options["max_completion_length"] = cfg.rollout.max_new_tokens
     try:
@@ -342,8 +343,7 @@ def parse_args(argv=None) -> TrainerConfig:
     defaults = TrainerConfig()
     parser = argparse.ArgumentParser(
         prog="python -m trainer", description="GRPO training (DeepSeek-R1 recipe) on r1kernels + FSDP2. "
-        "Defaults: the embedded CPU run (cold-start SFT, then GRPO on built-in arithmetic).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "Defaults: the embedded CPU run (cold-start SFT, then GRPO on built-in arithmetic).")
     parser.add_argument("--config", help=f"TOML or YAML file (presets in {CONFIG_DIR})")
     for key, kind in _flat_fields(TrainerConfig):
         if kind is list:

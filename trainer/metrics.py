@@ -9,18 +9,14 @@ import time
 
 import torch
 
+from bench.common import proc_status_bytes
+
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """The run's peak: CUDA's allocator high-water mark, or on CPU the process's resident one (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_status_bytes("VmHWM")
 
 
 class MetricsLog:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 import r1kernels
+from bench.logprobs import naive_logprobs
 from r1kernels.constants import IGNORE_INDEX
 from r1kernels.grpo import LOSS_TYPES, loss_normaliser
 
@@ -105,13 +106,13 @@ def model_inputs(mb: MicroBatch) -> dict:
     return dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids)
 
 
-def naive_logprobs(hidden, weight, bias, targets, temperature):
-    """What a plain trainer computes: materialised logits, fp32 log-softmax, gather."""
+def naive_head_logprobs(hidden, weight, bias, targets, temperature):
+    """What a plain trainer computes: every position's logits materialised, then the benchmarks' naive
+    log-softmax and gather; 0 where the target is IGNORE_INDEX."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    logp = torch.log_softmax(logits.float() / temperature, -1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE_INDEX)
+    return naive_logprobs(logits, targets.clamp(min=0), temperature) * (targets != IGNORE_INDEX)
 
 
 def _on_loss_rows(x: Optional[torch.Tensor], mb: MicroBatch) -> Optional[torch.Tensor]:
@@ -130,8 +131,8 @@ def make_head(mb: MicroBatch, temperature: float, kernels: str, loss: Optional[d
     def head(hidden, weight, bias):
         if kernels == "naive":
             packed = mb.cu_seqlens is not None
-            logp = naive_logprobs(hidden.reshape(-1, hidden.shape[-1]) if packed else hidden, weight, bias,
-                                  mb.targets, temperature)
+            logp = naive_head_logprobs(hidden.reshape(-1, hidden.shape[-1]) if packed else hidden, weight,
+                                       bias, mb.targets, temperature)
             if loss is None:
                 return logp
             layout = dict(cu_seqlens=mb.cu_seqlens) if packed else {}
@@ -150,7 +151,7 @@ def make_head(mb: MicroBatch, temperature: float, kernels: str, loss: Optional[d
 
 
 @torch.no_grad()
-def token_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> torch.Tensor:
+def model_logprobs(model, mb: MicroBatch, temperature: float, kernels: str) -> torch.Tensor:
     """Per-token log-probs of the micro-batch's targets (old policy or reference), no gradient."""
     return model(**model_inputs(mb), head=make_head(mb, temperature, kernels)).float()
 
@@ -185,7 +186,7 @@ CLIP_DEFAULTS = {"epsilon_low": 0.2, "epsilon_high": 0.28}   # DAPO's clip-highe
 CISPO_CAP = 5.0                                                # TRL's recommended cap on cispo's ratio
 
 
-def loss_options(cfg) -> dict:
+def policy_loss_options(cfg) -> dict:
     """The library's keyword arguments for this GRPO config: its loss type, each option the user set
     (one that does not apply then raises in the library's check), and our defaults where the type
     takes one. cispo's ratio cap, the library's epsilon_high, is ``grpo.cispo_cap``.

@@ -10,12 +10,12 @@ import time
 import torch
 
 import r1kernels
+from bench import hardware
 from trainer import parallel, registry, rewards as reward_fns, step as grpo_step
 from trainer.metrics import peak_memory_bytes
 from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
 from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
 
-PEAK_BF16_FLOPS = 989e12   # H100/H200 dense bf16, for MFU
 
 
 RESUME_FREE = ("checkpoint.", "log.")   # where and how often to save, and what to print: free to differ on a resume
@@ -241,8 +241,10 @@ class Trainer:
             row["reward_failures"] = sum(self.rewards.failures.values()) - failures_before
             if accuracy_column is not None:
                 row["accuracy"] = float(torch.nanmean(scores[:, accuracy_column]))
-            if self.world.device.type == "cuda":
-                row["mfu"] = 6 * self.n_params * g_tokens / t_train / (PEAK_BF16_FLOPS * self.world.size)
+            peaks = hardware.peak_for(torch.cuda.get_device_name(self.world.device)) \
+                if self.world.device.type == "cuda" else None
+            if peaks is not None:          # MFU against the datasheet's dense bf16 rate of a known GPU
+                row["mfu"] = 6 * self.n_params * g_tokens / t_train / (peaks[1]["bf16"] * self.world.size)
             every = self.cfg.log.eval_every
             row["eval_accuracy"] = self.evaluate() if every and (step + 1) % every == 0 else None
             self.log.log(row, cfg.steps)
@@ -265,7 +267,7 @@ class Trainer:
         scale = grpo_step.loss_scale(normaliser, self.world.size)
         if cfg.num_iterations > 1 or sampling_logprobs is not None:
             for mb in batches:
-                mb.old_logprobs = grpo_step.token_logprobs(self.model, mb, temperature, cfg.kernels)
+                mb.old_logprobs = grpo_step.model_logprobs(self.model, mb, temperature, cfg.kernels)
         mismatch = None
         if sampling_logprobs is not None:
             parts = [grpo_step.sampler_mismatch(mb, sampling_logprobs) for mb in batches]
@@ -279,8 +281,8 @@ class Trainer:
                     mb.old_logprobs = None
         if self.ref_model is not None:
             for mb in batches:
-                mb.ref_logprobs = grpo_step.token_logprobs(self.ref_model, mb, temperature, cfg.kernels)
-        options = grpo_step.loss_options(cfg)
+                mb.ref_logprobs = grpo_step.model_logprobs(self.ref_model, mb, temperature, cfg.kernels)
+        options = grpo_step.policy_loss_options(cfg)
         sums, extremes, weight_total = {}, {}, 0.0
         for _ in range(cfg.num_iterations):
             loss_total = 0.0
