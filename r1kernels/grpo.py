@@ -143,12 +143,16 @@ def loss_normaliser(loss_type: str, num_seqs, num_tokens, max_completion_length:
 class LossType:
     """One loss type (its name is TRL's ``GRPOConfig.loss_type``): the per-token loss
     ``token_loss(ratio, adv, logp, options) -> (l, clipped low, clipped high)``, a key of
-    NORMALISERS, and the type-specific options it accepts and needs. Adding a loss type is one
-    entry here plus its float64 reference (``r1kernels/reference/grpo.py``)."""
+    NORMALISERS, the type-specific options it accepts and needs, and what callers ask of it as
+    fields (``clipped``, ``whole_sequence``, ``needs_max_completion_length``, ``counts_items``) rather
+    than by testing option names. Adding a loss type is one entry here plus its float64 reference
+    (``r1kernels/reference/grpo.py``)."""
     token_loss: Callable
     normaliser: str
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
+    # PPO's clipped ratio: epsilon_low / epsilon_high (defaults 0.2 / epsilon_low), delta, clip_ratio_c
+    clipped: bool = False
     # a per-sequence weight from the whole sequence (vespo), passed to token_loss as seq_weight; such a
     # type folds is_ratio into it and takes the two-pass route
     sequence_weight: Optional[Callable] = None
@@ -161,16 +165,31 @@ class LossType:
     def needs(self) -> tuple[str, ...]:
         return self.required + NORMALISERS[self.normaliser].required
 
+    @property
+    def whole_sequence(self) -> bool:
+        """A token's loss depends on its whole sequence (the fused loss then cannot run in one pass)."""
+        return self.sequence_weight is not None
+
+    @property
+    def needs_max_completion_length(self) -> bool:
+        """Its normaliser is B * max_completion_length (Dr. GRPO): pass max_completion_length."""
+        return "max_completion_length" in NORMALISERS[self.normaliser].options
+
+    @property
+    def counts_items(self) -> bool:
+        """Normalised by TRL's num_items_in_batch (the generation batch's tokens, all ranks) when given."""
+        return "num_items_in_batch" in NORMALISERS[self.normaliser].options
+
 
 _CLIP_OPTIONS = ("epsilon_low", "epsilon_high", "delta", "clip_ratio_c")
 LOSS_TYPES = {
-    "grpo": LossType(_clipped_token_loss, "sequence", _CLIP_OPTIONS),
-    "bnpo": LossType(_clipped_token_loss, "tokens", _CLIP_OPTIONS),
-    "dr_grpo": LossType(_clipped_token_loss, "fixed_length", _CLIP_OPTIONS),
-    "dapo": LossType(_clipped_token_loss, "items", _CLIP_OPTIONS),
+    "grpo": LossType(_clipped_token_loss, "sequence", _CLIP_OPTIONS, clipped=True),
+    "bnpo": LossType(_clipped_token_loss, "tokens", _CLIP_OPTIONS, clipped=True),
+    "dr_grpo": LossType(_clipped_token_loss, "fixed_length", _CLIP_OPTIONS, clipped=True),
+    "dapo": LossType(_clipped_token_loss, "items", _CLIP_OPTIONS, clipped=True),
     "cispo": LossType(_cispo_token_loss, "items", ("epsilon_high",), required=("epsilon_high",)),
     "sapo": LossType(_sapo_token_loss, "sequence", ("sapo_temperature_pos", "sapo_temperature_neg")),
-    "luspo": LossType(_clipped_token_loss, "sequence_sum", _CLIP_OPTIONS),
+    "luspo": LossType(_clipped_token_loss, "sequence_sum", _CLIP_OPTIONS, clipped=True),
     "vespo": LossType(_vespo_token_loss, "items", tuple(_VESPO_DEFAULTS), sequence_weight=_vespo_weight),
 }
 # every option that only some loss types accept
@@ -585,19 +604,14 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     known before the pass), the gradients are computed in the forward, chunk by chunk, by autograd
     over policy_loss's own per-token code: three GEMM-equivalents, no recomputed logits, and
     ``loss.backward()`` only scales the stored d hidden / d weight / d bias. Their memory (the size
-    of the gradients themselves) is held from the forward on. GSPO (the ratio is a sequence mean),
-    the fully fused Triton kernel, compiled graphs and ``torch.no_grad`` take the two-pass route:
-    log-probs forward, policy_loss, then the recomputing backward.
+    of the gradients themselves) is held from the forward on. The cases of ``TWO_PASS_ROUTES`` (GSPO,
+    batch-wide masks, vespo, the fully fused kernel, compiled graphs, autocast, no gradient) take the
+    two-pass route: log-probs forward, policy_loss, then the recomputing backward.
     """
     if "entropy" in options:
         raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
     token_mask = _mask_from_targets(targets, mask)
-    wants_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    batch_wide = (options.get("importance_sampling_level", "token") != "token"
-                  or options.get("off_policy_mask_threshold") is not None
-                  or options.get("top_entropy_quantile", 1.0) < 1.0      # a token's gradient needs its whole batch
-                  or LOSS_TYPES.get(options.get("loss_type", "grpo"), LOSS_TYPES["grpo"]).sequence_weight is not None)
-    if wants_grad and not batch_wide:
+    if _two_pass_reason(hidden, weight, bias, options) is None:
         out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
                                          deterministic, options)
         if out is not None:
@@ -607,6 +621,39 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     if not options.get("entropy_coef"):
         ent = ent.detach()
     return policy_loss(logp, advantages, token_mask, entropy=ent, **options)
+
+
+# Why linear_grpo_loss takes the two-pass route (log-probs forward, policy_loss, then the recomputing
+# backward) rather than computing the gradients in the forward. The first five are read from the
+# options (_two_pass_reason), the last three from the fused lm_head (logprobs.one_pass_blocker). The
+# README and docs/design.md list them, written by scripts/generate_docs.py; tests/test_docs.py checks both.
+TWO_PASS_ROUTES = {
+    "no_grad": "no gradient is asked for (`torch.no_grad`, or no input requires grad)",
+    "sequence_level": "GSPO, `importance_sampling_level=\"sequence\"` (the ratio is a sequence mean)",
+    "off_policy_mask": "`off_policy_mask_threshold` (the mask is a sequence's mean KL)",
+    "top_entropy_quantile": "`top_entropy_quantile < 1` (the threshold is a quantile over the batch)",
+    "whole_sequence": "a loss type whose token loss depends on its whole sequence (vespo)",
+    "fused_tile": "the fully fused Triton kernel (`triton_tile`, or `deterministic=True` on `triton`), "
+                  "which needs every row's statistics before any d logits",
+    "compiled": "a `torch.compile` graph",
+    "autocast": "`torch.autocast`",
+}
+
+
+def _two_pass_reason(hidden, weight, bias, options) -> Optional[str]:
+    """The TWO_PASS_ROUTES key read from the inputs and options (a token's gradient would need more than
+    the token), or None: the one-pass route is tried (the fused lm_head may still decline)."""
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))):
+        return "no_grad"
+    if options.get("importance_sampling_level", "token") != "token":
+        return "sequence_level"
+    if options.get("off_policy_mask_threshold") is not None:
+        return "off_policy_mask"
+    if options.get("top_entropy_quantile", 1.0) < 1.0:
+        return "top_entropy_quantile"
+    if LOSS_TYPES.get(options.get("loss_type", "grpo"), LOSS_TYPES["grpo"]).whole_sequence:
+        return "whole_sequence"
+    return None
 
 
 def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature, deterministic,

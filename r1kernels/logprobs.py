@@ -307,6 +307,17 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
     return hidden_2d, weight, targets.reshape(-1), inv_temperature, backend, bool(deterministic)
 
 
+def one_pass_blocker(hidden: Tensor, backend: str, deterministic: bool) -> Optional[str]:
+    """Why the fused lm_head cannot run one pass here (a key of ``grpo.TWO_PASS_ROUTES``), or None."""
+    if _fused_tile(backend, deterministic):
+        return "fused_tile"
+    if torch.compiler.is_compiling():
+        return "compiled"
+    if _autocast_dtype(hidden) is not None:
+        return "autocast"
+    return None
+
+
 def linear_token_logprobs_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
                                    temperature: float, token_grads, deterministic: Optional[bool] = None):
     """The fused lm_head op when the upstream gradient is known chunk by chunk in the forward.
@@ -319,7 +330,7 @@ def linear_token_logprobs_one_pass(hidden: Tensor, weight: Tensor, targets: Tens
     """
     hidden_2d, weight, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
         hidden, weight, targets, bias, temperature, deterministic)
-    if _fused_tile(backend, deterministic) or torch.compiler.is_compiling() or _autocast_dtype(hidden) is not None:
+    if one_pass_blocker(hidden, backend, deterministic) is not None:
         return None
     from r1kernels.kernels import chunked_linear
     _checks.target_ids_in_range(targets_1d, weight.shape[0])

@@ -28,7 +28,7 @@ def _batch(dtype=torch.float64, spread=0.6):
 
 def _cases():
     for loss_type, entry in LOSS_TYPES.items():
-        clipped = "delta" in entry.accepts
+        clipped = entry.clipped
         for level, beta in itertools.product(("token", "sequence"), (0.0, 0.04)):
             for delta, clip_c in ([(None, None), (1.5, None), (None, 3.0), (1.5, 3.0)] if clipped else [(None, None)]):
                 yield loss_type, level, beta, delta, clip_c
@@ -36,7 +36,7 @@ def _cases():
 
 def _options(loss_type, level, beta, delta, clip_c):
     opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
-    values = dict(epsilon_low=0.2, epsilon_high=0.28 if "delta" in LOSS_TYPES[loss_type].accepts else 1.5,
+    values = dict(epsilon_low=0.2, epsilon_high=0.28 if LOSS_TYPES[loss_type].clipped else 1.5,
                   delta=delta, clip_ratio_c=clip_c, max_completion_length=12, num_items_in_batch=37.0,
                   sapo_temperature_pos=None, sapo_temperature_neg=None, vespo_k_pos=1.5, vespo_lambda_pos=None,
                   vespo_k_neg=None, vespo_lambda_neg=2.5)
@@ -330,7 +330,7 @@ def test_loss_sum_over_summed_normalisers_is_the_whole_batch_loss(loss_type):
     opts = dict(loss_type=loss_type, beta=0.04)
     if "epsilon_high" in LOSS_TYPES[loss_type].needs:
         opts["epsilon_high"] = 1.5
-    if "max_completion_length" in LOSS_TYPES[loss_type].accepts:
+    if LOSS_TYPES[loss_type].needs_max_completion_length:
         opts["max_completion_length"] = 12
 
     def call(rows):

@@ -144,7 +144,7 @@ def test_trl_compute_loss_equals_ours_with_loss_options(loss_type, extra):
     options = r1k_trl.loss_options(args)
     ours = r1kernels.policy_loss(logp, adv, mask.bool(), old_logprobs=old, ref_logprobs=ref if args.beta else None,
                                  entropy=entropy, num_items_in_batch=mask.sum().double()
-                                 if "num_items_in_batch" in r1kernels.grpo.LOSS_TYPES[loss_type].accepts else None,
+                                 if r1kernels.grpo.LOSS_TYPES[loss_type].counts_items else None,
                                  **options)
     grads = torch.autograd.grad(ours.loss, (logp, entropy), allow_unused=True)
     # TRL builds sapo's temperatures and vespo's k and lambda as float32 tensors (torch.where of two
@@ -157,7 +157,7 @@ def test_trl_compute_loss_equals_ours_with_loss_options(loss_type, extra):
     # the clip metrics as TRL logs them (cispo: tokens with A > 0 only; with delta: on the capped ratio)
     names = ({"clip_ratio_high": "cispo_clip_ratio"} if loss_type == "cispo" else
              {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "clip_ratio/high_mean",
-              "clip_ratio_region": "clip_ratio/region_mean"} if "delta" in r1kernels.grpo.LOSS_TYPES[loss_type].accepts
+              "clip_ratio_region": "clip_ratio/region_mean"} if r1kernels.grpo.LOSS_TYPES[loss_type].clipped
              else {})
     for ours_name, trl_name in names.items():
         # TRL averages in float32 (its mask count is cast to float)

@@ -84,7 +84,7 @@ def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed):
     options = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
     if "epsilon_high" in LOSS_TYPES[loss_type].needs:
         options["epsilon_high"] = 4.0
-    if "max_completion_length" in LOSS_TYPES[loss_type].accepts:
+    if LOSS_TYPES[loss_type].needs_max_completion_length:
         options["max_completion_length"] = width + 3
     out = r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref_lp if beta else None, **options)
     (grad,) = torch.autograd.grad(out.loss, logp)

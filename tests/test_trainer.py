@@ -321,7 +321,7 @@ def test_grpo_step_equals_float64_reference(loss_type, tmp_path):
         mask[len(p) - 1:len(ids) - 1] = True
         logps.append(torch.nn.functional.pad(lp, (0, width - len(ids))))
         masks.append(torch.nn.functional.pad(mask, (0, width - len(ids))))
-    extra = dict(num_items_in_batch=float(tokens)) if "num_items_in_batch" in LOSS_TYPES[loss_type].accepts else {}
+    extra = dict(num_items_in_batch=float(tokens)) if LOSS_TYPES[loss_type].counts_items else {}
     ref = grpo_loss_ref(torch.stack(logps), torch.tensor(adv, dtype=torch.float64), torch.stack(masks),
                         loss_type=loss_type, epsilon_high=options.get("epsilon_high"), max_completion_length=12,
                         **extra)

@@ -306,7 +306,7 @@ def _validate_loss(cfg: TrainerConfig) -> None:
     if g.loss_type != "cispo" and g.cispo_cap is not None:
         raise ConfigError(f"grpo.cispo_cap applies to loss_type 'cispo', not {g.loss_type!r}")
     options = policy_loss_options(g)
-    if "max_completion_length" in LOSS_TYPES[g.loss_type].accepts:
+    if LOSS_TYPES[g.loss_type].needs_max_completion_length:
         options["max_completion_length"] = cfg.rollout.max_new_tokens
     try:
         check_options(**options)

@@ -191,14 +191,14 @@ def policy_loss_options(cfg) -> dict:
     (one that does not apply then raises in the library's check), and our defaults where the type
     takes one. cispo's ratio cap, the library's epsilon_high, is ``grpo.cispo_cap``.
     (max_completion_length is added per micro-batch, by micro_batch_loss.)"""
-    accepts = LOSS_TYPES[cfg.loss_type].accepts
+    clipped = LOSS_TYPES[cfg.loss_type].clipped
     options = dict(loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level, beta=cfg.beta)
     if cfg.loss_type == "cispo":
         options["epsilon_high"] = CISPO_CAP if cfg.cispo_cap is None else cfg.cispo_cap
         return options
     for name, default in CLIP_DEFAULTS.items():
         value = getattr(cfg, name)
-        if value is not None or name in accepts:
+        if value is not None or clipped:
             options[name] = default if value is None else value
     return options
 
@@ -217,6 +217,6 @@ def loss_scale(global_normaliser: float, world_size: int) -> float:
 def micro_batch_loss(model, mb: MicroBatch, cfg, temperature: float, max_completion_length: int, options: dict):
     """The (unscaled) loss output of one micro-batch, gradients attached."""
     loss = dict(options)
-    if "max_completion_length" in LOSS_TYPES[cfg.loss_type].accepts:
+    if LOSS_TYPES[cfg.loss_type].needs_max_completion_length:
         loss["max_completion_length"] = max_completion_length
     return model(**model_inputs(mb), head=make_head(mb, temperature, cfg.kernels, loss))

@@ -206,7 +206,7 @@ def _fused_compute_loss(trainer, model, inputs):
     args = trainer.args
     mode = "train" if trainer.model.training else "eval"
     accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    items = "num_items_in_batch" in LOSS_TYPES[args.loss_type].accepts
+    items = LOSS_TYPES[args.loss_type].counts_items
     # TRL divides each micro-batch's policy loss by the accumulation steps GA, except where num_items_in_batch
     # (dapo, cispo, vespo) normalises it: that count spans the generation batch of steps_per_generation (spg)
     # micro-batches, so TRL rescales by spg / GA instead. Its entropy bonus is divided by GA whatever the type:

@@ -1,0 +1,76 @@
+"""Write the parts of README.md and docs/design.md that restate tables of the code, from the code.
+
+Each generated part sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the text
+around it is written by hand. Parts:
+
+    two-pass-routes  r1kernels.grpo.TWO_PASS_ROUTES: when linear_grpo_loss does not compute the
+                     gradients in its forward
+    loss-types       r1kernels.grpo.LOSS_TYPES: each type's normaliser, options and capabilities
+
+Run: python scripts/generate_docs.py [--check]   (--check: exit 1, naming the files, where they differ;
+tests/test_docs.py runs the check).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from r1kernels import grpo  # noqa: E402
+
+FILES = (ROOT / "README.md", ROOT / "docs" / "design.md")
+_BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+
+def two_pass_routes() -> str:
+    return "".join(f"- {text}\n" for text in grpo.TWO_PASS_ROUTES.values())
+
+
+def loss_types() -> str:
+    lines = ["| loss type | normaliser | clipped ratio | whole sequence | options | needs |",
+             "|---|---|---|---|---|---|"]
+    for name, entry in grpo.LOSS_TYPES.items():
+        options = ", ".join(f"`{o}`" for o in entry.accepts) or "-"
+        needs = ", ".join(f"`{o}`" for o in entry.needs) or "-"
+        lines.append(f"| `{name}` | {entry.normaliser} | {'yes' if entry.clipped else 'no'} | "
+                     f"{'yes' if entry.whole_sequence else 'no'} | {options} | {needs} |")
+    return "\n".join(lines) + "\n"
+
+
+PARTS = {"two-pass-routes": two_pass_routes, "loss-types": loss_types}
+
+
+def render(text: str) -> str:
+    """``text`` with every generated part rewritten; an unknown part name raises."""
+    def fill(match):
+        name = match.group("name")
+        if name not in PARTS:
+            raise KeyError(f"unknown generated part {name!r} (known: {tuple(PARTS)})")
+        return match.group(1) + PARTS[name]() + match.group(4)
+    return _BLOCK.sub(fill, text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report stale files instead of writing them")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in FILES:
+        text = path.read_text()
+        fresh = render(text)
+        if fresh != text:
+            stale.append(path.relative_to(ROOT).as_posix())
+            if not args.check:
+                path.write_text(fresh)
+    if args.check and stale:
+        print(f"stale generated parts in {', '.join(stale)}: run python scripts/generate_docs.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
