@@ -61,13 +61,15 @@ def _group_normalize(rewards: Tensor, weights: Optional[Tensor], group_size: int
             # few long groups would be few programs of the tile kernel: the persistent kernel spreads
             # each group over every SM (its slot of a row is row // group_size, no hashing)
             adv, mean, std, constant, _ = advantages_by_id.group_normalize_by_id(
-                rewards, weights, None, leave_one_out, scale, eps, batch_denominator, True, group_size=group_size)
+                rewards, weights, None, leave_one_out=leave_one_out, scale=scale, eps=eps,
+                batch_denominator=batch_denominator, with_stats=True, group_size=group_size)
             return adv, mean, std, constant
-        return advantages.group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator)
+        return advantages.group_normalize(rewards, weights, group_size=group_size, leave_one_out=leave_one_out,
+                                          scale=scale, eps=eps, batch_denominator=batch_denominator)
     if backend == "cuda":
         rewards, weights = _as_cuda_input(rewards, weights)
-    return _segment_kernel(backend)(rewards, weights, group_size, None, None, leave_one_out, scale, eps,
-                                    batch_denominator)
+    return _segment_kernel(backend)(rewards, weights, group_size=group_size, leave_one_out=leave_one_out, scale=scale,
+                                    eps=eps, batch_denominator=batch_denominator)
 
 
 @_group_normalize.register_fake
@@ -85,16 +87,18 @@ def _group_normalize_by_id(rewards: Tensor, weights: Optional[Tensor], group_ids
     """Arbitrary ids: (adv [B], and with_stats each row's group mean, std, constant, is_first [B])."""
     if backend == "triton":
         from r1kernels.triton.advantages_by_id import group_normalize_by_id
-        return group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator,
-                                     with_stats)
+        return group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale, eps=eps,
+                                     batch_denominator=batch_denominator, with_stats=with_stats)
     if backend == "cpu":
         from r1kernels.kernels import cpp_advantages
-        return cpp_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,
-                                                    batch_denominator, with_stats)
+        return cpp_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out,
+                                                    scale=scale, eps=eps, batch_denominator=batch_denominator,
+                                                    with_stats=with_stats)
     if backend == "cuda":
         rewards, weights = _as_cuda_input(rewards, weights)
-    return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps,
-                                                  batch_denominator, with_stats, _segment_kernel(backend))
+    return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out,
+                                                  scale=scale, eps=eps, batch_denominator=batch_denominator,
+                                                  with_stats=with_stats, segment_kernel=_segment_kernel(backend))
 
 
 @_group_normalize_by_id.register_fake
@@ -190,8 +194,8 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         summed = sum(out[0] if weights is None else weights[k] * out[0] for k, out in enumerate(per_column))
         summed = torch.where((~torch.isfinite(rewards_2d)).all(1), torch.nan, summed)
         # GDPO's last step: the summed advantages normalised as one group of the whole batch
-        adv = torch_advantages.group_normalize(summed[:, None], None, summed.shape[0], None, None, False, "group",
-                                               eps, None)[0]
+        adv = torch_advantages.group_normalize(summed[:, None], None, group_size=summed.shape[0], leave_one_out=False,
+                                               scale="group", eps=eps)[0]
         if not return_stats:
             return adv
         mean, std, constant = (torch.stack([out[i] for out in per_column], 1) for i in (1, 2, 3))

@@ -21,7 +21,6 @@ luspo: sum(l m) / B. Finally loss -= entropy_coef * the token mean of H over the
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable, Optional
 
 import torch
@@ -286,64 +285,114 @@ def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
     return k3.clamp(-10.0, 10.0) if estimator == "k3_clamped" else k3
 
 
-def _validate_options(loss_type, importance_sampling_level, epsilon_low, epsilon_high, delta, beta,
-                      num_items_in_batch, num_processes, max_completion_length, clip_ratio_c, kl_estimator,
-                      entropy_coef, sapo_temperature_pos, sapo_temperature_neg, use_bias_correction_kl,
-                      off_policy_mask_threshold, top_entropy_quantile, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
-                      vespo_lambda_neg, has_ref: bool):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """Every option of the GRPO-family loss, declared once: its default here and its meaning beside it.
+    policy_loss, grpo_loss, linear_grpo_loss and check_options take these as keyword arguments (an
+    unknown one raises TypeError, a bad value or one that does not apply to ``loss_type`` ValueError).
+    None: the loss type's default, or off."""
+    loss_type: str = "grpo"                          # a key of LOSS_TYPES (TRL's names)
+    importance_sampling_level: str = "token"         # "sequence": GSPO, the ratio is a sequence mean
+    epsilon_low: Optional[float] = None              # clipped types: the ratio's lower clip 1 - eps (0.2)
+    epsilon_high: Optional[float] = None             # clipped: upper clip 1 + eps (epsilon_low); cispo: its cap
+    delta: Optional[float] = None                    # clipped: a two-sided bound on the ratio (TRL's delta)
+    beta: float = 0.0                                # KL coefficient (needs ref_logprobs)
+    num_items_in_batch: object = None                # TRL's token count of the generation batch, all ranks
+    num_processes: int = 1                           # ... divided by this (the ranks)
+    max_completion_length: Optional[int] = None      # dr_grpo's normaliser: B * max_completion_length
+    clip_ratio_c: Optional[float] = None             # verl's dual clip for A < 0
+    kl_estimator: str = "k3"                         # one of KL_ESTIMATORS
+    entropy_coef: float = 0.0                        # entropy bonus, a token mean (TRL)
+    sapo_temperature_pos: Optional[float] = None     # sapo's gate temperatures (1.0 for A > 0, 1.05 for A < 0)
+    sapo_temperature_neg: Optional[float] = None
+    use_bias_correction_kl: bool = True              # the KL term times the importance ratio (TRL's default)
+    off_policy_mask_threshold: Optional[float] = None  # DeepSeek-V3.2's off-policy sequence mask
+    top_entropy_quantile: float = 1.0                # keep the policy term of the top-entropy tokens only
+    vespo_k_pos: Optional[float] = None              # vespo's per-sequence weight shape and scale
+    vespo_lambda_pos: Optional[float] = None
+    vespo_k_neg: Optional[float] = None
+    vespo_lambda_neg: Optional[float] = None
 
-    given = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
-                 num_items_in_batch=num_items_in_batch, max_completion_length=max_completion_length,
-                 sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                 vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                 vespo_lambda_neg=vespo_lambda_neg)
-    entry = LOSS_TYPES[loss_type]
-    for name in TYPE_OPTIONS:
-        if given[name] is not None and name not in entry.accepts:
-            types = tuple(lt for lt, e in LOSS_TYPES.items() if name in e.accepts)
-            raise ValueError(f"{name} applies to loss_type in {types}, not {loss_type!r}")
-    for name in entry.needs:
-        if given[name] is None:
-            raise ValueError(f"{loss_type} needs {name}: {_WHY_NEEDED[name]}")
-    if num_items_in_batch is not None:
-        _checks.positive_count("num_items_in_batch", num_items_in_batch)
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
-    if epsilon_low is not None and not 0 <= epsilon_low < 1:
-        raise ValueError(f"epsilon_low must be in [0, 1), got {epsilon_low}")
-    if epsilon_high is not None and not epsilon_high >= 0:
-        raise ValueError(f"epsilon_high must be >= 0, got {epsilon_high}")
-    if delta is not None and not delta > 1:
-        raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {delta}")
-    if clip_ratio_c is not None and not clip_ratio_c > 1:
-        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and not has_ref:
-        raise ValueError("beta > 0 needs ref_logprobs")
-    if max_completion_length is not None and not max_completion_length >= 1:
-        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-    for name, tau in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        if tau is not None and not tau > 0:
-            raise ValueError(f"{name} must be > 0, got {tau}")
-    for name in _VESPO_DEFAULTS:
-        if given[name] is not None and not given[name] >= 0:
-            raise ValueError(f"{name} must be >= 0, got {given[name]}")
-    if not isinstance(use_bias_correction_kl, bool):
-        raise TypeError(f"use_bias_correction_kl must be a bool, got {use_bias_correction_kl!r}")
-    if not entropy_coef >= 0:
-        raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}")
-    if off_policy_mask_threshold is not None and not off_policy_mask_threshold >= 0:
-        raise ValueError("off_policy_mask_threshold must be >= 0 (a mean log-prob drift), "
-                         f"got {off_policy_mask_threshold}")
-    if isinstance(top_entropy_quantile, bool) or not 0 < top_entropy_quantile <= 1:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile!r}")
+    def validate(self, has_ref: bool) -> None:
+        """Raise on a bad value or an option that does not apply to the loss type."""
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {tuple(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IS_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, "
+                             f"got {self.importance_sampling_level!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+
+        given = self.as_dict()
+        entry = LOSS_TYPES[self.loss_type]
+        for name in TYPE_OPTIONS:
+            if given[name] is not None and name not in entry.accepts:
+                types = tuple(lt for lt, e in LOSS_TYPES.items() if name in e.accepts)
+                raise ValueError(f"{name} applies to loss_type in {types}, not {self.loss_type!r}")
+        for name in entry.needs:
+            if given[name] is None:
+                raise ValueError(f"{self.loss_type} needs {name}: {_WHY_NEEDED[name]}")
+        if self.num_items_in_batch is not None:
+            _checks.positive_count("num_items_in_batch", self.num_items_in_batch)
+        if isinstance(self.num_processes, bool) or not isinstance(self.num_processes, int) or self.num_processes < 1:
+            raise ValueError(f"num_processes must be an int >= 1, got {self.num_processes!r}")
+        if self.epsilon_low is not None and not 0 <= self.epsilon_low < 1:
+            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low}")
+        if self.epsilon_high is not None and not self.epsilon_high >= 0:
+            raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        if self.delta is not None and not self.delta > 1:
+            raise ValueError(f"delta must be > 1 (an upper bound on the ratio), got {self.delta}")
+        if self.clip_ratio_c is not None and not self.clip_ratio_c > 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {self.clip_ratio_c}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.beta > 0 and not has_ref:
+            raise ValueError("beta > 0 needs ref_logprobs")
+        if self.max_completion_length is not None and not self.max_completion_length >= 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if given[name] is not None and not given[name] > 0:
+                raise ValueError(f"{name} must be > 0, got {given[name]}")
+        for name in _VESPO_DEFAULTS:
+            if given[name] is not None and not given[name] >= 0:
+                raise ValueError(f"{name} must be >= 0, got {given[name]}")
+        if not isinstance(self.use_bias_correction_kl, bool):
+            raise TypeError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
+        if not self.entropy_coef >= 0:
+            raise ValueError(f"entropy_coef must be >= 0, got {self.entropy_coef}")
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0:
+            raise ValueError("off_policy_mask_threshold must be >= 0 (a mean log-prob drift), "
+                             f"got {self.off_policy_mask_threshold}")
+        if isinstance(self.top_entropy_quantile, bool) or not 0 < self.top_entropy_quantile <= 1:
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
+
+    def as_dict(self) -> dict:
+        """The options by name (values as given: a 0-d tensor stays that tensor)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def two_pass_reason(self) -> Optional[str]:
+        """The TWO_PASS_ROUTES key these options send linear_grpo_loss to (a token's gradient needs more
+        than the token), or None."""
+        if self.importance_sampling_level != "token":
+            return "sequence_level"
+        if self.off_policy_mask_threshold is not None:
+            return "off_policy_mask"
+        if self.top_entropy_quantile < 1.0:
+            return "top_entropy_quantile"
+        if LOSS_TYPES.get(self.loss_type, LOSS_TYPES["grpo"]).whole_sequence:
+            return "whole_sequence"
+        return None
+
+
+def loss_options(where: str, options: dict) -> LossOptions:
+    """``options`` (keyword arguments of ``where``) as LossOptions; an unknown name raises TypeError."""
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{where} got unexpected options {unknown}")
+    return LossOptions(**options)
+
+
+_OPTION_NAMES = tuple(field.name for field in dataclasses.fields(LossOptions))
 
 
 @dataclasses.dataclass
@@ -362,10 +411,10 @@ class _Terms:
 
 
 def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
-             acc: torch.dtype, options: dict, sampling_logprobs: Optional[Tensor] = None) -> _Terms:
+             acc: torch.dtype, options: LossOptions, sampling_logprobs: Optional[Tensor] = None) -> _Terms:
     """Validation and flattening shared by policy_loss and the one-pass fused loss."""
     _checks.floating("advantages", advantages)
-    _validate_options(has_ref=ref_logprobs is not None, **options)
+    options.validate(has_ref=ref_logprobs is not None)
     layout = _layout(shape_like, mask, cu_seqlens)
     adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
     old = layout.per_token("old_logprobs", old_logprobs)
@@ -374,7 +423,7 @@ def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_log
     sampling = layout.per_token("sampling_logprobs", sampling_logprobs)
     m = layout.mask.to(acc)
     return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
-                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options,
+                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options.as_dict(),
                   None if sampling is None else sampling.to(acc))
 
 
@@ -449,17 +498,9 @@ def _normalisation(t: _Terms) -> tuple[Tensor, Tensor]:
 
 def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,
                 old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
-                entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, loss_type: str = "grpo",
-                importance_sampling_level: str = "token", epsilon_low: Optional[float] = None,
-                epsilon_high: Optional[float] = None, delta: Optional[float] = None, beta: float = 0.0,
-                num_items_in_batch=None, num_processes: int = 1, max_completion_length: Optional[int] = None,
-                is_ratio: Optional[Tensor] = None, clip_ratio_c: Optional[float] = None, kl_estimator: str = "k3",
-                entropy_coef: float = 0.0, sapo_temperature_pos: Optional[float] = None,
-                sapo_temperature_neg: Optional[float] = None, use_bias_correction_kl: bool = True,
-                off_policy_mask_threshold: Optional[float] = None, top_entropy_quantile: float = 1.0,
-                sampling_logprobs: Optional[Tensor] = None, vespo_k_pos: Optional[float] = None,
-                vespo_lambda_pos: Optional[float] = None, vespo_k_neg: Optional[float] = None,
-                vespo_lambda_neg: Optional[float] = None) -> GRPOLossOutput:
+                entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                is_ratio: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
+                **options) -> GRPOLossOutput:
     """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
 
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
@@ -472,20 +513,13 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     (a raw cap, e.g. 5.0); sapo's temperatures default to 1.0 (A > 0) and 1.05 (A < 0).
     ``use_bias_correction_kl`` (TRL's default, True) multiplies the per-token KL by the importance
     ratio, which makes its gradient the unbiased reverse-KL gradient off-policy (DeepSeek-V3.2).
-    An option that does not apply to ``loss_type`` raises rather than being ignored.
+    An option that does not apply to ``loss_type`` raises rather than being ignored. ``options``: the
+    fields of ``LossOptions``, each declared there once with its default.
     """
     _checks.floating("logprobs", logprobs)
-    options = dict(loss_type=loss_type, importance_sampling_level=importance_sampling_level,
-                   epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, beta=beta,
-                   num_items_in_batch=num_items_in_batch, num_processes=num_processes,
-                   max_completion_length=max_completion_length, clip_ratio_c=clip_ratio_c,
-                   kl_estimator=kl_estimator, entropy_coef=entropy_coef, sapo_temperature_pos=sapo_temperature_pos,
-                   sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
-                   off_policy_mask_threshold=off_policy_mask_threshold, top_entropy_quantile=top_entropy_quantile,
-                   vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                   vespo_lambda_neg=vespo_lambda_neg)
+    opts = loss_options("policy_loss", options)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
-    t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, options,
+    t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, opts,
                  sampling_logprobs)
     return _loss_from_terms(t, logprobs, entropy)
 
@@ -640,32 +674,26 @@ TWO_PASS_ROUTES = {
 }
 
 
-def _two_pass_reason(hidden, weight, bias, options) -> Optional[str]:
-    """The TWO_PASS_ROUTES key read from the inputs and options (a token's gradient would need more than
-    the token), or None: the one-pass route is tried (the fused lm_head may still decline)."""
+def _two_pass_reason(hidden, weight, bias, options: dict) -> Optional[str]:
+    """The TWO_PASS_ROUTES key read from the inputs and the options, or None: the one-pass route is
+    tried (the fused lm_head may still decline)."""
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))):
         return "no_grad"
-    if options.get("importance_sampling_level", "token") != "token":
-        return "sequence_level"
-    if options.get("off_policy_mask_threshold") is not None:
-        return "off_policy_mask"
-    if options.get("top_entropy_quantile", 1.0) < 1.0:
-        return "top_entropy_quantile"
-    if LOSS_TYPES.get(options.get("loss_type", "grpo"), LOSS_TYPES["grpo"]).whole_sequence:
-        return "whole_sequence"
-    return None
+    loss_keys = {k: v for k, v in options.items() if k in _OPTION_NAMES}    # the tensors are not options
+    return loss_options("linear_grpo_loss", loss_keys).two_pass_reason()
 
 
 def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature, deterministic,
                                options) -> Optional[GRPOLossOutput]:
     """The one-pass route of linear_grpo_loss (None where it does not apply)."""
-    unknown = sorted(set(options) - set(_POLICY_DEFAULTS))
+    tensors = {k: options.get(k) for k in _TENSOR_ARGUMENTS}
+    unknown = sorted(set(options) - set(_OPTION_NAMES) - set(_TENSOR_ARGUMENTS))
     if unknown:
         raise TypeError(f"linear_grpo_loss got unexpected options {unknown}")
+    opts = LossOptions(**{k: v for k, v in options.items() if k not in _TENSOR_ARGUMENTS})
     acc = accumulation_dtype(hidden.dtype)
-    full = dict(_POLICY_DEFAULTS, **options)
-    t = _prepare(targets, advantages, token_mask, full["old_logprobs"], full["ref_logprobs"], full["cu_seqlens"],
-                 full["is_ratio"], acc, {k: full[k] for k in _OPTION_NAMES}, full["sampling_logprobs"])
+    t = _prepare(targets, advantages, token_mask, tensors["old_logprobs"], tensors["ref_logprobs"],
+                 tensors["cu_seqlens"], tensors["is_ratio"], acc, opts, tensors["sampling_logprobs"])
     unit, denominator = _normalisation(t)
     weights = unit / denominator
     bonus_weights = t.m / t.m.sum().clamp(min=1.0)      # the entropy bonus: a token mean (no entropy mask here)
@@ -693,11 +721,8 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
     return dataclasses.replace(out, loss=loss)
 
 
-_POLICY_DEFAULTS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
-                    if p.kind == inspect.Parameter.KEYWORD_ONLY}
-_OPTION_NAMES = tuple(name for name in _POLICY_DEFAULTS
-                      if name not in ("old_logprobs", "ref_logprobs", "entropy", "cu_seqlens", "is_ratio",
-                                      "sampling_logprobs"))
+# policy_loss's tensor keyword arguments, which linear_grpo_loss passes through with the options
+_TENSOR_ARGUMENTS = ("old_logprobs", "ref_logprobs", "cu_seqlens", "is_ratio", "sampling_logprobs")
 
 
 def check_options(**options) -> None:
@@ -706,7 +731,7 @@ def check_options(**options) -> None:
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
         raise TypeError(f"unknown loss options {unknown}")
-    _validate_options(has_ref=True, **{**{name: _POLICY_DEFAULTS[name] for name in _OPTION_NAMES}, **options})
+    LossOptions(**options).validate(has_ref=True)
 
 
 class _LossWithGradients(torch.autograd.Function):

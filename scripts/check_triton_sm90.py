@@ -288,10 +288,12 @@ def _advantages():
         for scale, denominator in (("group", None), ("batch", torch.ones((), dtype=dtype)), ("none", None)):
             for w in (None, weights):
                 for loo in (False, True):
-                    advantages.group_normalize(rewards, w, 16, loo, scale, 1e-4, denominator)
-                    advantages_by_id.group_normalize_by_id(rewards, w, ids, loo, scale, 1e-4, denominator, True)
-        advantages_by_id.group_normalize_by_id(rewards, None, ids.int(), False, "group", 1e-4, None, False)
-        advantages_by_id.group_normalize_by_id(rewards, weights, None, False, "group", 1e-4, None, True,
+                    options = dict(leave_one_out=loo, scale=scale, eps=1e-4, batch_denominator=denominator)
+                    advantages.group_normalize(rewards, w, group_size=16, **options)
+                    advantages_by_id.group_normalize_by_id(rewards, w, ids, **options, with_stats=True)
+        options = dict(leave_one_out=False, scale="group", eps=1e-4, batch_denominator=None)
+        advantages_by_id.group_normalize_by_id(rewards, None, ids.int(), **options, with_stats=False)
+        advantages_by_id.group_normalize_by_id(rewards, weights, None, **options, with_stats=True,
                                                group_size=128)
 
 

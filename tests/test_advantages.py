@@ -298,8 +298,10 @@ def test_triton_id_kernel_many_programs_match_one_bitwise():
     rewards = torch.randn(batch, 3, generator=gen) * 2 + 5
     rewards[::17, 0] = float("nan")
     weights = torch.tensor([1.0, 0.5, 0.25])
-    one = group_normalize_by_id(rewards, weights, ids, False, "group", 1e-4, None, True)
-    many = _launch(rewards, weights, ids, False, "group", 1e-4, None, True, programs=3, split_phases=True)
+    one = group_normalize_by_id(rewards, weights, ids, leave_one_out=False, scale="group", eps=1e-4,
+                                batch_denominator=None, with_stats=True)
+    many = _launch(rewards, weights, ids, leave_one_out=False, scale="group", eps=1e-4, batch_denominator=None,
+                   with_stats=True, programs=3, split_phases=True)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
     ref = group_advantages_ref(rewards, _from_ids(ids), reward_weights=weights)
@@ -364,9 +366,10 @@ def test_triton_long_contiguous_groups_use_the_persistent_kernel():
     combined[5] = float("nan")
     expected_mean = torch.stack([g[~torch.isnan(g)].mean() for g in combined.view(2, size)])
     assert_close_scaled(stats.group_mean, expected_mean, 1e-6)
-    one = group_normalize_by_id(rewards, None, None, True, "group", 1e-4, None, True, group_size=size)
-    many = _launch(rewards, None, None, True, "group", 1e-4, None, True, group_size=size, programs=4,
-                   split_phases=True)
+    one = group_normalize_by_id(rewards, None, None, leave_one_out=True, scale="group", eps=1e-4,
+                                batch_denominator=None, with_stats=True, group_size=size)
+    many = _launch(rewards, None, None, leave_one_out=True, scale="group", eps=1e-4, batch_denominator=None,
+                   with_stats=True, group_size=size, programs=4, split_phases=True)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
@@ -419,9 +422,11 @@ def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
         assert set(ops) <= {"unsqueeze", "slice", "view", "alias", "group_normalize", "group_normalize_by_id"}, ops
         ops.clear()
         with LogOps():
-            group_normalize_by_id(rewards, weights, ids, True, "group", 1e-4, None, True)
-            group_normalize_by_id(rewards, None, None, False, "group", 1e-4, None, True, group_size=12)
-            group_normalize(rewards, weights, 8, False, "none", 1e-4, None)
+            group_normalize_by_id(rewards, weights, ids, leave_one_out=True, scale="group", eps=1e-4,
+                                  batch_denominator=None, with_stats=True)
+            group_normalize_by_id(rewards, None, None, leave_one_out=False, scale="group", eps=1e-4,
+                                  batch_denominator=None, with_stats=True, group_size=12)
+            group_normalize(rewards, weights, group_size=8, leave_one_out=False, scale="none", eps=1e-4)
         assert set(ops) <= {"empty", "empty_strided"}, ops
     assert launches == ["_r1k_advantages_by_id", "_r1k_advantages_grouped"] + \
         ["_r1k_advantages_by_id"] * 2 + ["_r1k_advantages_grouped"]

@@ -1,63 +1,17 @@
 """policy_loss / grpo_loss / linear_grpo_loss against the independent float64 reference."""
-import itertools
-
 import pytest
 import torch
 from conftest import assert_close_scaled, cpu_backends, exact_backends
+from grpo_cases import B, T, loss_batch, loss_cases, loss_options_of, reference_options, to_packed
 
 import r1kernels
 from r1kernels.grpo import LOSS_TYPES
 from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref, token_logprobs_ref
 
-B, T = 6, 9
-
-
-def _batch(dtype=torch.float64, spread=0.6):
-    """Padded batch: varied lengths, one fully masked row, mixed-sign and zero advantages,
-    ratios far outside the clip range both ways."""
-    lengths = torch.tensor([9, 4, 0, 1, 7, 9])
-    mask = (torch.arange(T)[None, :] < lengths[:, None])
-    logp = -torch.rand(B, T, dtype=dtype) * 3
-    old = logp + torch.randn(B, T, dtype=dtype) * spread
-    ref = logp + torch.randn(B, T, dtype=dtype) * 0.3
-    entropy = torch.rand(B, T, dtype=dtype) * 2
-    adv = torch.randn(B, dtype=dtype)
-    adv[4] = 0.0
-    return dict(logp=logp, old=old, ref=ref, entropy=entropy, adv=adv, mask=mask, lengths=lengths)
-
-
-def _cases():
-    for loss_type, entry in LOSS_TYPES.items():
-        clipped = entry.clipped
-        for level, beta in itertools.product(("token", "sequence"), (0.0, 0.04)):
-            for delta, clip_c in ([(None, None), (1.5, None), (None, 3.0), (1.5, 3.0)] if clipped else [(None, None)]):
-                yield loss_type, level, beta, delta, clip_c
-
-
-def _options(loss_type, level, beta, delta, clip_c):
-    opts = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
-    values = dict(epsilon_low=0.2, epsilon_high=0.28 if LOSS_TYPES[loss_type].clipped else 1.5,
-                  delta=delta, clip_ratio_c=clip_c, max_completion_length=12, num_items_in_batch=37.0,
-                  sapo_temperature_pos=None, sapo_temperature_neg=None, vespo_k_pos=1.5, vespo_lambda_pos=None,
-                  vespo_k_neg=None, vespo_lambda_neg=2.5)
-    opts.update({name: values[name] for name in LOSS_TYPES[loss_type].accepts})
-    return {k: v for k, v in opts.items() if v is not None}
-
-
-def _ref_options(opts):
-    ref = dict(opts)
-    ref.setdefault("epsilon_low", 0.2)
-    return ref
-
-
-def _to_packed(x, lengths):
-    return torch.cat([x[b, :n] for b, n in enumerate(lengths.tolist())])
-
-
-@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: "-".join(str(x) for x in c))
+@pytest.mark.parametrize("case", list(loss_cases()), ids=lambda c: "-".join(str(x) for x in c))
 def test_policy_loss_matches_reference_padded_and_packed(case):
-    d = _batch()
-    opts = _options(*case)
+    d = loss_batch()
+    opts = loss_options_of(*case)
     lp = d["logp"].clone().requires_grad_()
     ent = d["entropy"].clone().requires_grad_()
     out = r1kernels.policy_loss(lp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"], entropy=ent,
@@ -66,7 +20,7 @@ def test_policy_loss_matches_reference_padded_and_packed(case):
     ref_lp = d["logp"].clone().requires_grad_()
     ref_ent = d["entropy"].clone().requires_grad_()
     ref = grpo_loss_ref(ref_lp, d["adv"], d["mask"], d["old"], d["ref"], ref_ent, entropy_coef=0.01,
-                        **_ref_options(opts))
+                        **reference_options(opts))
     ref.backward()
     assert_close_scaled(out.loss, ref, 1e-12, "loss")
     assert_close_scaled(lp.grad, ref_lp.grad, 1e-12, "d logprobs")
@@ -76,19 +30,19 @@ def test_policy_loss_matches_reference_padded_and_packed(case):
     # packed: the same tokens, cu_seqlens from the lengths (the empty row is a zero-length sequence)
     cu = torch.zeros(B + 1, dtype=torch.int32)
     cu[1:] = d["lengths"].cumsum(0)
-    packed_lp = _to_packed(d["logp"], d["lengths"]).requires_grad_()
+    packed_lp = to_packed(d["logp"], d["lengths"]).requires_grad_()
     packed = r1kernels.policy_loss(packed_lp, d["adv"], cu_seqlens=cu,
-                                   old_logprobs=_to_packed(d["old"], d["lengths"]),
-                                   ref_logprobs=_to_packed(d["ref"], d["lengths"]),
-                                   entropy=_to_packed(d["entropy"], d["lengths"]), entropy_coef=0.01, **opts)
+                                   old_logprobs=to_packed(d["old"], d["lengths"]),
+                                   ref_logprobs=to_packed(d["ref"], d["lengths"]),
+                                   entropy=to_packed(d["entropy"], d["lengths"]), entropy_coef=0.01, **opts)
     packed.loss.backward()
     assert_close_scaled(packed.loss, ref, 1e-12, "packed loss")
-    assert_close_scaled(packed_lp.grad, _to_packed(ref_lp.grad, d["lengths"]), 1e-12, "packed d logprobs")
+    assert_close_scaled(packed_lp.grad, to_packed(ref_lp.grad, d["lengths"]), 1e-12, "packed d logprobs")
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "k3_clamped"])
 def test_kl_estimators_and_per_token_advantages_and_is_ratio(estimator):
-    d = _batch()
+    d = loss_batch()
     d["ref"] = d["logp"] + torch.randn(B, T, dtype=torch.float64) * 4   # large gaps: k3 clamp bites
     adv_tokens = torch.randn(B, T, dtype=torch.float64)
     is_ratio = torch.rand(B, dtype=torch.float64) + 0.5
@@ -105,7 +59,7 @@ def test_kl_estimators_and_per_token_advantages_and_is_ratio(estimator):
 
 
 def test_on_policy_ratio_is_one_and_gradient_flows():
-    d = _batch()
+    d = loss_batch()
     lp = d["logp"].clone().requires_grad_()
     out = r1kernels.policy_loss(lp, d["adv"], d["mask"])
     out.loss.backward()
@@ -122,14 +76,14 @@ def test_on_policy_ratio_is_one_and_gradient_flows():
 
 
 def test_zero_advantages_give_zero_policy_gradient():
-    d = _batch()
+    d = loss_batch()
     lp = d["logp"].clone().requires_grad_()
     r1kernels.policy_loss(lp, torch.zeros(B, dtype=torch.float64), d["mask"], old_logprobs=d["old"]).loss.backward()
     assert (lp.grad == 0).all()
 
 
 def test_metrics_match_their_definitions():
-    d = _batch(spread=1.0)
+    d = loss_batch(spread=1.0)
     out = r1kernels.policy_loss(d["logp"], d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
                                 entropy=d["entropy"], epsilon_low=0.2, epsilon_high=0.28)
     m = d["mask"]
@@ -164,12 +118,12 @@ def test_packed_length_one_sequences():
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_grpo_loss_from_logits_gradients(loss_type, backend):
     dtype = torch.float64 if backend in exact_backends() else torch.float32
-    d = _batch(dtype=dtype)
+    d = loss_batch(dtype=dtype)
     vocab = 53
     logits = torch.randn(B, T, vocab, dtype=dtype) * 2
     targets = torch.randint(0, vocab, (B, T))
     targets[~d["mask"]] = -100
-    opts = _options(loss_type, "token", 0.04, None, None)
+    opts = loss_options_of(loss_type, "token", 0.04, None, None)
     x = logits.clone().requires_grad_()
     with r1kernels.use_backend(backend):
         out = r1kernels.grpo_loss(x, targets, d["adv"], old_logprobs=d["old"], ref_logprobs=d["ref"],
@@ -178,7 +132,7 @@ def test_grpo_loss_from_logits_gradients(loss_type, backend):
     rx = logits.double().requires_grad_()
     rlp, rent = token_logprobs_ref(rx, targets, 0.8)
     ref = grpo_loss_ref(rlp, d["adv"], d["mask"], d["old"].double(), d["ref"].double(), rent, entropy_coef=0.01,
-                        **_ref_options(opts))
+                        **reference_options(opts))
     ref.backward()
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     assert_close_scaled(out.loss, ref, tol, "loss")
@@ -191,7 +145,7 @@ def test_grpo_loss_from_logits_gradients(loss_type, backend):
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_linear_grpo_loss_gradients(backend, layout):
     dtype = torch.float64 if backend in exact_backends() else torch.float32
-    d = _batch(dtype=dtype)
+    d = loss_batch(dtype=dtype)
     hidden_size, vocab = 24, 101
     hidden = torch.randn(B, T, hidden_size, dtype=dtype)
     weight = torch.randn(vocab, hidden_size, dtype=dtype) * 0.3
@@ -207,7 +161,7 @@ def test_linear_grpo_loss_gradients(backend, layout):
         else:
             cu = torch.zeros(B + 1, dtype=torch.int32)
             cu[1:] = d["lengths"].cumsum(0)
-            pack = lambda x: _to_packed(x, d["lengths"])  # noqa: E731
+            pack = lambda x: to_packed(x, d["lengths"])  # noqa: E731
             out = r1kernels.linear_grpo_loss(pack(leaves[0]), leaves[1], pack(targets), d["adv"], bias=leaves[2],
                                              cu_seqlens=cu, old_logprobs=pack(d["old"]),
                                              ref_logprobs=pack(d["ref"]), **opts)
@@ -223,7 +177,7 @@ def test_linear_grpo_loss_gradients(backend, layout):
 
 
 def test_modules_hold_options():
-    d = _batch(dtype=torch.float32)
+    d = loss_batch(dtype=torch.float32)
     logits = torch.randn(B, T, 30)
     targets = torch.randint(0, 30, (B, T))
     module = r1kernels.GRPOLoss(temperature=0.7, loss_type="bnpo", beta=0.0)
@@ -236,7 +190,7 @@ def test_modules_hold_options():
 
 
 def test_compile_fullgraph_grpo_loss():
-    d = _batch(dtype=torch.float32)
+    d = loss_batch(dtype=torch.float32)
     logits = torch.randn(B, T, 40)
     targets = torch.randint(0, 40, (B, T))
 
@@ -274,7 +228,7 @@ def test_compile_fullgraph_grpo_loss():
     (dict(entropy_coef=0.1), ValueError, "entropy_coef > 0 needs entropy"),
 ])
 def test_bad_options_raise(kwargs, error, words):
-    d = _batch()
+    d = loss_batch()
     kwargs = dict(kwargs)
     if kwargs.get("ref_logprobs") is True:
         kwargs["ref_logprobs"] = d["ref"]
@@ -300,7 +254,7 @@ def test_bad_cu_seqlens(cu, words):
 def test_bias_corrected_kl_is_trls_formula(level):
     """use_bias_correction_kl (TRL's default): the k3 KL term times the importance ratio
     exp(logp - old) (per sequence for GSPO), loss and gradient, as TRL's _compute_loss writes it."""
-    d = _batch()
+    d = loss_batch()
     m = d["mask"].double()
     results = {}
     for corrected in (True, False):
@@ -326,7 +280,7 @@ def test_bias_corrected_kl_is_trls_formula(level):
 def test_loss_sum_over_summed_normalisers_is_the_whole_batch_loss(loss_type):
     """Micro-batches normalised once: sum of loss_sum / sum of loss_normaliser counts = the loss of
     the batch in one call, and each output's loss = loss_sum / normaliser."""
-    b = _batch()
+    b = loss_batch()
     opts = dict(loss_type=loss_type, beta=0.04)
     if "epsilon_high" in LOSS_TYPES[loss_type].needs:
         opts["epsilon_high"] = 1.5
@@ -357,7 +311,7 @@ def test_batch_wide_masks_and_entropy_bonus_match_reference(loss_type, options, 
     """off_policy_mask_threshold (sequences with A < 0 that drifted more than the threshold lose
     their policy term), top_entropy_quantile (only the batch's high-entropy tokens keep it) and the
     entropy bonus on the same tokens, against the float64 reference, loss and gradients."""
-    d = _batch(spread=0.3)
+    d = loss_batch(spread=0.3)
     sampling = d["old"] + torch.randn(B, T, dtype=torch.float64) * 0.1
     logp = d["logp"].clone().requires_grad_()
     ent = d["entropy"].clone().requires_grad_()
@@ -371,7 +325,7 @@ def test_batch_wide_masks_and_entropy_bonus_match_reference(loss_type, options, 
     else:
         cu = torch.zeros(B + 1, dtype=torch.int32)
         cu[1:] = d["lengths"].cumsum(0)
-        packed = [_to_packed(x, d["lengths"]) for x in (logp, d["old"], d["ref"], ent, sampling)]
+        packed = [to_packed(x, d["lengths"]) for x in (logp, d["old"], d["ref"], ent, sampling)]
         out = r1kernels.policy_loss(packed[0], d["adv"], cu_seqlens=cu, old_logprobs=packed[1], ref_logprobs=packed[2],
                                     entropy=packed[3], sampling_logprobs=packed[4], **kw)
         grads = torch.autograd.grad(out.loss, (logp, ent))
@@ -385,7 +339,7 @@ def test_batch_wide_masks_and_entropy_bonus_match_reference(loss_type, options, 
 
 def test_entropy_bonus_is_trls_token_mean_whatever_the_loss_type():
     """TRL 1.16: loss = L_policy - coef * sum(H m) / sum(m), not the loss type's normaliser."""
-    d = _batch()
+    d = loss_batch()
     m = d["mask"].double()
     for loss_type in ("grpo", "dr_grpo"):
         ent = d["entropy"].clone().requires_grad_()
@@ -405,7 +359,7 @@ def test_linear_grpo_loss_batch_wide_options_take_the_two_pass_route(backend):
     hidden = torch.randn(B * T, 16, generator=gen, dtype=torch.float64).requires_grad_()
     weight = torch.randn(40, 16, generator=gen, dtype=torch.float64) * 0.3
     targets = torch.randint(0, 40, (B, T), generator=gen)
-    d = _batch()
+    d = loss_batch()
     kw = dict(loss_type="dapo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.02, entropy_coef=0.05)
     with r1kernels.use_backend(backend):
         out = r1kernels.linear_grpo_loss(hidden.view(B, T, 16), weight, targets, d["adv"], d["mask"],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close_scaled, cpu_backends, exact_backends
 from peak_memory import measure
-from test_grpo import B, T, _batch, _cases, _options, _ref_options, _to_packed
+from grpo_cases import B, T, loss_batch, loss_cases, loss_options_of, reference_options, to_packed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import r1kernels
@@ -15,7 +15,7 @@ from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref
 
 H, V = 16, 101
 # the cases the one-pass route serves: token-level ratios, no loss type that weighs whole sequences (vespo)
-TOKEN_LEVEL = [c for c in _cases() if c[1] == "token" and LOSS_TYPES[c[0]].sequence_weight is None]
+TOKEN_LEVEL = [c for c in loss_cases() if c[1] == "token" and LOSS_TYPES[c[0]].sequence_weight is None]
 
 
 class _CountMatmuls(TorchDispatchMode):
@@ -46,7 +46,7 @@ def _loss(backend, leaves, targets, d, layout, entropy_coef, opts):
             return r1kernels.linear_grpo_loss(leaves[0], leaves[1], targets, d["adv"], d["mask"], bias=leaves[2],
                                               old_logprobs=d["old"], ref_logprobs=d["ref"], temperature=0.9,
                                               entropy_coef=entropy_coef, **opts)
-        pack = lambda x: _to_packed(x, d["lengths"])  # noqa: E731
+        pack = lambda x: to_packed(x, d["lengths"])  # noqa: E731
         return r1kernels.linear_grpo_loss(pack(leaves[0]), leaves[1], pack(targets), d["adv"], bias=leaves[2],
                                           cu_seqlens=cu, old_logprobs=pack(d["old"]), ref_logprobs=pack(d["ref"]),
                                           temperature=0.9, entropy_coef=entropy_coef, **opts)
@@ -58,9 +58,9 @@ def _loss(backend, leaves, targets, d, layout, entropy_coef, opts):
 def test_one_pass_matches_float64(backend, layout, case, monkeypatch):
     dtype = torch.float64 if backend in exact_backends() else torch.float32
     monkeypatch.setenv("R1K_CHUNK_BYTES", str(5 * V * torch.finfo(dtype).bits // 8))   # 5-token chunks
-    d = _batch(dtype=dtype)
+    d = loss_batch(dtype=dtype)
     hidden, weight, bias, targets = _inputs(dtype)
-    opts = _options(*case)
+    opts = loss_options_of(*case)
     entropy_coef = 0.01 if case[2] > 0 else 0.0
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     out = _loss(backend, leaves, targets, d, layout, entropy_coef, opts)
@@ -70,7 +70,7 @@ def test_one_pass_matches_float64(backend, layout, case, monkeypatch):
     rlp, rent = linear_token_logprobs_ref(*ref_leaves[:2], targets, ref_leaves[2], 0.9)
     mask = d["mask"] & (targets != -100)
     ref = grpo_loss_ref(rlp, d["adv"], mask, d["old"].double(), d["ref"].double(), rent,
-                        entropy_coef=entropy_coef, **_ref_options(opts))
+                        entropy_coef=entropy_coef, **reference_options(opts))
     ref.backward()
     tol = 1e-10 if dtype == torch.float64 else 5e-5
     assert_close_scaled(out.loss, ref, tol, "loss")
@@ -78,7 +78,7 @@ def test_one_pass_matches_float64(backend, layout, case, monkeypatch):
         assert_close_scaled(g.grad, r.grad, tol, name)
     assert out.logprobs.requires_grad is False
     assert_close_scaled(out.logprobs[mask] if layout == "padded" else out.logprobs, rlp[mask] if layout == "padded"
-                        else _to_packed(torch.where(mask, rlp, 0.0), d["lengths"]), tol, "logprobs")
+                        else to_packed(torch.where(mask, rlp, 0.0), d["lengths"]), tol, "logprobs")
 
 
 def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):
@@ -91,7 +91,7 @@ def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):
     logits_calls = []
     original = chunked_linear._Chunks.logits
     monkeypatch.setattr(chunked_linear._Chunks, "logits", lambda *a: logits_calls.append(1) or original(*a))
-    d = _batch(dtype=torch.float32)
+    d = loss_batch(dtype=torch.float32)
     hidden, weight, _, targets = _inputs(torch.float32)
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
     with r1kernels.use_backend("torch"):
@@ -111,7 +111,7 @@ def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):
 
 
 def test_frozen_lm_head_and_unknown_options():
-    d = _batch(dtype=torch.float32)
+    d = loss_batch(dtype=torch.float32)
     hidden, weight, _, targets = _inputs(torch.float32)
     x = hidden.clone().requires_grad_()
     out = r1kernels.linear_grpo_loss(x, weight, targets, d["adv"], d["mask"], loss_type="bnpo")

@@ -17,7 +17,8 @@ def _explicit_inputs(rewards, weights, batch_denominator):
     return weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
 
 
-def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
+def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, leave_one_out, scale, eps,
+                    batch_denominator=None):
     """Contiguous groups or sorted segments, on the tensors' device."""
     weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
     empty = torch.empty(0, dtype=torch.long, device=rewards.device)
@@ -27,7 +28,7 @@ def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, 
                                             SCALE_CODES[scale], eps, batch_denominator)
 
 
-def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats):
+def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats):
     """The ``cpu`` backend: ids hashed into groups and normalised in one C++ call."""
     weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
     return torch.ops.r1k_C.group_advantages_by_id(rewards, weights, group_ids, int(leave_one_out),

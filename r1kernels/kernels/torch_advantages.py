@@ -1,16 +1,16 @@
 """The ``torch`` backend of group advantage normalisation: the torch copy of the group statistics.
 
-Contract of ``group_normalize(rewards [B, R], weights [R], group_size, offsets, perm,
-leave_one_out, scale, eps, batch_denominator)``: groups are contiguous runs of ``group_size``
-rows, or (``offsets`` given) the segments ``perm[offsets[g]:offsets[g+1]]``. Each row's reward
-is the weighted sum of its R rewards (NaNs skipped, NaN if all are). Per group, with
-min-shifted two-pass statistics: adv = (r - mean) * factor / denom, 0 for NaN rewards and for
-groups with fewer than two valid or all-equal rewards (factor n/(n-1) for RLOO; denom std + eps,
-``batch_denominator`` / GROUP_RESCALE, or 1), computed on the rewards times GROUP_RESCALE where the
-group's half range exceeds GROUP_RESCALE_ABOVE (r1kernels/constants.py). Returns (adv [B], mean [G],
-std [G], constant [G]).
+Contract of ``group_normalize(rewards [B, R], weights [R], *, group_size, offsets, perm,
+leave_one_out, scale, eps, batch_denominator)`` (keyword-only after the tensors): groups are
+contiguous runs of ``group_size`` rows, or (``offsets`` given) the segments
+``perm[offsets[g]:offsets[g+1]]``. Each row's reward is the weighted sum of its R rewards (NaNs
+skipped, NaN if all are). Per group, with min-shifted two-pass statistics: adv = (r - mean) *
+factor / denom, 0 for NaN rewards and for groups with fewer than two valid or all-equal rewards
+(factor n/(n-1) for RLOO; denom std + eps, ``batch_denominator`` / GROUP_RESCALE, or 1), computed
+on the rewards times GROUP_RESCALE where the group's half range exceeds GROUP_RESCALE_ABOVE
+(r1kernels/constants.py). Returns (adv [B], mean [G], std [G], constant [G]).
 
-``group_normalize_by_id(rewards, weights, group_ids [B], leave_one_out, scale, eps,
+``group_normalize_by_id(rewards, weights, group_ids [B], *, leave_one_out, scale, eps,
 batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
 statistics: (adv [B], mean [B], std [B], constant [B], is_first [B]), the last four empty
 without ``with_stats``; ``is_first`` marks each group's first row. The Triton backend does it in
@@ -36,7 +36,8 @@ def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> t
     return torch.where(ok.any(1) & torch.isfinite(total), total, torch.nan)     # an overflowed sum fails too
 
 
-def group_normalize(rewards, weights, group_size, offsets, perm, leave_one_out, scale, eps, batch_denominator):
+def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, leave_one_out, scale, eps,
+                    batch_denominator=None):
     r = combine_rewards(rewards, weights)
     batch = r.shape[0]
     if offsets is None:
@@ -78,11 +79,12 @@ def batch_denominator(values: torch.Tensor, eps: float) -> torch.Tensor:
     """std (Bessel) of the non-NaN values [B] over the whole batch, plus eps, times GROUP_RESCALE (as
     every kernel takes it: finite for any fp32 rewards): ``group_normalize``'s statistics of one group
     of B rows, summed in float64, as a 0-d tensor in the accumulation dtype (no host sync)."""
-    std = group_normalize(values.double()[:, None], None, values.shape[0], None, None, False, "none", 0.0, None)[2]
+    std = group_normalize(values.double()[:, None], None, group_size=values.shape[0], leave_one_out=False,
+                          scale="none", eps=0.0)[2]
     return ((std[0] + eps) * GROUP_RESCALE).to(accumulation_dtype(values.dtype))
 
 
-def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
+def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats,
                           segment_kernel):
     """``group_normalize_by_id`` through a stable sort into segments and ``segment_kernel`` (one of
     the ``group_normalize`` above)."""
@@ -90,8 +92,8 @@ def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps
     sorted_ids, perm = torch.sort(group_ids, stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
-    adv, mean, std, constant = segment_kernel(rewards, weights, 0, offsets, perm, leave_one_out, scale, eps,
-                                              batch_denominator)
+    adv, mean, std, constant = segment_kernel(rewards, weights, offsets=offsets, perm=perm, leave_one_out=leave_one_out,
+                                              scale=scale, eps=eps, batch_denominator=batch_denominator)
     if not with_stats:
         return adv, adv.new_empty(0), adv.new_empty(0), *(adv.new_empty(0, dtype=torch.bool) for _ in range(2))
     group_of_row = torch.empty(batch, dtype=torch.long, device=rewards.device)

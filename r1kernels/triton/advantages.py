@@ -80,7 +80,7 @@ def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denomina
     tl.store(constant_ptr + groups, constant, mask=group_mask)
 
 
-def group_normalize(rewards, weights, group_size, leave_one_out, scale, eps, batch_denominator):
+def group_normalize(rewards, weights, *, group_size, leave_one_out, scale, eps, batch_denominator=None):
     """Contiguous groups of ``group_size`` rows; see ``r1kernels.kernels.torch_advantages.group_normalize``
     for the contract (``weights`` may be None: all ones). r1kernels/advantages.py sends groups longer
     than LARGE_GROUP to the persistent kernel instead."""

@@ -216,12 +216,13 @@ def _barrier_word(device: torch.device) -> torch.Tensor:
     return _barrier_words[key]
 
 
-def group_normalize_by_id(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats,
+def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats,
                           group_size=0):
     """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract. With
     ``group_size`` instead of ids (``group_ids`` None): contiguous groups, statistics [G] and
     ``is_first`` empty."""
-    return _launch(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats, group_size)
+    return _launch(rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale, eps=eps,
+                   batch_denominator=batch_denominator, with_stats=with_stats, group_size=group_size)
 
 
 def launch_options(programs: int, split_phases: bool) -> dict:
@@ -229,7 +230,7 @@ def launch_options(programs: int, split_phases: bool) -> dict:
     return dict(num_warps=4, **({"launch_cooperative_grid": True} if programs > 1 and not split_phases else {}))
 
 
-def _launch(rewards, weights, group_ids, leave_one_out, scale, eps, batch_denominator, with_stats, group_size=0,
+def _launch(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats, group_size=0,
             programs=None, split_phases=False):
     """group_normalize_by_id with the tests' knobs: ``programs`` (the grid) and ``split_phases``."""
     batch, num_rewards = rewards.shape
