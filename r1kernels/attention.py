@@ -20,9 +20,6 @@ from torch import Tensor
 from r1kernels import _checks, backends
 from r1kernels.kernels import accumulation_dtype
 
-SUPPORTED_BACKENDS = ("triton", "flash_attn", "torch")
-
-
 def _as_int(name: str, value) -> int:
     if isinstance(value, Tensor):
         if value.numel() != 1:
@@ -195,7 +192,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: i
            deterministic: bool = False, need_lse: bool = False) -> tuple[Tensor, Optional[Tensor]]:
     """``varlen_attention`` on arguments already checked (offsets included), with the scale and
     window resolved: the per-layer entry of integrations that validate a micro-batch's offsets once."""
-    backend = backends.resolve("attention", q.device, SUPPORTED_BACKENDS)
+    backend = backends.resolve("attention", q.device)
     _checks.backend_dtype(backend, "q", q)
     if backend == "triton":
         return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, scale, causal,

@@ -25,7 +25,16 @@ import threading
 import torch
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn", "triton_tile")
-OPS = ("logprobs", "linear_logprobs", "attention", "advantages")
+# Each op's backends, in ``auto``'s order of preference (auto skips flash_attn and triton_tile, which
+# must be asked for): the one table dispatch, validation, the tests' parametrisation and the README's
+# backend table (scripts/generate_docs.py) read.
+OP_BACKENDS = {
+    "logprobs": ("triton", "cuda", "cpu", "torch"),
+    "linear_logprobs": ("triton", "cuda", "cpu", "torch", "triton_tile"),
+    "attention": ("triton", "flash_attn", "torch"),
+    "advantages": ("triton", "cuda", "cpu", "torch"),
+}
+OPS = tuple(OP_BACKENDS)
 
 _local = threading.local()
 
@@ -138,13 +147,10 @@ def _why_not(name: str, device: torch.device) -> str | None:
     raise AssertionError(name)
 
 
-def resolve(op: str, device: torch.device, supported: tuple[str, ...] = ("triton", "cuda", "cpu", "torch")) -> str:
-    """Name of the backend that runs ``op`` (one of ``OPS``) on ``device``.
-
-    ``supported`` lists the backends that implement the op, in order of preference for ``auto``.
-    Under torch.compile the choice is made once, at trace time, and baked into the graph.
-    """
-    return _resolve(op, torch.device(device).type, supported)
+def resolve(op: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op`` (one of ``OPS``) on ``device``, from ``OP_BACKENDS[op]``.
+    Under torch.compile the choice is made once, at trace time, and baked into the graph."""
+    return _resolve(op, torch.device(device).type, OP_BACKENDS[op])
 
 
 @torch.compiler.assume_constant_result

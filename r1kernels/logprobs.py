@@ -131,9 +131,6 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
 # ---------------------------------------------------------------- fused-linear op: custom ops
 
 
-LINEAR_BACKENDS = ("triton", "cuda", "cpu", "torch", "triton_tile")
-
-
 def _fused_tile(backend: str, deterministic: bool) -> bool:
     """The fully fused Triton kernel: asked for by name, or by ``deterministic`` on the triton
     backend (cuBLAS chunks are reproducible, but their sums may change with the chunk's row count,
@@ -298,7 +295,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
-    backend = backends.resolve("linear_logprobs", hidden.device, LINEAR_BACKENDS)
+    backend = backends.resolve("linear_logprobs", hidden.device)
     _checks.backend_dtype(backend, "hidden", hidden)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

@@ -6,6 +6,7 @@ around it is written by hand. Parts:
     two-pass-routes  r1kernels.grpo.TWO_PASS_ROUTES: when linear_grpo_loss does not compute the
                      gradients in its forward
     loss-types       r1kernels.grpo.LOSS_TYPES: each type's normaliser, options and capabilities
+    op-backends      r1kernels.backends.OP_BACKENDS: which op has which backend, in auto's order
 
 Run: python scripts/generate_docs.py [--check]   (--check: exit 1, naming the files, where they differ;
 tests/test_docs.py runs the check).
@@ -20,7 +21,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from r1kernels import grpo  # noqa: E402
+from r1kernels import backends, grpo  # noqa: E402
 
 FILES = (ROOT / "README.md", ROOT / "docs" / "design.md")
 _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
@@ -41,7 +42,16 @@ def loss_types() -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"two-pass-routes": two_pass_routes, "loss-types": loss_types}
+def op_backends() -> str:
+    names = [b for b in backends.BACKENDS if b != "auto"]
+    lines = ["| op | " + " | ".join(f"`{b}`" for b in names) + " |", "|---|" + "---|" * len(names)]
+    for op, supported in backends.OP_BACKENDS.items():
+        cells = [str(supported.index(b) + 1) if b in supported else "-" for b in names]
+        lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nA number is the backend's place in the op's order; - : the op does not have it.\n"
+
+
+PARTS = {"two-pass-routes": two_pass_routes, "loss-types": loss_types, "op-backends": op_backends}
 
 
 def render(text: str) -> str:

@@ -98,11 +98,11 @@ def test_backend_per_op(monkeypatch):
     assert backends.resolve("logprobs", cpu) == "torch"
     monkeypatch.setenv("R1K_BACKEND", "attention:torch")
     assert backends.resolve("logprobs", cpu) == auto_logprobs
-    assert backends.resolve("attention", cpu, ("triton", "flash_attn", "torch")) == "torch"
+    assert backends.resolve("attention", cpu) == "torch"
     monkeypatch.setenv("R1K_BACKEND", "flash_attn")          # only attention has it; on CPU it cannot run
     assert backends.resolve("logprobs", cpu) == auto_logprobs
     with pytest.raises(RuntimeError, match="flash"):
-        backends.resolve("attention", cpu, ("triton", "flash_attn", "torch"))
+        backends.resolve("attention", cpu)
     monkeypatch.setenv("R1K_BACKEND", "logprobs:flash_attn")
     with pytest.raises(ValueError, match="'flash_attn' does not implement logprobs"):
         backends.resolve("logprobs", cpu)
@@ -223,11 +223,8 @@ INVALID = [
 
 
 def _backends_of(op):
-    """The op's backends that run on this machine's CPU (each module states what its op supports)."""
-    from r1kernels import attention, logprobs
-    supported = {"attention": attention.SUPPORTED_BACKENDS, "linear_logprobs": logprobs.LINEAR_BACKENDS}.get(
-        op, ("triton", "cuda", "cpu", "torch"))
-    return [b for b in cpu_backends() if b in supported]
+    """The op's backends that run on this machine's CPU (backends.OP_BACKENDS states what it supports)."""
+    return [b for b in cpu_backends() if b in backends.OP_BACKENDS[op]]
 
 
 @pytest.mark.parametrize("op, case, call, error, argument",
