@@ -35,6 +35,15 @@ OP_BACKENDS = {
     "advantages": ("triton", "cuda", "cpu", "torch"),
 }
 OPS = tuple(OP_BACKENDS)
+# What ``deterministic=True`` runs instead of a backend, per op: the triton lm_head's cuBLAS chunks are
+# reproducible, but their sums may change with the chunk's row count, which batch invariance forbids,
+# so the fused tile kernel's atomic-free mode runs.
+DETERMINISTIC_BACKENDS = {"linear_logprobs": {"triton": "triton_tile"}}
+
+
+def effective_backend(op: str, backend: str, deterministic: bool) -> str:
+    """The backend that runs ``op`` once ``deterministic`` is taken into account."""
+    return DETERMINISTIC_BACKENDS.get(op, {}).get(backend, backend) if deterministic else backend
 
 _local = threading.local()
 

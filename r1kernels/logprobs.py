@@ -132,10 +132,9 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
 
 
 def _fused_tile(backend: str, deterministic: bool) -> bool:
-    """The fully fused Triton kernel: asked for by name, or by ``deterministic`` on the triton
-    backend (cuBLAS chunks are reproducible, but their sums may change with the chunk's row count,
-    which batch invariance forbids)."""
-    return backend == "triton_tile" or (backend == "triton" and deterministic)
+    """The fully fused Triton kernel: asked for by name, or what ``deterministic`` selects
+    (``backends.DETERMINISTIC_BACKENDS``)."""
+    return backends.effective_backend("linear_logprobs", backend, deterministic) == "triton_tile"
 
 
 def _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend):

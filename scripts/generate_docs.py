@@ -48,7 +48,10 @@ def op_backends() -> str:
     for op, supported in backends.OP_BACKENDS.items():
         cells = [str(supported.index(b) + 1) if b in supported else "-" for b in names]
         lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nA number is the backend's place in the op's order; - : the op does not have it.\n"
+    swaps = "; ".join(f"`{op}` on `{b}` runs `{to}`" for op, per in backends.DETERMINISTIC_BACKENDS.items()
+                      for b, to in per.items())
+    return ("\n".join(lines) + "\n\nA number is the backend's place in the op's order; - : the op does not have it. "
+            f"With `deterministic=True` (`backends.DETERMINISTIC_BACKENDS`): {swaps}.\n")
 
 
 PARTS = {"two-pass-routes": two_pass_routes, "loss-types": loss_types, "op-backends": op_backends}
