@@ -31,7 +31,7 @@ from r1kernels.kernels import accumulation_dtype
 from r1kernels.logprobs import linear_token_logprobs, linear_token_logprobs_one_pass, token_logprobs
 # the loss types and options live in loss_types; the public ones are re-exported here, where they were
 from r1kernels.loss_types import (IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, NORMALISERS, TYPE_OPTIONS,  # noqa: F401
-                                  LossOptions, LossType, Normaliser, _OPTION_NAMES, loss_normaliser,
+                                  LossOptions, LossType, Normaliser, loss_normaliser,
                                   loss_options)
 
 
@@ -371,9 +371,11 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     if "entropy" in options:
         raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
     token_mask = _mask_from_targets(targets, mask)
-    if _two_pass_reason(hidden, weight, bias, options) is None:
+    tensors = {k: v for k, v in options.items() if k in _TENSOR_ARGUMENTS}
+    opts = loss_options("linear_grpo_loss", {k: v for k, v in options.items() if k not in _TENSOR_ARGUMENTS})
+    if _two_pass_reason(hidden, weight, bias, opts) is None:
         out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
-                                         deterministic, options)
+                                         deterministic, tensors, opts)
         if out is not None:
             return out
     logp, ent = linear_token_logprobs(hidden, weight, targets, bias, temperature, return_entropy=True,
@@ -400,26 +402,21 @@ TWO_PASS_ROUTES = {
 }
 
 
-def _two_pass_reason(hidden, weight, bias, options: dict) -> Optional[str]:
+def _two_pass_reason(hidden, weight, bias, opts: LossOptions) -> Optional[str]:
     """The TWO_PASS_ROUTES key read from the inputs and the options, or None: the one-pass route is
     tried (the fused lm_head may still decline)."""
     if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))):
         return "no_grad"
-    loss_keys = {k: v for k, v in options.items() if k in _OPTION_NAMES}    # the tensors are not options
-    return loss_options("linear_grpo_loss", loss_keys).two_pass_reason()
+    return opts.two_pass_reason()
 
 
 def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature, deterministic,
-                               options) -> Optional[GRPOLossOutput]:
-    """The one-pass route of linear_grpo_loss (None where it does not apply)."""
-    tensors = {k: options.get(k) for k in _TENSOR_ARGUMENTS}
-    unknown = sorted(set(options) - set(_OPTION_NAMES) - set(_TENSOR_ARGUMENTS))
-    if unknown:
-        raise TypeError(f"linear_grpo_loss got unexpected options {unknown}")
-    opts = LossOptions(**{k: v for k, v in options.items() if k not in _TENSOR_ARGUMENTS})
+                               tensors: dict, opts: LossOptions) -> Optional[GRPOLossOutput]:
+    """The one-pass route of linear_grpo_loss (None where it does not apply); ``tensors``: its
+    policy_loss tensor arguments (old_logprobs, ...)."""
     acc = accumulation_dtype(hidden.dtype)
-    t = _prepare(targets, advantages, token_mask, tensors["old_logprobs"], tensors["ref_logprobs"],
-                 tensors["cu_seqlens"], tensors["is_ratio"], acc, opts, tensors["sampling_logprobs"])
+    t = _prepare(targets, advantages, token_mask, tensors.get("old_logprobs"), tensors.get("ref_logprobs"),
+                 tensors.get("cu_seqlens"), tensors.get("is_ratio"), acc, opts, tensors.get("sampling_logprobs"))
     unit, denominator = _normalisation(t)
     weights = unit / denominator
     bonus_weights = t.m / t.m.sum().clamp(min=1.0)      # the entropy bonus: a token mean (no entropy mask here)
@@ -454,10 +451,7 @@ _TENSOR_ARGUMENTS = ("old_logprobs", "ref_logprobs", "cu_seqlens", "is_ratio", "
 def check_options(**options) -> None:
     """Raise as ``policy_loss`` would on these keyword options (every one but the tensors), before any
     work: a trainer checks its config with it. ``beta > 0`` is taken to come with ref_logprobs."""
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"unknown loss options {unknown}")
-    LossOptions(**options).validate(has_ref=True)
+    loss_options("check_options", options).validate(has_ref=True)
 
 
 class _LossWithGradients(torch.autograd.Function):

@@ -32,7 +32,7 @@ def test_every_part_is_in_the_documents():
 
 def _reason(options, requires_grad=True):
     hidden = torch.randn(3, 4, requires_grad=requires_grad)
-    return grpo._two_pass_reason(hidden, torch.randn(5, 4), None, options)
+    return grpo._two_pass_reason(hidden, torch.randn(5, 4), None, grpo.LossOptions(**options))
 
 
 def test_each_two_pass_route_is_what_the_code_takes(monkeypatch):

@@ -212,6 +212,9 @@ class Trainer:
             optimizer, scheduler = self._optimizer_for("grpo")
         weights = torch.tensor(self.rewards.weights)
         accuracy_column = self.rewards.names.index("accuracy") if "accuracy" in self.rewards.names else None
+        # MFU against the datasheet's dense bf16 rate, for a GPU bench/hardware.py lists
+        peaks = hardware.peak_for(torch.cuda.get_device_name(self.world.device)) \
+            if self.world.device.type == "cuda" else None
         for step in range(start_step, cfg.steps):
             examples = self._shard(self.data.train("grpo", step, cfg.prompts_per_step))
             prompts = [prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template) for e in examples]
@@ -241,9 +244,7 @@ class Trainer:
             row["reward_failures"] = sum(self.rewards.failures.values()) - failures_before
             if accuracy_column is not None:
                 row["accuracy"] = float(torch.nanmean(scores[:, accuracy_column]))
-            peaks = hardware.peak_for(torch.cuda.get_device_name(self.world.device)) \
-                if self.world.device.type == "cuda" else None
-            if peaks is not None:          # MFU against the datasheet's dense bf16 rate of a known GPU
+            if peaks is not None:
                 row["mfu"] = 6 * self.n_params * g_tokens / t_train / (peaks[1]["bf16"] * self.world.size)
             every = self.cfg.log.eval_every
             row["eval_accuracy"] = self.evaluate() if every and (step + 1) % every == 0 else None

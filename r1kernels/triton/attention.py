@@ -104,13 +104,13 @@ def _key_tiles(m_start, shift, left, right, k_len, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
              stride_vh):
-    """K and V rows offs_n of one sequence and KV head (zeros past its end), and their mask."""
+    """K and V rows offs_n of one sequence and KV head (zeros past its end)."""
     kv_mask = (offs_n[:, None] < k_len) & d_mask[None, :]
     k = tl.load(k_ptr + (k_start + offs_n)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                 mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + (k_start + offs_n)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                 mask=kv_mask, other=0.0)
-    return k, v, kv_mask
+    return k, v
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _forward_tile(acc, row_max, row_sum, q, k_ptr, v_ptr, k_start, k_len, q_len,
                   PRECISION: tl.constexpr):
     """One online-softmax step over keys [n_start, n_start + BLOCK_N), in log2 units."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+    k, v = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
                        stride_vh)
     s, _ = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
     if MASKED:
@@ -253,7 +253,7 @@ def _dkdv_block(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     if n_start < k_len:
         offs_n = n_start + tl.arange(0, BLOCK_N)
         offs_d, d_mask = _dims(head_dim, BLOCK_D, EVEN_D)
-        k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
+        k, v = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh,
                            stride_vt, stride_vh)
         # the queries' view of _key_tiles: query and key swap roles, the shift changes sign, the window's sides swap
         lo, _, _, hi = _key_tiles(n_start, q_len - k_len, right, left, q_len, BLOCK_N, BLOCK_M)
@@ -311,7 +311,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptr, v_ptr, k_start, k_len, q_len, n_star
              BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     """dQ += dS K over keys [n_start, n_start + BLOCK_N), with dS = P (dO V^T - delta)."""
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    k, v, _ = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
+    k, v = _kv_tile(k_ptr, v_ptr, k_start, k_len, offs_n, offs_d, d_mask, kv_head, stride_kt, stride_kh, stride_vt,
                        stride_vh)
     s, capped_tanh = _capped(dot(q, tl.trans(k), None, DOT_FP32, PRECISION) * scale2, softcap2, HAS_SOFTCAP)
     visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, left, right)
