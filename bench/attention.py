@@ -14,7 +14,7 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, print_table, save, try_case
-from bench.logprobs import optional
+from bench.logprobs import optional, our_backends
 
 SHAPES = {
     "cuda": dict(seqs=8, min_len=512, max_len=8192, heads=32, kv_heads=8, head_dim=128, dtype=torch.bfloat16),
@@ -48,7 +48,7 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         return f
 
     impls = {}
-    for backend in (["triton"] if device.type == "cuda" else []) + ["torch"]:
+    for backend in our_backends("attention", device):
         impls[f"ours varlen_attention [{backend}]"] = ours(backend)
     if device.type == "cuda":    # dQ by its own kernel (8 GEMMs) rather than atomic adds (6)
         impls["ours varlen_attention [triton, deterministic]"] = ours("triton", deterministic=True)

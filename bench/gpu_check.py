@@ -104,8 +104,13 @@ def _parallel(workers: int) -> list[str]:
     return ["-n", str(workers)] if importlib.util.find_spec("xdist") else []
 
 
+# each op's test module holds its GPU checks, marked ``cuda`` (the steps select them with -m)
+CUDA_TEST_MODULES = ("tests/test_logprobs.py", "tests/test_linear_logprobs.py", "tests/test_grpo.py",
+                     "tests/test_attention.py", "tests/test_advantages.py")
+
+
 def plan() -> list[Step]:
-    cuda_tests = PYTEST + ["tests/test_cuda.py"]
+    cuda_tests = PYTEST + list(CUDA_TEST_MODULES)
     return [
         Step("env", [sys.executable, "-m", "bench.gpu_env"], "GPU, driver, torch, triton, nvcc, setuptools, peers",
              start=COLD_START_S, work=2),

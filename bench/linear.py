@@ -47,7 +47,7 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         return hidden, weight, targets
 
     impls = {f"ours linear_token_logprobs [{b}]": (b, lambda x, w, t: r1kernels.linear_token_logprobs(x, w, t))
-             for b in our_backends(device)}
+             for b in our_backends("linear_logprobs", device)}
     impls["naive matmul + log_softmax + gather"] = (None, naive_linear_logprobs)
     if not quick:
         impls["torch.compile(naive)"] = (None, torch.compile(naive_linear_logprobs))

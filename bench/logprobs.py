@@ -19,17 +19,12 @@ SHAPES = {
 }
 
 
-def our_backends(device):
-    names = ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpu", "torch"]
-    usable = []
-    for name in names:
-        try:
-            with r1kernels.use_backend(name):
-                r1kernels.backends.resolve("logprobs", device)
-            usable.append(name)
-        except (RuntimeError, ValueError):
-            pass
-    return usable
+def our_backends(op, device):
+    """``op``'s backends (its table, in auto's order) that run on ``device``, those auto may pick: Triton
+    only on a GPU (the interpreter is a test tool, not something to time)."""
+    table = r1kernels.backends.table(op)
+    return [name for name, row in table.items() if row.auto and r1kernels.backends.why_not(op, name, device) is None
+            and not (device.type != "cuda" and (row.runs_on or name) == "triton")]
 
 
 def naive_logprobs(logits, targets, temperature=1.0):
@@ -101,7 +96,7 @@ def run(device: torch.device, quick: bool = False) -> list[Row]:
         return (torch.randn(n, v, device=device, dtype=dtype).requires_grad_(), targets)
 
     impls = {f"ours token_logprobs [{b}]": (b, lambda x, t: r1kernels.token_logprobs(x, t))
-             for b in our_backends(device)}
+             for b in our_backends("logprobs", device)}
     impls["naive log_softmax + gather"] = (None, naive_logprobs)
     if not quick:
         impls["torch.compile(naive)"] = (None, torch.compile(naive_logprobs))

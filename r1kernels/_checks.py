@@ -84,9 +84,10 @@ def target_ids_in_range(targets: torch.Tensor, vocab: int) -> None:
         raise ValueError(f"targets holds id {first} outside [0, {vocab}) (use {IGNORE_INDEX} for a masked token)")
 
 
-def backend_dtype(backend: str, name: str, value: torch.Tensor) -> None:
-    """float64 runs on the exact backends only (cpu, torch): GPU kernels are fp32-accumulating."""
-    if value.dtype == torch.float64 and backend not in ("cpu", "torch"):
+def backend_dtype(op: str, backend: str, name: str, value: torch.Tensor) -> None:
+    """float64 runs on the exact backends only (``float64`` in the op's table): GPU kernels accumulate in fp32."""
+    from r1kernels import backends
+    if value.dtype == torch.float64 and not backends.runs_float64(op, backend):
         raise TypeError(f"{name} is float64, which the {backend!r} backend does not run; use cpu or torch")
 
 

@@ -1,5 +1,6 @@
-"""Backend choice per op: ``auto | triton | cuda | cpu | torch`` (and, for single ops,
-``flash_attn`` and ``triton_tile``, the fully fused Triton lm_head kernel).
+"""Backend choice per op: ``auto | triton | cuda | cpu | torch``, and rows only some ops have
+(``flash_attn`` for attention, ``triton_tile`` for the fused lm_head). Each op's package declares its
+backends in one ordered table of :class:`Backend` rows; ``OP_TABLES`` says where each table lives.
 
 ``auto`` picks per call from the tensors' device: CUDA tensors use Triton (falling back to
 the CUDA C++ extension, then plain torch), CPU tensors use the C++ extension when it was
@@ -17,33 +18,92 @@ The innermost ``use_backend`` replaces any outer one and the environment.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import os
 import threading
+from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch", "flash_attn", "triton_tile")
-# Each op's backends, in ``auto``'s order of preference (auto skips flash_attn and triton_tile, which
-# must be asked for): the one table dispatch, validation, the tests' parametrisation and the README's
-# backend table (scripts/generate_docs.py) read.
-OP_BACKENDS = {
-    "logprobs": ("triton", "cuda", "cpu", "torch"),
-    "linear_logprobs": ("triton", "cuda", "cpu", "torch", "triton_tile"),
-    "attention": ("triton", "flash_attn", "torch"),
-    "advantages": ("triton", "cuda", "cpu", "torch"),
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One row of an op's backend table (each op package declares its own, in ``auto``'s order).
+
+    ``module`` implements the op's kernel contract (documented in the op's package) and is imported on
+    first use. ``runs_on``: the technology whose availability decides whether it can run (``_why_not``),
+    by default the row's own name. ``auto``: whether ``auto`` may pick it; otherwise it runs only when
+    asked for. ``deterministic``: the row of the same table that ``deterministic=True`` runs instead.
+    ``float64``: it computes in float64 for float64 inputs (the exact CPU paths; GPU kernels accumulate
+    in fp32 and refuse them)."""
+    module: str
+    runs_on: Optional[str] = None
+    auto: bool = True
+    deterministic: Optional[str] = None
+    float64: bool = False
+
+
+# Where each op's table lives: (package, attribute). The tables are the one statement of which op has
+# which backend; dispatch, validation, the static gate, the tests' parametrisation, the benchmarks and
+# the README's table (scripts/generate_docs.py) read them.
+OP_TABLES = {
+    "logprobs": ("r1kernels.logprobs", "TOKEN_BACKENDS"),
+    "linear_logprobs": ("r1kernels.logprobs", "LINEAR_BACKENDS"),
+    "attention": ("r1kernels.attention", "BACKENDS"),
+    "advantages": ("r1kernels.advantages", "BACKENDS"),
 }
-OPS = tuple(OP_BACKENDS)
-# What ``deterministic=True`` runs instead of a backend, per op: the triton lm_head's cuBLAS chunks are
-# reproducible, but their sums may change with the chunk's row count, which batch invariance forbids,
-# so the fused tile kernel's atomic-free mode runs.
-DETERMINISTIC_BACKENDS = {"linear_logprobs": {"triton": "triton_tile"}}
+OPS = tuple(OP_TABLES)
+
+
+# Tables and backend modules once loaded. A compiled graph cannot trace an import, and need not:
+# ``_resolve`` runs eagerly at trace time and loads what it picks, so traced code finds it here.
+_tables: dict[str, dict[str, Backend]] = {}
+_modules: dict[tuple[str, str], object] = {}
+
+
+def table(op: str) -> dict[str, Backend]:
+    """``op``'s backend table {name: Backend}, in ``auto``'s order."""
+    rows = _tables.get(op)
+    if rows is None:
+        package, attribute = OP_TABLES[op]
+        rows = _tables[op] = getattr(importlib.import_module(package), attribute)
+    return rows
+
+
+def names(op: str) -> tuple[str, ...]:
+    """The backend names ``op`` accepts, in ``auto``'s order."""
+    return tuple(table(op))
+
+
+def all_names() -> tuple[str, ...]:
+    """Every backend name some op accepts, and ``auto``: what ``R1K_BACKEND`` and ``use_backend`` take."""
+    return ("auto", *dict.fromkeys(name for op in OPS for name in table(op)))
+
+
+def kernels(op: str, name: str):
+    """The module that runs ``op`` on backend ``name`` (``table(op)[name].module``)."""
+    module = _modules.get((op, name))
+    if module is None:
+        module = _modules[(op, name)] = importlib.import_module(table(op)[name].module)
+    return module
 
 
 def effective_backend(op: str, backend: str, deterministic: bool) -> str:
     """The backend that runs ``op`` once ``deterministic`` is taken into account."""
-    return DETERMINISTIC_BACKENDS.get(op, {}).get(backend, backend) if deterministic else backend
+    swap = table(op)[backend].deterministic if deterministic else None
+    return swap or backend
+
+
+def runs_float64(op: str, backend: str) -> bool:
+    return table(op)[backend].float64
+
+
+def why_not(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """Why ``op``'s backend ``backend`` cannot run on ``device`` here, or None when it can."""
+    return _why_not(table(op)[backend].runs_on or backend, torch.device(device))
 
 _local = threading.local()
 
@@ -97,8 +157,8 @@ def _parse(text: str, where: str) -> dict[str, str]:
         op = op or "*"
         if op != "*" and op not in OPS:
             raise ValueError(f"{where}: unknown op {op!r} in {text!r}, expected one of {OPS}")
-        if name not in BACKENDS:
-            raise ValueError(f"{where}: unknown backend {name!r} in {text!r}, expected one of {BACKENDS}")
+        if name not in all_names():
+            raise ValueError(f"{where}: unknown backend {name!r} in {text!r}, expected one of {all_names()}")
         spec[op] = name
     return spec
 
@@ -143,7 +203,7 @@ def _why_not(name: str, device: torch.device) -> str | None:
         if not cuda_extension_available():
             return "the C++ extension was built without CUDA kernels"
         return None
-    if name in ("triton", "triton_tile"):
+    if name == "triton":
         if not triton_available():
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
@@ -153,33 +213,40 @@ def _why_not(name: str, device: torch.device) -> str | None:
         if not flash_attn_available():
             return "flash-attn is not installed"
         return None if device.type == "cuda" else f"flash-attn needs CUDA tensors, got {device}"
-    raise AssertionError(name)
+    raise AssertionError(f"no availability rule for {name!r}: add one to backends._why_not")
 
 
 def resolve(op: str, device: torch.device) -> str:
-    """Name of the backend that runs ``op`` (one of ``OPS``) on ``device``, from ``OP_BACKENDS[op]``.
+    """Name of the backend (a key of ``table(op)``) that runs ``op`` (one of ``OPS``) on ``device``.
     Under torch.compile the choice is made once, at trace time, and baked into the graph."""
-    return _resolve(op, torch.device(device).type, OP_BACKENDS[op])
+    return _resolve(op, torch.device(device).type)
 
 
 @torch.compiler.assume_constant_result
-def _resolve(op: str, device_type: str, supported: tuple[str, ...]) -> str:
+def _resolve(op: str, device_type: str) -> str:
     device = torch.device(device_type)
+    rows = table(op)
     name, named_for_op = requested_backend(op)
-    if name != "auto" and name not in supported:
+    if name != "auto" and name not in rows:
         if named_for_op:
-            raise ValueError(f"backend {name!r} does not implement {op}; it supports {supported}")
+            raise ValueError(f"backend {name!r} does not implement {op}; it supports {tuple(rows)}")
         name = "auto"               # a plain name leaves the ops that lack it on auto
     if name == "auto":
-        # auto never picks flash_attn (ours is the default; flash-attn must be asked for) nor the
-        # fully fused Triton lm_head kernel (cuBLAS chunks are faster; it is the memory-minimal option)
-        order = [b for b in supported
-                 if (b != "triton" or device.type == "cuda") and b not in ("flash_attn", "triton_tile")]
-        for candidate in order:
-            if _why_not(candidate, device) is None:
-                return candidate
+        # on CPU tensors auto leaves triton to the interpreter's tests (it is slower than C++ or torch)
+        for candidate, row in rows.items():
+            runs_on = row.runs_on or candidate
+            if row.auto and (runs_on != "triton" or device.type == "cuda") and _why_not(runs_on, device) is None:
+                return _chosen(op, candidate)
         raise AssertionError("the torch backend always runs")
-    reason = _why_not(name, device)
+    reason = _why_not(rows[name].runs_on or name, device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} was forced but cannot run: {reason}")
+    return _chosen(op, name)
+
+
+def _chosen(op: str, name: str) -> str:
+    """``name``, its module (and that of its deterministic row) loaded for traced code."""
+    kernels(op, name)
+    if table(op)[name].deterministic:
+        kernels(op, table(op)[name].deterministic)
     return name

@@ -1,11 +1,12 @@
 """The Hopper static gate: every Triton kernel compiled for sm_90a down to SASS, with no GPU.
 
 The Triton interpreter, which the tests use, runs kernels as NumPy code: it accepts code that the
-GPU compiler rejects, and it says nothing about speed. This script calls each launcher in
-r1kernels/triton/ with every configuration the dispatch launches (dtypes, block sizes per head dim,
-modes), swaps the launch for ``triton.compile(..., target=sm_90a)`` with the specialisation a real
-call gets (16-byte aligned pointers, sizes and strides divisible by 16: the tensors here have the
-divisibility of real model sizes), and reads the result:
+GPU compiler rejects, and it says nothing about speed. This script calls each launcher of the
+package's Triton modules (``triton_sources``: each op's, in its package) with every configuration
+the dispatch launches (dtypes, block sizes per head dim, modes), swaps the launch for
+``triton.compile(..., target=sm_90a)`` with the specialisation a real call gets (16-byte aligned
+pointers, sizes and strides divisible by 16: the tensors here have the divisibility of real model
+sizes), and reads the result:
 
     registers     per thread (cuobjdump -res-usage)
     spill_bytes   stack frame + local memory per thread: registers ptxas spilled (Triton kernels
@@ -74,30 +75,30 @@ TOOLS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # and which issue rewrites it. An entry that no configuration breaks is an error too, so the list
 # cannot go stale, and configurations outside an entry's filter stay gated.
 KNOWN_FAILURES = {
-    ("attention._r1k_attention_forward", "wgmma_n", "BLOCK_D=256"):
+    ("attention.triton_kernels._r1k_attention_forward", "wgmma_n", "BLOCK_D=256"):
         "head dim 256: the fp32 output tile alone takes 128 registers a thread; beside it only a 32-key score "
         "tile fits without spilling (FlashAttention-3 has 80 keys there, on 240 registers its producer warp frees)",
-    ("attention._r1k_attention_backward_dq", "wgmma_n", "BLOCK_D=256"):
+    ("attention.triton_kernels._r1k_attention_backward_dq", "wgmma_n", "BLOCK_D=256"):
         "head dim 256: as for the forward, the fp32 dQ tile beside a 32-key score tile",
-    ("attention._r1k_attention_backward_dkdv", "wgmma", "BLOCK_D=256"):
+    ("attention.triton_kernels._r1k_attention_backward_dkdv", "wgmma", "BLOCK_D=256"):
         "head dim 256: a tensor-core tile of 64 keys (wgmma's smallest M) with the dK or dV accumulator needs more "
         "than 255 registers and spills 160-200 B; the 32-key tile runs mma.sync (FlashAttention-3 keeps its "
         "score tiles at N = 32 there too)",
-    ("attention._r1k_attention_backward_dkdv", "spills", "BLOCK_D=256 EVEN_D=True DOT_FP32=False PRECISION=tf32 "
-     "warps=8 stages=2 triton=3.6.0"):
+    ("attention.triton_kernels._r1k_attention_backward_dkdv", "spills",
+     "BLOCK_D=256 EVEN_D=True DOT_FP32=False PRECISION=tf32 warps=8 stages=2 triton=3.6.0"):
         "head dim 256 under Triton 3.6: its ptxas holds the 32-key mma.sync kernel to 128 registers and spills 16 B",
-    ("attention._r1k_attention_backward", "spills", "in=fp32"):
+    ("attention.triton_kernels._r1k_attention_backward", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
-    ("attention._r1k_attention_backward_dkdv", "spills", "in=fp32"):
+    ("attention.triton_kernels._r1k_attention_backward_dkdv", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
-    ("attention._r1k_attention_forward", "spills", "in=fp32"):
+    ("attention.triton_kernels._r1k_attention_forward", "spills", "in=fp32"):
         "fp32 inputs ('ieee' dots on CUDA cores keep both operands in registers); bf16/fp16 is the training path",
-    ("linear_logprobs._r1k_linear_logprobs_backward_atomic", "spills", "in=fp32"):
+    ("logprobs.triton_tile._r1k_linear_logprobs_backward_atomic", "spills", "in=fp32"):
         "issue 11: the fused-tile backward's fp32 tiles; its rewrite re-tiles the kernel",
-    ("linear_logprobs._r1k_linear_logprobs_backward_atomic", "wgmma_n", ""):
+    ("logprobs.triton_tile._r1k_linear_logprobs_backward_atomic", "wgmma_n", ""):
         "the opt-in fused-tile lm_head (triton_tile): its [64 rows, 64 hidden] products split N across two "
         "warpgroups (N = 32); the default lm_head runs cuBLAS",
-    ("linear_logprobs._r1k_linear_logprobs_backward_hidden", "wgmma_n", ""):
+    ("logprobs.triton_tile._r1k_linear_logprobs_backward_hidden", "wgmma_n", ""):
         "as for _r1k_linear_logprobs_backward_atomic",
 }
 
@@ -150,7 +151,7 @@ def _dtype_name(dtype: torch.dtype) -> str | None:
 
 
 def _kernel_name(fn: JITFunction) -> str:
-    return f"{fn.__module__.split('.')[-1]}.{fn.__name__}"
+    return f"{fn.__module__.removeprefix('r1kernels.')}.{fn.__name__}"
 
 
 def _record_launch(self: JITFunction, *args, grid, warmup, **kwargs):
@@ -190,7 +191,7 @@ def _math(dtype: torch.dtype, precision: str) -> str:
 # ---------------------------------------------------------------- the cases (every dispatched config)
 def _logprobs():
     from bench.logprobs import SHAPES
-    from r1kernels.triton import logprobs
+    from r1kernels.logprobs import triton_rows as logprobs
     n, v = SHAPES["cuda"]["tokens"], SHAPES["cuda"]["vocab"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         e, shape = _elt(dtype), f"N={n} V={v}"
@@ -208,7 +209,7 @@ def _logprobs():
 
 def _linear_logprobs():
     from bench.logprobs import SHAPES
-    from r1kernels.triton import linear_logprobs
+    from r1kernels.logprobs import triton_tile as linear_logprobs
     n, h, v = SHAPES["cuda"]["tokens"], SHAPES["cuda"]["hidden"], SHAPES["cuda"]["vocab"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         e, mm = _elt(dtype), 2 * n * h * v
@@ -225,7 +226,8 @@ def _linear_logprobs():
         targets = torch.zeros(128, dtype=torch.long)
         grad = torch.zeros(128)
         for bias in (None, torch.zeros(1024, dtype=dtype)):
-            logp, entropy, row_max, row_log_sum = linear_logprobs.forward(hidden, weight, bias, targets, 1.0, False)
+            logp, entropy, row_max, row_log_sum = linear_logprobs.forward(hidden, weight, bias, targets, 1.0,
+                                                                          deterministic=False)
             for deterministic in (False, True):
                 for grad_entropy in (None, grad):
                     linear_logprobs.backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad,
@@ -238,7 +240,7 @@ def _linear_logprobs():
 
 def _attention():
     from bench.attention import SHAPES, _lengths
-    from r1kernels.triton import attention
+    from r1kernels.attention import triton_kernels as attention
     s = SHAPES["cuda"]
     lengths = _lengths(s["seqs"], s["min_len"], s["max_len"], torch.Generator().manual_seed(0))
     heads, kv_heads, total = s["heads"], s["kv_heads"], sum(lengths)
@@ -274,7 +276,7 @@ def _attention():
 
 def _advantages():
     from bench.advantages import BATCHES, NUM_REWARDS
-    from r1kernels.triton import advantages, advantages_by_id
+    from r1kernels.advantages import triton_groups, triton_by_id
     batch = max(BATCHES)
     shape = f"B={batch} R={NUM_REWARDS}"
     for dtype in (torch.float32, torch.float64):
@@ -289,12 +291,11 @@ def _advantages():
             for w in (None, weights):
                 for loo in (False, True):
                     options = dict(leave_one_out=loo, scale=scale, eps=1e-4, batch_denominator=denominator)
-                    advantages.group_normalize(rewards, w, group_size=16, **options)
-                    advantages_by_id.group_normalize_by_id(rewards, w, ids, **options, with_stats=True)
+                    triton_groups.group_normalize(rewards, w, group_size=16, **options)
+                    triton_by_id.group_normalize_by_id(rewards, w, ids, **options, with_stats=True)
         options = dict(leave_one_out=False, scale="group", eps=1e-4, batch_denominator=None)
-        advantages_by_id.group_normalize_by_id(rewards, None, ids.int(), **options, with_stats=False)
-        advantages_by_id.group_normalize_by_id(rewards, weights, None, **options, with_stats=True,
-                                               group_size=128)
+        triton_by_id.group_normalize_by_id(rewards, None, ids.int(), **options, with_stats=False)
+        triton_by_id.group_normalize_by_id(rewards, weights, None, **options, with_stats=True, group_size=128)
 
 
 CASES = (_logprobs, _linear_logprobs, _attention, _advantages)
@@ -384,6 +385,11 @@ def collect() -> list[dict]:
     return sorted(records, key=lambda r: (r["kernel"], r["config"]))
 
 
+def triton_sources() -> list[pathlib.Path]:
+    """Every module of the package that defines a Triton kernel or jitted helper, each op's beside it."""
+    return sorted(p for p in (ROOT / "r1kernels").rglob("*.py") if "@triton.jit" in p.read_text())
+
+
 def inputs_sha256() -> str:
     """What the records depend on besides the compiler: the kernel sources, this script, the benchmark
     shapes the roofline columns use and the datasheet peaks. A committed report made from other inputs
@@ -393,7 +399,7 @@ def inputs_sha256() -> str:
     from bench.logprobs import SHAPES as LOGPROBS
 
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "r1kernels" / "triton").glob("*.py")) + [pathlib.Path(__file__).resolve()]:
+    for path in triton_sources() + [pathlib.Path(__file__).resolve()]:
         digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
     shapes = [LOGPROBS["cuda"], ATTENTION["cuda"], list(BATCHES), NUM_REWARDS, hardware.PEAKS]
     digest.update(json.dumps(shapes, sort_keys=True, default=str).encode())

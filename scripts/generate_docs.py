@@ -6,7 +6,7 @@ around it is written by hand. Parts:
     two-pass-routes  r1kernels.grpo.TWO_PASS_ROUTES: when linear_grpo_loss does not compute the
                      gradients in its forward
     loss-types       r1kernels.grpo.LOSS_TYPES: each type's normaliser, options and capabilities
-    op-backends      r1kernels.backends.OP_BACKENDS: which op has which backend, in auto's order
+    op-backends      each op's backend table (r1kernels.backends.table): which op has which backend
 
 Run: python scripts/generate_docs.py [--check]   (--check: exit 1, naming the files, where they differ;
 tests/test_docs.py runs the check).
@@ -43,15 +43,18 @@ def loss_types() -> str:
 
 
 def op_backends() -> str:
-    names = [b for b in backends.BACKENDS if b != "auto"]
+    names = [b for b in backends.all_names() if b != "auto"]
     lines = ["| op | " + " | ".join(f"`{b}`" for b in names) + " |", "|---|" + "---|" * len(names)]
-    for op, supported in backends.OP_BACKENDS.items():
-        cells = [str(supported.index(b) + 1) if b in supported else "-" for b in names]
+    for op in backends.OPS:
+        rows = backends.table(op)
+        order = [b for b, row in rows.items() if row.auto]
+        cells = [str(order.index(b) + 1) if b in order else "on request" if b in rows else "-" for b in names]
         lines.append(f"| `{op}` | " + " | ".join(cells) + " |")
-    swaps = "; ".join(f"`{op}` on `{b}` runs `{to}`" for op, per in backends.DETERMINISTIC_BACKENDS.items()
-                      for b, to in per.items())
-    return ("\n".join(lines) + "\n\nA number is the backend's place in the op's order; - : the op does not have it. "
-            f"With `deterministic=True` (`backends.DETERMINISTIC_BACKENDS`): {swaps}.\n")
+    swaps = "; ".join(f"`{op}` on `{b}` runs `{row.deterministic}`" for op in backends.OPS
+                      for b, row in backends.table(op).items() if row.deterministic)
+    return ("\n".join(lines) + "\n\nA number is the backend's place in `auto`'s order for the op; on request: "
+            "only when named (`use_backend`, `R1K_BACKEND`); - : the op does not have it. "
+            f"With `deterministic=True` (a row's `deterministic` field): {swaps}.\n")
 
 
 PARTS = {"two-pass-routes": two_pass_routes, "loss-types": loss_types, "op-backends": op_backends}

@@ -72,19 +72,17 @@ def pytest_sessionfinish(session):
         cache.set(TRITON_TESTS_KEY, sorted(set(cache.get(TRITON_TESTS_KEY, [])) | _ran_triton))
 
 
-def cpu_backends():
-    """Backends that can run on this machine's CPU tensors."""
-    names = ["torch"]
-    if backends.extension_available():
-        names.append("cpu")
-    if backends.triton_available() and backends.triton_interpreting():
-        names.append("triton")
-    return names
+def cpu_backends(op: str, on_request: bool = False) -> list[str]:
+    """``op``'s backends (its table, in order) that can run on this machine's CPU tensors: triton only
+    under the interpreter, cpu where the extension was built, flash_attn never; with ``on_request``
+    also the rows ``auto`` never picks (the fused lm_head's triton_tile)."""
+    return [name for name, row in backends.table(op).items() if (row.auto or on_request)
+            and backends.why_not(op, name, torch.device("cpu")) is None]
 
 
-def exact_backends():
-    """Backends that run float64 (for gradcheck)."""
-    return [b for b in cpu_backends() if b in ("torch", "cpu")]
+def exact_backends(op: str) -> list[str]:
+    """``op``'s backends here that run float64 (for gradcheck)."""
+    return [name for name in cpu_backends(op) if backends.table(op)[name].float64]
 
 
 @pytest.fixture(autouse=True)

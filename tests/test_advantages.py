@@ -1,7 +1,10 @@
-"""group_advantages on every CPU-runnable backend against the float64 reference and TRL's formula."""
+"""group_advantages on every CPU-runnable backend against the float64 reference and TRL's formula; bad and
+empty input on every backend, and the GPU checks (a real multi-program grid barrier, ``cuda``-marked)."""
 import pytest
 import torch
 from conftest import assert_close_scaled, cpu_backends
+from gpu_cases import gpu_test, require
+from op_cases import assert_empty_results, assert_rejects, empty_strided, ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +28,7 @@ def _run(backend, rewards, **kw):
         return r1kernels.group_advantages(rewards, **kw)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 @pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("grpo", "none"),
                                               ("rloo", "none"), ("rloo", "group"), ("dr_grpo", None)])
 @pytest.mark.parametrize("num_rewards", [1, 3])
@@ -48,7 +51,7 @@ def test_contiguous_groups_match_reference(backend, estimator, scale, num_reward
         assert adv[5] == 0
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_shuffled_ids_mixed_sizes(backend):
     sizes = [1, 2, 3, 8, 5, 17, 1, 4]
     ids = torch.cat([torch.full((n,), 100 + 7 * g) for g, n in enumerate(sizes)])
@@ -65,7 +68,7 @@ def test_shuffled_ids_mixed_sizes(backend):
     assert (adv[singles] == 0).all()
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_huge_offsets_keep_their_spread(backend):
     """Rewards near 1e6 with spread 1e-2: E[x^2] - E[x]^2 in fp32 returns noise (or a negative
     variance) here; the shifted two-pass std stays exact."""
@@ -82,7 +85,7 @@ def test_huge_offsets_keep_their_spread(backend):
     assert ((naive_var.double() - true_var).abs() > true_var).any(), "the naive formula should fail here"
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_equals_trl_formula(backend, scale):
     size = 4
@@ -97,7 +100,7 @@ def test_equals_trl_formula(backend, scale):
     torch.testing.assert_close(adv, adv_trl, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_equals_verl_grpo_and_rloo_by_uid(backend):
     """verl's per-uid loops (groups of two or more; verl gives a lone completion mean 0, std 1)."""
     ids = torch.tensor([3, 9, 3, 9, 9, 4, 4, 3, 4, 4])
@@ -114,7 +117,7 @@ def test_equals_verl_grpo_and_rloo_by_uid(backend):
     torch.testing.assert_close(_run(backend, rewards, group_ids=ids, estimator="rloo"), verl_rloo)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_extreme_group_sizes_and_stats(backend):
     rewards = torch.randn(48)
     assert (_run(backend, rewards, group_size=1) == 0).all()
@@ -130,7 +133,7 @@ def test_extreme_group_sizes_and_stats(backend):
     assert (adv == 0).all() and torch.isnan(stats.group_mean).all()
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends("advantages") if b != "triton"])
 def test_large_batch(backend):
     rewards = torch.randn(1 << 20, 3)
     adv = _run(backend, rewards, group_size=64)
@@ -155,7 +158,7 @@ def _assert_close_per_group(adv, ref, rtol, what):
                             rtol, f"{what}, group {g // 4}")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 @pytest.mark.parametrize("estimator, scale", [("grpo", "group"), ("grpo", "batch"), ("rloo", "group"),
                                               ("rloo", "none"), ("dr_grpo", None)])
 def test_huge_rewards_up_to_the_fp32_maximum(backend, estimator, scale):
@@ -187,7 +190,7 @@ def test_huge_rewards_up_to_the_fp32_maximum(backend, estimator, scale):
                         1e-6, "std")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_extreme_batch_std_and_overflowing_weighted_sums(backend):
     """The batch std of [-max, max] is sqrt(2) max, beyond fp32: scale="batch" still gives +-1/sqrt(2).
     Rewards whose weighted sum overflows fp32 make that row a failed reward (0), not NaNs for its group."""
@@ -201,7 +204,7 @@ def test_extreme_batch_std_and_overflowing_weighted_sums(backend):
     assert adv[0] == 0
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_huge_float64_rewards(backend):
     rewards = torch.tensor([5.0, 7, 6, 9, 1, 3, 2, 2], dtype=torch.float64) * 1e150
     for estimator, scale in (("grpo", "group"), ("rloo", "none")):
@@ -219,7 +222,7 @@ def test_property_random_groups(sizes, seed, estimator):
     ids = ids[torch.randperm(ids.numel(), generator=gen)]
     rewards = torch.randint(0, 3, (ids.numel(),), generator=gen).double()   # many ties and constant groups
     ref = group_advantages_ref(rewards, _from_ids(ids), estimator, "group" if estimator == "grpo" else "none")
-    for backend in cpu_backends():
+    for backend in cpu_backends("advantages"):
         adv = _run(backend, rewards, group_ids=ids, estimator=estimator)
         assert torch.isfinite(adv).all()
         assert_close_scaled(adv, ref, 1e-9 if backend != "triton" else 1e-6, backend)
@@ -275,7 +278,7 @@ def _first_appearance_stats(rewards, ids):
     return torch.stack(means), torch.stack(stds), torch.tensor(constants)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_id_stats_list_groups_by_first_appearance(backend):
     ids = torch.tensor([42, -7, 42, 5, -7, 5, 5, 9, 42, 2 ** 40])
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan"), 4.0, 4.0, 0.5, 2.0, 7.0])
@@ -291,7 +294,7 @@ def test_triton_id_kernel_many_programs_match_one_bitwise():
     """The phases as separate launches with 3 programs (the interpreter cannot run a grid barrier
     with more than one program) give the same bits as the one-launch, one-program path: the int64
     fixed-point sums do not depend on which program adds first."""
-    from r1kernels.triton.advantages_by_id import BLOCK, _launch, group_normalize_by_id
+    from r1kernels.advantages.triton_by_id import BLOCK, _launch, group_normalize_by_id
     gen = torch.Generator().manual_seed(3)
     batch = 2 * BLOCK + 37
     ids = torch.randint(-50, 300, (batch,), generator=gen) * (1 << 20)     # strided ids: one hash bucket apart
@@ -308,9 +311,9 @@ def test_triton_id_kernel_many_programs_match_one_bitwise():
     assert_close_scaled(one[0], ref, 1e-6)
 
 
-@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.skipif("triton" not in cpu_backends("advantages"), reason="needs the Triton interpreter")
 def test_triton_ids_shuffle_equivariant_bitwise_and_barrier_reset():
-    from r1kernels.triton.advantages_by_id import _barrier_word
+    from r1kernels.advantages.triton_by_id import _barrier_word
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 40, (700,), generator=gen)
     rewards = torch.randn(700, generator=gen)
@@ -322,7 +325,7 @@ def test_triton_ids_shuffle_equivariant_bitwise_and_barrier_reset():
     assert _barrier_word(rewards.device)[0].item() == 0, "every launch must leave zero arrivals behind"
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_ids_at_the_int64_limits_and_small_dtypes(backend):
     ids = torch.tensor([-2 ** 63, 2 ** 63 - 1, -2 ** 63, 0, 2 ** 63 - 1, 0, -1, -1])
     rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 6.0, 9.0, 4.0, 4.0])
@@ -334,7 +337,7 @@ def test_ids_at_the_int64_limits_and_small_dtypes(backend):
     assert (_run(backend, rewards, group_ids=strided) == 0).all(), "eight groups of one"
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_ids_one_group_spanning_the_batch_with_huge_offset(backend):
     rewards = 1e6 + torch.randn(3000, dtype=torch.float64) * 1e-2
     ids = torch.full((3000,), 11)
@@ -350,10 +353,10 @@ def test_compile_fullgraph_group_ids():
     torch.testing.assert_close(f(rewards, ids), r1kernels.group_advantages(rewards, group_ids=ids))
 
 
-@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.skipif("triton" not in cpu_backends("advantages"), reason="needs the Triton interpreter")
 def test_triton_long_contiguous_groups_use_the_persistent_kernel():
-    from r1kernels.triton.advantages import LARGE_GROUP
-    from r1kernels.triton.advantages_by_id import _launch, group_normalize_by_id
+    from r1kernels.advantages.triton_groups import LARGE_GROUP
+    from r1kernels.advantages.triton_by_id import _launch, group_normalize_by_id
     size = LARGE_GROUP + 3
     rewards = torch.randn(2 * size, 2)
     rewards[5] = float("nan")
@@ -374,11 +377,11 @@ def test_triton_long_contiguous_groups_use_the_persistent_kernel():
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.skipif("triton" not in cpu_backends("advantages"), reason="needs the Triton interpreter")
 def test_id_kernel_grid_of_several_programs_is_launched_cooperatively():
     """Its grid barrier spins until every program arrives: a single launch of several programs must be
     cooperative (it then fails to launch rather than hang when SMs are taken); split phases need not."""
-    from r1kernels.triton.advantages_by_id import launch_options
+    from r1kernels.advantages.triton_by_id import launch_options
     assert launch_options(132, split_phases=False)["launch_cooperative_grid"] is True
     assert "launch_cooperative_grid" not in launch_options(1, split_phases=False)
     assert "launch_cooperative_grid" not in launch_options(3, split_phases=True)
@@ -391,8 +394,8 @@ def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
 
-    from r1kernels.triton.advantages import group_normalize
-    from r1kernels.triton.advantages_by_id import group_normalize_by_id
+    from r1kernels.advantages.triton_groups import group_normalize
+    from r1kernels.advantages.triton_by_id import group_normalize_by_id
 
     launches, ops, inside = [], [], []
     launch = InterpretedFunction.run
@@ -432,19 +435,19 @@ def test_triton_advantages_are_one_kernel_launch_and_allocations(monkeypatch):
         ["_r1k_advantages_by_id"] * 2 + ["_r1k_advantages_grouped"]
 
 
-@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
+@pytest.mark.skipif("triton" not in cpu_backends("advantages"), reason="needs the Triton interpreter")
 def test_triton_ids_large_batch_matches_cpu():
     gen = torch.Generator().manual_seed(7)
     rewards = torch.randn(1 << 20, generator=gen)
     ids = torch.randint(0, 1 << 17, (1 << 20,), generator=gen)     # groups of about 8, from 0 to ~25 rows
     with r1kernels.use_backend("triton"):
         adv = r1kernels.group_advantages(rewards, group_ids=ids, estimator="rloo", scale="group")
-    with r1kernels.use_backend("cpu" if "cpu" in cpu_backends() else "torch"):
+    with r1kernels.use_backend("cpu" if "cpu" in cpu_backends("advantages") else "torch"):
         expected = r1kernels.group_advantages(rewards.double(), group_ids=ids, estimator="rloo", scale="group")
     assert_close_scaled(adv, expected, 1e-5)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 @pytest.mark.parametrize("multi", ["sum_then_normalize", "normalize_then_sum"])
 def test_ids_every_scale_and_multi_reward(backend, multi):
     gen = torch.Generator().manual_seed(11)
@@ -458,3 +461,95 @@ def test_ids_every_scale_and_multi_reward(backend, multi):
                    multi_reward=multi)
         ref = group_advantages_ref(rewards, _from_ids(ids), estimator, scale or "none", 1e-4, weights, multi)
         assert_close_scaled(adv, ref, 1e-5, f"{estimator}/{scale}")
+
+
+# ---------------------------------------------------------------- bad and empty input
+
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
+def test_infinite_reward_is_a_failed_reward(backend):
+    """+-inf is a reward function's failure, like NaN: advantage 0, the rest of its group unaffected,
+    counted in the stats."""
+    rewards = torch.tensor([1.0, 2.0, 4.0, float("inf"), 3.0, 0.0, float("-inf"), 5.0])
+    as_nan = torch.where(torch.isinf(rewards), torch.nan, rewards)
+    with r1kernels.use_backend(advantages=backend):
+        adv, stats = r1kernels.group_advantages(rewards, 4, return_stats=True)
+        expected = r1kernels.group_advantages(as_nan, 4)
+    assert torch.isfinite(adv).all() and adv[3] == 0 and adv[6] == 0
+    torch.testing.assert_close(adv, expected)
+    assert int(stats.failed_rewards) == 2
+
+
+# Bad input: (case, call, exception, a pattern the message must match: it names the argument);
+# each row runs on every backend of the op that runs on this machine's CPU
+INVALID = [
+    ("group size not dividing", lambda: r1kernels.group_advantages(torch.randn(5), 2), ValueError, "group_size"),
+    ("group ids shape",
+     lambda: r1kernels.group_advantages(torch.randn(4), group_ids=torch.zeros(3).long()), ValueError, "group_ids"),
+    ("unknown estimator", lambda: r1kernels.group_advantages(torch.randn(4), 2, estimator="ppo"),
+     ValueError, "estimator"),
+    ("NaN reward weight", lambda: r1kernels.group_advantages(torch.randn(4, 2), 2,
+                                                             reward_weights=torch.tensor([1.0, float("nan")])),
+     ValueError, "reward_weights must be finite"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, pattern", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_inputs_name_the_argument(case, call, error, pattern):
+    assert_rejects("advantages", call, error, pattern)
+
+
+EMPTY = {
+    "group_advantages": (lambda: [empty_strided((0,), (0,), False)],
+                         lambda r: r1kernels.group_advantages(r, group_size=4)),
+    "group_advantages [0, R], ids": (lambda: [empty_strided((0, 2), (1, 0), False), ids(0)],
+                                     lambda r, group_ids: r1kernels.group_advantages(r, group_ids=group_ids)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
+def test_empty_inputs_with_any_strides_give_empty_results(case, backend):
+    """Empty outputs (a loss of 0 over no tokens) and gradients of each input's shape, on every backend."""
+    assert_empty_results(backend, *EMPTY[case])
+
+
+# ---------------------------------------------------------------- on the GPU
+
+@gpu_test
+@pytest.mark.parametrize("batch", [1, 5000, 1 << 20, 1 << 24])
+def test_group_advantages_by_id_cuda_one_launch_grid_barrier(batch):
+    """The id-grouped Triton kernel with a real multi-program grid barrier (the interpreter runs
+    one program): equal to the float64 torch path, bitwise shuffle-equivariant, barrier reset."""
+    require("triton")
+    from r1kernels.advantages.triton_by_id import _barrier_word
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rewards = torch.randn(batch, 3, device="cuda", generator=gen)
+    ids = torch.randint(0, max(1, batch // 8), (batch,), device="cuda", generator=gen) * 7919
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+    with r1kernels.use_backend("triton"):
+        adv, stats = r1kernels.group_advantages(rewards, group_ids=ids, reward_weights=weights, return_stats=True)
+        perm = torch.randperm(batch, device="cuda", generator=gen)
+        shuffled = r1kernels.group_advantages(rewards[perm], group_ids=ids[perm], reward_weights=weights)
+    with r1kernels.use_backend("torch"):
+        expected, expected_stats = r1kernels.group_advantages(rewards.double(), group_ids=ids,
+                                                              reward_weights=weights.double(), return_stats=True)
+    assert_close_scaled(adv, expected, 1e-5)
+    assert_close_scaled(stats.group_std, expected_stats.group_std, 1e-5)
+    assert torch.equal(shuffled, adv[perm])
+    assert _barrier_word(rewards.device)[0].item() == 0
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.cuda_ext)])
+@pytest.mark.parametrize("group_size", [8, 64, 1 << 20])
+def test_group_advantages_contiguous_cuda(backend, group_size):
+    """Contiguous groups: Triton's tile kernel (small groups) and persistent kernel (one group of
+    2^20), and the CUDA C++ kernel."""
+    require(backend)
+    rewards = torch.randn(1 << 20, 3, device="cuda")
+    with r1kernels.use_backend(backend):
+        adv, stats = r1kernels.group_advantages(rewards, group_size=group_size, return_stats=True)
+    r = rewards.double().sum(1).view(-1, group_size)
+    expected = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert_close_scaled(adv, expected, 1e-5)
+    assert_close_scaled(stats.group_std, r.std(1), 1e-5)

@@ -1,14 +1,19 @@
-"""varlen_attention against the float64 reference, following flash-attn's own test rule:
-error vs an fp32 reference <= 2x (forward) / 3x (backward) that of plain low-precision PyTorch."""
+"""varlen_attention and the packing helpers against the float64 reference, following flash-attn's own
+test rule: error vs an fp32 reference <= 2x (forward) / 3x (backward) that of plain low-precision PyTorch;
+the property test, bad and empty input on every backend, and long packed batches on the GPU."""
 import pytest
 import torch
 from conftest import assert_close_scaled, cpu_backends
+from gpu_cases import gpu_test, require
+from hypothesis import given
+from hypothesis import strategies as st
+from op_cases import PROPERTY_SETTINGS, assert_empty_results, assert_rejects, empty_strided
 
 import r1kernels
 from r1kernels.flash_attn_compat import flash_attn_varlen_func
 from r1kernels.reference import varlen_attention_ref
 
-BACKENDS = [b for b in cpu_backends() if b in ("triton", "torch")]
+BACKENDS = [b for b in cpu_backends("attention") if b in ("triton", "torch")]
 
 
 def _cu(lengths):
@@ -347,7 +352,7 @@ def test_unequal_tiles_split_edge_and_inner_key_tiles(deterministic, tiles, caus
     tiles and unmasked inner tiles must hold for them too, in both backwards."""
     if "triton" not in BACKENDS:
         pytest.skip("needs the Triton interpreter")
-    from r1kernels.triton import attention as triton_attention
+    from r1kernels.attention import triton_kernels as triton_attention
     block_m, block_n = tiles
     original = triton_attention._config
 
@@ -373,7 +378,7 @@ def test_block_table_lists_every_block_once_heaviest_first(heavy):
     no sequence reaches) and those last, ordered by the block's work (the keys a causal query block
     sees, the queries a causal key block is seen by, else the sequence's length), heaviest first;
     built on the device without reading lengths on the host, and cached on the offsets tensor."""
-    from r1kernels.triton.attention import _block_table
+    from r1kernels.attention.triton_kernels import _block_table
     lengths = [0, 5, 33, 16, 1, 70]
     cu = _cu(lengths)
     slot_seq, slot_start, bound = _block_table(cu, 16, sum(lengths), heavy)
@@ -391,3 +396,156 @@ def test_block_table_lists_every_block_once_heaviest_first(heavy):
     assert works == sorted(works, reverse=True)
     assert _block_table(cu, 16, sum(lengths), heavy)[0] is slot_seq, "built once per offsets tensor"
     assert _block_table(cu, 32, sum(lengths), heavy)[0] is not slot_seq
+
+
+# ---------------------------------------------------------------- property
+
+@PROPERTY_SETTINGS
+@given(lengths=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 6)), min_size=1, max_size=4),
+       heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), head_dim=st.sampled_from([4, 16, 24]),
+       causal=st.booleans(), window=st.sampled_from([(-1, -1), (3, -1), (2, 1)]),
+       softcap=st.sampled_from([0.0, 5.0]), seed=st.integers(0, 2**16))
+def test_varlen_attention_torch_backend_property(lengths, heads, head_dim, causal, window, softcap, seed):
+    """The torch backend (the CPU default) on random packed layouts: q and k lengths differ (k = q +
+    extra), empty sequences, windows, softcap; output and every gradient against float64."""
+    gen = torch.Generator().manual_seed(seed)
+    lens_q = [q for q, _ in lengths]
+    lens_k = [q + extra for q, extra in lengths]
+    hq, hkv = heads
+    q = torch.randn(sum(lens_q), hq, head_dim, generator=gen).requires_grad_()
+    k = torch.randn(sum(lens_k), hkv, head_dim, generator=gen).requires_grad_()
+    v = torch.randn(sum(lens_k), hkv, head_dim, generator=gen).requires_grad_()
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    with r1kernels.use_backend("torch"):
+        out = r1kernels.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    grad = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), grad) if out.numel() else (torch.zeros_like(q),) * 3
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, _ = varlen_attention_ref(*leaves, cu_q, cu_k, None, causal, window, softcap)
+    ref_grads = torch.autograd.grad(ref, leaves, grad.double()) if ref.numel() else (torch.zeros_like(q),) * 3
+    assert_close_scaled(out, ref, 5e-5, "out")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close_scaled(g, r, 2e-4, f"d{name}")
+
+
+# ---------------------------------------------------------------- bad and empty input
+
+def _offsets(*bounds):
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+# Bad input: (case, call, exception, a pattern the message must match: it names the argument);
+# each row runs on every backend of the op that runs on this machine's CPU
+INVALID = [
+    ("offsets past total", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _offsets(0, 3, 6), _offsets(0, 3, 6), 3, 3),
+     ValueError, "cu_seqlens_q"),
+    ("offsets int64", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _offsets(0, 5).long(), _offsets(0, 5), 5, 5),
+     TypeError, "cu_seqlens_q"),
+    ("heads not grouped", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 3, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _offsets(0, 5), _offsets(0, 5), 5, 5),
+     ValueError, "Hq"),
+    ("max_seqlen too small", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _offsets(0, 5), _offsets(0, 5), 4, 5),
+     ValueError, "max_seqlen_q"),
+    ("head dim 300", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 300), torch.randn(5, 2, 300), torch.randn(5, 2, 300), _offsets(0, 5), _offsets(0, 5), 5, 5),
+     ValueError, "head_dim"),
+    ("sinks shape", lambda: r1kernels.varlen_attention(
+        torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), _offsets(0, 5), _offsets(0, 5), 5, 5,
+        sinks=torch.zeros(3)), ValueError, "sinks"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, pattern", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_inputs_name_the_argument(case, call, error, pattern):
+    assert_rejects("attention", call, error, pattern)
+
+
+# the packing helpers (no backends)
+PACKING_INVALID = [
+    ("unpack past N", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([0, 3, 7])), ValueError, "cu_seqlens"),
+    ("unpack decreasing", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([0, 4, 2, 5])), ValueError,
+     "non-decreasing"),
+    ("unpack negative", lambda: r1kernels.unpack(torch.arange(5), torch.tensor([-1, 2, 5])), ValueError,
+     "start at 0"),
+    ("pack mixed dtypes", lambda: r1kernels.pack([torch.arange(3), torch.arange(2).int()]), TypeError,
+     r"sequences\[1\]"),
+    ("plan negative length", lambda: r1kernels.plan_micro_batches([3, -1], 8), ValueError, r"lengths\[1\]"),
+    ("plan NaN budget", lambda: r1kernels.plan_micro_batches([3, 1], float("nan")), ValueError, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, pattern", PACKING_INVALID, ids=[c[0] for c in PACKING_INVALID])
+def test_packing_helpers_name_the_argument(case, call, error, pattern):
+    assert_rejects(None, call, error, pattern)
+
+
+def _empty_qkv():
+    return (empty_strided((0, 2, 16), (1, 0, 0)), empty_strided((0, 2, 16), (0, 1, 0)),
+            empty_strided((0, 2, 16), (0, 0, 0)))
+
+
+EMPTY = {
+    "varlen_attention": (lambda: [*_empty_qkv(), torch.zeros(1, dtype=torch.int32)],
+                         lambda q, k, v, cu: r1kernels.varlen_attention(q, k, v, cu, cu, 0, 0, causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("backend", cpu_backends("attention"))
+def test_empty_inputs_with_any_strides_give_empty_results(case, backend):
+    """Empty outputs (a loss of 0 over no tokens) and gradients of each input's shape, on every backend."""
+    assert_empty_results(backend, *EMPTY[case])
+
+
+# ---------------------------------------------------------------- on the GPU
+
+def _packed(lengths, heads, kv_heads, d, dtype, gen):
+    total = sum(lengths)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = torch.tensor(lengths, device="cuda").cumsum(0)
+    q, k, v = (torch.randn(total, hh, d, device="cuda", generator=gen).to(dtype)
+               for hh in (heads, kv_heads, kv_heads))
+    return q, k, v, cu
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [
+    # lengths, heads, kv heads, head dim, causal, window, softcap
+    ([512, 8192, 1000, 4096, 777, 2048, 3000, 6000], 16, 4, 128, True, (-1, -1), 0.0),
+    ([4096, 300, 8192], 8, 8, 64, True, (1024, 0), 30.0),
+    ([2048, 513], 4, 1, 256, False, (-1, -1), 0.0),
+], ids=["long-causal-gqa-d128", "window-softcap-d64", "mqa-d256"])
+def test_varlen_attention_long_packed_batches(dtype, case):
+    """flash-attn's rule: error vs an fp32 reference at most 2x (output) / 3x (gradients) that of
+    plain PyTorch in the same low precision."""
+    require("triton")
+    lengths, heads, kv_heads, d, causal, window, softcap = case
+    gen = torch.Generator(device="cuda").manual_seed(sum(lengths))
+    q, k, v, cu = _packed(lengths, heads, kv_heads, d, dtype, gen)
+    grad = torch.randn(q.shape, device="cuda", generator=gen).to(dtype)
+    kw = dict(causal=causal, window_size=window, softcap=softcap)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    with r1kernels.use_backend("triton"):
+        out = r1kernels.varlen_attention(*leaves, cu, cu, max(lengths), max(lengths), **kw)
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    def reference(ref_dtype):
+        ref_leaves = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
+        ref_out, _ = varlen_attention_ref(*ref_leaves, cu, cu, None, causal, window, softcap, dtype=ref_dtype)
+        return ref_out, torch.autograd.grad(ref_out, ref_leaves, grad.to(ref_dtype))
+
+    ref_out, ref_grads = reference(torch.float32)
+    low_out, low_grads = reference(dtype)
+
+    def err(a, b):
+        return (a.float() - b.float()).abs().max().item()
+
+    assert err(out, ref_out) <= 2 * err(low_out, ref_out) + 1e-5
+    for name, g, r, low in zip("qkv", grads, ref_grads, low_grads):
+        assert err(g, r) <= 3 * err(low, r) + 1e-5, f"d{name}"

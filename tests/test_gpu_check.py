@@ -47,9 +47,9 @@ def test_a_hanging_or_failing_step_costs_only_itself(tmp_path):
 
 def test_summary_lists_failures_and_ratios_to_each_peer(tmp_path):
     (tmp_path / "tests-triton.log").write_text(
-        "tests/test_cuda.py::test_a[triton] PASSED [ 50%]\ntests/test_cuda.py::test_b[triton] FAILED [100%]\n")
+        "tests/test_x.py::test_a[triton] PASSED [ 50%]\ntests/test_x.py::test_b[triton] FAILED [100%]\n")
     (tmp_path / "tests-grid-barrier.log").write_text(      # pytest-xdist's -v lines
-        "[gw1] [ 50%] PASSED tests/test_cuda.py::test_c[5000] \n[gw0] [100%] SKIPPED tests/test_cuda.py::test_c[1] \n")
+        "[gw1] [ 50%] PASSED tests/test_x.py::test_c[5000] \n[gw0] [100%] SKIPPED tests/test_x.py::test_c[1] \n")
     ceilings = Ceilings(bandwidth=4.0e12, matmul_flops=8.0e14, dtype="bfloat16")
     rows = [Row("ours op [triton]", "N=8", 0.010, 2**20, 8e12, ceilings.matmul_flops, "", "fwd", "matmul"),
             Row("naive", "N=8", 0.020, 2**21, 8e12, ceilings.matmul_flops, "", "fwd", "matmul"),
@@ -62,13 +62,13 @@ def test_summary_lists_failures_and_ratios_to_each_peer(tmp_path):
     meta = dict(gpu="H200", commit="abc", date="2026-11-29", versions="torch")
     table, everything = gpu_check.summarize(str(tmp_path), steps, meta)
     assert "2 passed, 1 failed, 0 errors, 1 skipped" in table
-    assert "FAILED `tests/test_cuda.py::test_b[triton]`" in table
+    assert "FAILED `tests/test_x.py::test_b[triton]`" in table
     ours = next(line for line in table.splitlines() if line.startswith("| ours op"))
     assert "naive 2.00x" in ours and "5.00x" not in ours          # only the same phase is compared
     assert "80.9%" in ours                                          # 8e12 / 0.01 s of 989.4 TFLOP/s bf16
     outcomes = {t["test"]: (t["step"], t["outcome"]) for t in everything["tests"]}
-    assert outcomes["tests/test_cuda.py::test_b[triton]"] == ("tests-triton", "FAILED")
-    assert outcomes["tests/test_cuda.py::test_c[5000]"] == ("tests-grid-barrier", "PASSED")
+    assert outcomes["tests/test_x.py::test_b[triton]"] == ("tests-triton", "FAILED")
+    assert outcomes["tests/test_x.py::test_c[5000]"] == ("tests-grid-barrier", "PASSED")
     assert everything["benchmarks"][0]["rows"][0]["datasheet_fraction"] > 0.8
 
 

@@ -1,12 +1,21 @@
-"""policy_loss / grpo_loss / linear_grpo_loss against the independent float64 reference."""
+"""policy_loss / grpo_loss / linear_grpo_loss against the independent float64 reference: every loss
+type and layout, the one-pass route of the fused lm_head, the property test, bad and empty input, and
+the GPU check of the one-pass route (``cuda``-marked)."""
 import pytest
 import torch
 from conftest import assert_close_scaled, cpu_backends, exact_backends
+from gpu_cases import gpu_test, real_lm_head, require
 from grpo_cases import B, T, loss_batch, loss_cases, loss_options_of, reference_options, to_packed
+from hypothesis import given
+from hypothesis import strategies as st
+from op_cases import PROPERTY_SETTINGS, assert_empty_results, assert_rejects, empty_strided, ids
+from peak_memory import measure
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import r1kernels
 from r1kernels.grpo import LOSS_TYPES
 from r1kernels.reference import grpo_loss_ref, linear_token_logprobs_ref, token_logprobs_ref
+
 
 @pytest.mark.parametrize("case", list(loss_cases()), ids=lambda c: "-".join(str(x) for x in c))
 def test_policy_loss_matches_reference_padded_and_packed(case):
@@ -115,9 +124,9 @@ def test_packed_length_one_sequences():
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
 def test_grpo_loss_from_logits_gradients(loss_type, backend):
-    dtype = torch.float64 if backend in exact_backends() else torch.float32
+    dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
     d = loss_batch(dtype=dtype)
     vocab = 53
     logits = torch.randn(B, T, vocab, dtype=dtype) * 2
@@ -141,10 +150,10 @@ def test_grpo_loss_from_logits_gradients(loss_type, backend):
     assert out.metrics["entropy_mean"].item() == pytest.approx(rent[d["mask"]].mean().item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_linear_grpo_loss_gradients(backend, layout):
-    dtype = torch.float64 if backend in exact_backends() else torch.float32
+    dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
     d = loss_batch(dtype=dtype)
     hidden_size, vocab = 24, 101
     hidden = torch.randn(B, T, hidden_size, dtype=dtype)
@@ -351,7 +360,7 @@ def test_entropy_bonus_is_trls_token_mean_whatever_the_loss_type():
         torch.testing.assert_close(torch.autograd.grad(bonus, ent)[0], -0.1 * m / m.sum())
 
 
-@pytest.mark.parametrize("backend", exact_backends())
+@pytest.mark.parametrize("backend", exact_backends("linear_logprobs"))
 def test_linear_grpo_loss_batch_wide_options_take_the_two_pass_route(backend):
     """A token's gradient under these options depends on its whole batch: linear_grpo_loss must not
     use its one-pass route, and still matches the reference (loss and d hidden)."""
@@ -370,3 +379,249 @@ def test_linear_grpo_loss_batch_wide_options_take_the_two_pass_route(backend):
     ref = grpo_loss_ref(lp, d["adv"], d["mask"], d["old"], None, ent, **kw)
     torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(d_hidden, torch.autograd.grad(ref, h)[0], rtol=1e-8, atol=1e-12)
+
+
+# ---------------------------------------------------------------- property
+
+@PROPERTY_SETTINGS
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6), loss_type=st.sampled_from(sorted(LOSS_TYPES)),
+       level=st.sampled_from(["token", "sequence"]), beta=st.sampled_from([0.0, 0.05]),
+       spread=st.floats(0.0, 2.0), seed=st.integers(0, 2**16))
+def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed):
+    """Any loss type, level and KL weight on a padded batch of random lengths (empty rows included),
+    ratios spread up to e^±6: loss and d logp against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, width = len(lengths), max(max(lengths), 1)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    logp = (-torch.rand(batch, width, generator=gen, dtype=torch.float64) * 4).requires_grad_()
+    old = logp.detach() + torch.randn(batch, width, generator=gen, dtype=torch.float64) * spread
+    ref_lp = logp.detach() + torch.randn(batch, width, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.randn(batch, generator=gen, dtype=torch.float64)
+    options = dict(loss_type=loss_type, importance_sampling_level=level, beta=beta)
+    if "epsilon_high" in LOSS_TYPES[loss_type].needs:
+        options["epsilon_high"] = 4.0
+    if LOSS_TYPES[loss_type].needs_max_completion_length:
+        options["max_completion_length"] = width + 3
+    out = r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref_lp if beta else None, **options)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    leaf = logp.detach().clone().requires_grad_()
+    ref = grpo_loss_ref(leaf, adv, mask, old, ref_lp if beta else None, **options)
+    (ref_grad,) = torch.autograd.grad(ref, leaf)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- bad and empty input
+
+# Bad input: (case, call, exception, a pattern the message must match: it names the argument);
+# each row runs on every backend of the op that runs on this machine's CPU
+INVALID = [
+    ("num_items_in_batch 0", lambda: r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), loss_type="dapo",
+                                                           num_items_in_batch=0), ValueError, "num_items_in_batch"),
+    ("num_items_in_batch -3 tensor", lambda: r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), loss_type="dapo",
+                                                                   num_items_in_batch=torch.tensor(-3.0)),
+     ValueError, "num_items_in_batch"),
+    ("per-token or per-sequence advantages", lambda: r1kernels.policy_loss(
+        torch.randn(3), torch.randn(3), cu_seqlens=torch.tensor([0, 2, 2, 3], dtype=torch.int32)),
+     ValueError, "advantages has 3 values"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, pattern", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_inputs_name_the_argument(case, call, error, pattern):
+    assert_rejects(None, call, error, pattern)
+
+
+# B = 0 broke the losses' per-sequence sums
+EMPTY = {
+    "grpo_loss, B = 0": (lambda: [empty_strided((0, 3, 7), (0, 0, 0)), ids(0, 3), torch.zeros(0)],
+                         r1kernels.grpo_loss),
+    "grpo_loss, T = 0": (lambda: [empty_strided((2, 0, 7), (1, 0, 1)), ids(2, 0), torch.ones(2)], r1kernels.grpo_loss),
+    "linear_grpo_loss": (lambda: [empty_strided((0, 3, 5), (1, 0, 0)), torch.randn(7, 5, requires_grad=True),
+                                  ids(0, 3), torch.zeros(0)], r1kernels.linear_grpo_loss),
+    "policy_loss": (lambda: [empty_strided((0, 3), (1, 0)), torch.zeros(0)],
+                    lambda logp, adv: r1kernels.policy_loss(logp, adv, loss_type="dapo")),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("backend", cpu_backends("logprobs"))
+def test_empty_inputs_with_any_strides_give_empty_results(case, backend):
+    """Empty outputs (a loss of 0 over no tokens) and gradients of each input's shape, on every backend."""
+    assert_empty_results(backend, *EMPTY[case])
+
+
+# ---------------------------------------------------------------- the one-pass route
+# linear_grpo_loss's one-pass route (gradients in the forward, no recomputed logits) against the
+# float64 reference, for every token-level loss option, padded and packed, with chunks small enough
+# that their boundaries cut through sequences; plus its promises: three GEMMs instead of four, no
+# gradient work under no_grad, and the memory bound at the benchmark shape.
+
+H, V = 16, 101
+# the cases the one-pass route serves: token-level ratios, no loss type that weighs whole sequences (vespo)
+TOKEN_LEVEL = [c for c in loss_cases() if c[1] == "token" and LOSS_TYPES[c[0]].sequence_weight is None]
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(dtype):
+    hidden = torch.randn(B, T, H, dtype=dtype)
+    weight = torch.randn(V, H, dtype=dtype) * 0.3
+    bias = torch.randn(V, dtype=dtype)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 2] = -100
+    return hidden, weight, bias, targets
+
+
+def _loss(backend, leaves, targets, d, layout, entropy_coef, opts):
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = d["lengths"].cumsum(0)
+    with r1kernels.use_backend(backend):
+        if layout == "padded":
+            return r1kernels.linear_grpo_loss(leaves[0], leaves[1], targets, d["adv"], d["mask"], bias=leaves[2],
+                                              old_logprobs=d["old"], ref_logprobs=d["ref"], temperature=0.9,
+                                              entropy_coef=entropy_coef, **opts)
+        pack = lambda x: to_packed(x, d["lengths"])  # noqa: E731
+        return r1kernels.linear_grpo_loss(pack(leaves[0]), leaves[1], pack(targets), d["adv"], bias=leaves[2],
+                                          cu_seqlens=cu, old_logprobs=pack(d["old"]), ref_logprobs=pack(d["ref"]),
+                                          temperature=0.9, entropy_coef=entropy_coef, **opts)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("case", TOKEN_LEVEL, ids=lambda c: "-".join(str(x) for x in c))
+def test_one_pass_matches_float64(backend, layout, case, monkeypatch):
+    dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
+    monkeypatch.setenv("R1K_CHUNK_BYTES", str(5 * V * torch.finfo(dtype).bits // 8))   # 5-token chunks
+    d = loss_batch(dtype=dtype)
+    hidden, weight, bias, targets = _inputs(dtype)
+    opts = loss_options_of(*case)
+    entropy_coef = 0.01 if case[2] > 0 else 0.0
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out = _loss(backend, leaves, targets, d, layout, entropy_coef, opts)
+    assert type(out.loss.grad_fn).__name__ == "_LossWithGradientsBackward"
+    out.loss.backward()
+    ref_leaves = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    rlp, rent = linear_token_logprobs_ref(*ref_leaves[:2], targets, ref_leaves[2], 0.9)
+    mask = d["mask"] & (targets != -100)
+    ref = grpo_loss_ref(rlp, d["adv"], mask, d["old"].double(), d["ref"].double(), rent,
+                        entropy_coef=entropy_coef, **reference_options(opts))
+    ref.backward()
+    tol = 1e-10 if dtype == torch.float64 else 5e-5
+    assert_close_scaled(out.loss, ref, tol, "loss")
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), leaves, ref_leaves):
+        assert_close_scaled(g.grad, r.grad, tol, name)
+    assert out.logprobs.requires_grad is False
+    assert_close_scaled(out.logprobs[mask] if layout == "padded" else out.logprobs, rlp[mask] if layout == "padded"
+                        else to_packed(torch.where(mask, rlp, 0.0), d["lengths"]), tol, "logprobs")
+
+
+def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):
+    """One logits GEMM per chunk (the two-pass route recomputes them in the backward); with d hidden
+    and d weight, three GEMMs per chunk. Under no_grad only the logits GEMMs run and nothing is
+    differentiable."""
+    from r1kernels.logprobs import chunked
+    monkeypatch.setenv("R1K_CHUNK_BYTES", str(10 * V * 4))             # 10-token chunks: 6 of them
+    chunks = -(-B * T // 10)
+    logits_calls = []
+    original = chunked._Chunks.logits
+    monkeypatch.setattr(chunked._Chunks, "logits", lambda *a: logits_calls.append(1) or original(*a))
+    d = loss_batch(dtype=torch.float32)
+    hidden, weight, _, targets = _inputs(torch.float32)
+    leaves = [hidden.requires_grad_(), weight.requires_grad_()]
+    with r1kernels.use_backend("torch"):
+        for level, per_chunk in (("token", 1), ("sequence", 2)):
+            logits_calls.clear()
+            with _CountMatmuls() as counter:
+                out = r1kernels.linear_grpo_loss(*leaves, targets, d["adv"], d["mask"], old_logprobs=d["old"],
+                                                 importance_sampling_level=level)
+                out.loss.backward()
+            assert len(logits_calls) == per_chunk * chunks, level
+            if level == "token":                    # outside custom ops, the dispatcher sees every GEMM
+                assert counter.count == 3 * chunks
+        logits_calls.clear()
+        with torch.no_grad():
+            out = r1kernels.linear_grpo_loss(*leaves, targets, d["adv"], d["mask"])
+        assert len(logits_calls) == chunks and not out.loss.requires_grad
+
+
+def test_frozen_lm_head_and_unknown_options():
+    d = loss_batch(dtype=torch.float32)
+    hidden, weight, _, targets = _inputs(torch.float32)
+    x = hidden.clone().requires_grad_()
+    out = r1kernels.linear_grpo_loss(x, weight, targets, d["adv"], d["mask"], loss_type="bnpo")
+    out.loss.backward()
+    rx = hidden.double().requires_grad_()
+    rlp, _ = linear_token_logprobs_ref(rx, weight.double(), targets)
+    grpo_loss_ref(rlp, d["adv"], d["mask"] & (targets != -100), loss_type="bnpo").backward()
+    assert_close_scaled(x.grad, rx.grad, 5e-5, "d hidden")
+    twice = r1kernels.linear_grpo_loss(x, weight, targets, d["adv"], d["mask"])
+    twice.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        twice.loss.backward()
+    with pytest.raises(TypeError, match="epsilon_hgh"):
+        r1kernels.linear_grpo_loss(x, weight, targets, d["adv"], d["mask"], epsilon_hgh=0.3)
+
+
+@pytest.mark.slow
+def test_one_pass_memory_at_benchmark_shape():
+    """B=4, T=1024, H=512, V=32768 fp32 (bench grpo): forward+backward peaks at most a fifth of one
+    fp32 [N, V] logits tensor (102 MiB; materialising costs 1 GiB) above the inputs and the
+    gradients, on the cpu backend: one 64 MiB chunk of logits, d logits in place, MKL's buffers."""
+    backend = "cpu" if "cpu" in cpu_backends("linear_logprobs") else "torch"
+    setup = """
+        import torch, r1kernels
+        torch.manual_seed(0)
+        b, t, h, v = 4, 1024, 512, 32768
+        hidden = torch.randn(b, t, h, requires_grad=True)
+        weight = (torch.randn(v, h) * h ** -0.5).requires_grad_()
+        targets = torch.randint(0, v, (b, t))
+        mask = torch.ones(b, t); mask[:, 768:] = 0
+        adv = torch.randn(b); old = -torch.rand(b, t) * 5; ref = old + 0.05 * torch.randn(b, t)
+    """
+    run = f"""
+        with r1kernels.use_backend("{backend}"):
+            out = r1kernels.linear_grpo_loss(hidden, weight, targets, adv, mask, old_logprobs=old, ref_logprobs=ref,
+                                             beta=0.04, loss_type="grpo")
+            out.loss.backward()
+        extra["kept"] = hidden.grad.nbytes + weight.grad.nbytes
+    """
+    result = measure(setup, run)
+    above = result["growth"] - result["kept"]
+    assert above <= 4096 * 32768 * 4 / 5, f"{above / 2**20:.0f} MiB above the gradients"
+
+
+# ---------------------------------------------------------------- on the GPU
+
+@gpu_test
+def test_linear_grpo_loss_one_pass_real_lm_head():
+    """The one-pass route (cuBLAS chunks, gradients in the forward) against the two-pass route on
+    the fully fused kernel, at the benchmark's shape."""
+    require("triton")
+    hidden, weight, targets, _, _, rows, cols, _ = real_lm_head()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    adv = torch.randn(16, device="cuda", generator=gen)
+    mask = torch.ones(16, 1024, device="cuda")
+    mask[:, 900:] = 0
+    old = -torch.rand(16, 1024, device="cuda", generator=gen) * 3
+    results = []
+    for backend in ("triton", "triton_tile"):
+        x, w = hidden.view(16, 1024, -1).clone().requires_grad_(), weight.clone().requires_grad_()
+        with r1kernels.use_backend(backend):
+            out = r1kernels.linear_grpo_loss(x, w, targets.view(16, 1024), adv, mask, old_logprobs=old,
+                                             loss_type="dapo", beta=0.0, epsilon_high=0.28)
+        out.loss.backward()
+        results.append((out.loss.detach(), x.grad.view(-1, x.shape[-1])[rows].double(), w.grad[cols].double()))
+    (loss, dh, dw), (ref_loss, ref_dh, ref_dw) = results
+    assert_close_scaled(loss, ref_loss, 1e-3, "loss")
+    assert_close_scaled(dh, ref_dh, 3e-2, "d hidden")
+    assert_close_scaled(dw, ref_dw, 3e-2, "d weight")

@@ -93,7 +93,7 @@ def _collated(seqs):
 
 
 def _backends_for(kind):
-    return [b for b in cpu_backends() if b == "torch" or (b == "triton" and kind in TRITON_ARCHITECTURES)]
+    return [b for b in cpu_backends("attention") if b == "torch" or (b == "triton" and kind in TRITON_ARCHITECTURES)]
 
 
 CASES = [(kind, backend) for kind in ARCHITECTURES for backend in _backends_for(kind)]
@@ -198,7 +198,7 @@ def test_one_host_read_per_forward(layout, monkeypatch):
     With offsets and max lengths given as ints, no read at all. As on a GPU: host checks off (their
     default there) and the Triton backend, whose per-layer launch reads nothing (the torch backend
     loops over sequences in Python)."""
-    if "triton" not in cpu_backends():
+    if "triton" not in cpu_backends("attention"):
         pytest.skip("needs the Triton interpreter")
     monkeypatch.setenv("R1K_CHECKS", "0")
     seqs, _ = _sequences()

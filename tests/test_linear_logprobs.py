@@ -1,8 +1,13 @@
 """linear_token_logprobs (fused lm_head) against the float64 reference, plus its promises:
-no [tokens, vocab] buffer, determinism and batch invariance, compile-ability."""
+no [tokens, vocab] buffer, determinism and batch invariance, compile-ability; its property test, bad and
+empty input on every backend, and its GPU checks at real sizes (``cuda``-marked)."""
 import pytest
 import torch
 from conftest import TOL, assert_close_scaled, autocast_grad_errors, cpu_backends, exact_backends
+from gpu_cases import LINEAR_GPU_BACKENDS, gpu_test, real_lm_head, require
+from hypothesis import given
+from hypothesis import strategies as st
+from op_cases import PROPERTY_SETTINGS, assert_empty_results, assert_rejects, empty_strided, ids, random_targets
 from peak_memory import measure
 
 import r1kernels
@@ -10,8 +15,8 @@ from r1kernels.reference import linear_token_logprobs_ref
 
 
 def linear_backends():
-    """cpu_backends(), plus the fully fused Triton kernel under the interpreter."""
-    return cpu_backends() + (["triton_tile"] if "triton" in cpu_backends() else [])
+    """Every row of the op's table that runs here, the fully fused Triton kernel included."""
+    return cpu_backends("linear_logprobs", on_request=True)
 
 
 def _inputs(tokens, hidden, vocab, dtype, bias=True, scale=0.5):
@@ -86,7 +91,7 @@ def test_frozen_weight_needs_only_hidden_grad(backend):
     assert w.grad is None
 
 
-@pytest.mark.parametrize("backend", exact_backends())
+@pytest.mark.parametrize("backend", exact_backends("linear_logprobs"))
 def test_gradcheck_float64(backend):
     h, w, b, t = _inputs(7, 6, 19, torch.float64)
     t[2] = -100
@@ -140,7 +145,7 @@ def test_compile_fullgraph():
         assert torch.allclose(a.grad, r.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in cpu_backends("linear_logprobs") if b != "triton"])
 def test_memory_bound_at_acceptance_shape(backend):
     """N=4096, H=512, V=32768 fp32: forward+backward peaks at most a quarter of one fp32 [N, V]
     logits tensor (128 MiB) above inputs, outputs and gradients (measured as peak resident bytes)."""
@@ -165,8 +170,8 @@ def test_memory_bound_at_acceptance_shape(backend):
 
 
 # The Triton interpreter converts fp32 to bf16 by truncation (twice the error of the GPU's
-# round-to-nearest), so the triton backend's bf16 precision is measured on the GPU (tests/test_cuda.py).
-@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b in ("cpu", "torch")])
+# round-to-nearest), so the triton backend's bf16 precision is measured on the GPU (below, ``cuda``-marked).
+@pytest.mark.parametrize("backend", exact_backends("linear_logprobs"))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_autocast_forward_and_backward(backend, seed):
     """Inside torch.autocast (forward, and backward inside it too), fp32 leaves: the lm_head product runs
@@ -177,3 +182,143 @@ def test_autocast_forward_and_backward(backend, seed):
     if trl is None:
         pytest.skip(f"TRL is not installed (ours: {ours})")
     assert all(o <= t * (1 + 1e-3) for o, t in zip(ours, trl)), (ours, trl)
+
+
+# ---------------------------------------------------------------- property
+
+@PROPERTY_SETTINGS
+@given(rows=st.integers(1, 33), hidden=st.integers(1, 40), vocab=st.integers(2, 600), bias=st.booleans(),
+       temperature=st.floats(0.5, 1.5), masked=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
+def test_linear_token_logprobs_property(backend, rows, hidden, vocab, bias, temperature, masked, seed):
+    dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen, dtype=dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) / hidden ** 0.5).requires_grad_()
+    b = (torch.randn(vocab, generator=gen, dtype=dtype) if bias else None)
+    targets = random_targets(gen, rows, vocab, masked)
+    grad = torch.randn(rows, generator=gen, dtype=dtype)
+    with r1kernels.use_backend(backend):
+        logp = r1kernels.linear_token_logprobs(h, w, targets, b, temperature)
+    dh, dw = torch.autograd.grad((logp * grad).sum(), (h, w))
+    leaves = [x.detach().double().requires_grad_() for x in (h, w)]
+    ref, _ = linear_token_logprobs_ref(*leaves, targets, None if b is None else b.double(), temperature)
+    ref_dh, ref_dw = torch.autograd.grad((ref * grad.double()).sum(), leaves)
+    tol = TOL[dtype] * 5
+    assert_close_scaled(logp, ref, tol, "logp")
+    assert_close_scaled(dh, ref_dh, tol, "d hidden")
+    assert_close_scaled(dw, ref_dw, tol, "d weight")
+
+
+# ---------------------------------------------------------------- bad and empty input
+
+def test_linear_rejects():
+    h, w, t = torch.randn(4, 3), torch.randn(10, 3), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        r1kernels.linear_token_logprobs(h, torch.randn(10, 4), t)
+    with pytest.raises(TypeError, match="weight dtype"):
+        r1kernels.linear_token_logprobs(h, w.double(), t)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        r1kernels.linear_token_logprobs(h, w, t, bias=torch.randn(9))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        r1kernels.linear_token_logprobs(h, w, torch.tensor([0, 1, 2, 11]))
+    with pytest.raises(ValueError, match="targets must have shape"):
+        r1kernels.linear_token_logprobs(h, w, t[:2])
+    with pytest.raises(TypeError, match="hidden"):
+        r1kernels.linear_token_logprobs(h.int(), w, t)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_bad_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        r1kernels.linear_token_logprobs(torch.randn(4, 3), torch.randn(10, 3), torch.randint(0, 10, (4,)),
+                                        temperature=temperature)
+
+
+# Bad input: (case, call, exception, a pattern the message must match: it names the argument);
+# each row runs on every backend of the op that runs on this machine's CPU
+INVALID = [
+    ("weight shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 3),
+                                                             torch.tensor([0, 1])),
+     ValueError, "weight"),
+    ("bias shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0, 1]),
+                                                           torch.randn(5)),
+     ValueError, "bias"),
+    ("targets shape", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0])),
+     ValueError, "targets"),
+    ("bias dtype", lambda: r1kernels.linear_token_logprobs(torch.randn(2, 4), torch.randn(6, 4), torch.tensor([0, 1]),
+                                                          bias=torch.randn(6, dtype=torch.float64)),
+     TypeError, "bias dtype"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, pattern", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_inputs_name_the_argument(case, call, error, pattern):
+    assert_rejects("linear_logprobs", call, error, pattern)
+
+
+EMPTY = {
+    "linear_token_logprobs": (lambda: [empty_strided((0, 5), (1, 0)), torch.randn(7, 5, requires_grad=True), ids(0)],
+                              r1kernels.linear_token_logprobs),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY))
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
+def test_empty_inputs_with_any_strides_give_empty_results(case, backend):
+    """Empty outputs (a loss of 0 over no tokens) and gradients of each input's shape, on every backend."""
+    assert_empty_results(backend, *EMPTY[case])
+
+
+# ---------------------------------------------------------------- on the GPU
+
+@gpu_test
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_linear_token_logprobs_many_token_tiles(backend, deterministic):
+    """70,000 tokens: more than 65,535 token tiles' worth of programs on a small vocabulary."""
+    require(backend)
+    n, h, v = 70_000, 256, 1000
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(v, h, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda")
+    with r1kernels.use_backend(backend):
+        logp, ent = r1kernels.linear_token_logprobs(hidden, weight, targets, None, 1.0, True,
+                                                    deterministic=deterministic)
+    (logp.sum() + ent.sum()).backward()
+    rh, rw = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    rl, re = linear_token_logprobs_ref(rh, rw, targets)
+    (rl.sum() + re.sum()).backward()
+    assert_close_scaled(logp, rl, 2e-2, "logp")
+    assert_close_scaled(hidden.grad, rh.grad, 3e-2, "d hidden")
+    assert_close_scaled(weight.grad, rw.grad, 3e-2, "d weight")
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_linear_token_logprobs_real_lm_head(backend, deterministic):
+    require(backend)
+    hidden, weight, targets, g_logp, g_ent, rows, cols, (rl, re, rdh, rdw) = real_lm_head()
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with r1kernels.use_backend(backend):
+        logp, ent = r1kernels.linear_token_logprobs(x, w, targets, None, 1.0, True, deterministic=deterministic)
+    (logp * g_logp + ent * g_ent).sum().backward()
+    assert_close_scaled(logp[rows], rl, 2e-2, "logp")
+    assert_close_scaled(ent[rows], re, 2e-2, "entropy")
+    assert_close_scaled(x.grad[rows], rdh, 3e-2, "d hidden")
+    assert_close_scaled(w.grad[cols], rdw, 3e-2, "d weight")
+
+
+@gpu_test
+@pytest.mark.parametrize("backend", LINEAR_GPU_BACKENDS)
+def test_linear_token_logprobs_autocast_precision(backend):
+    """Under torch.autocast(bf16) on the GPU, with fp32 leaves: the gradients are at least as close to
+    float64 as TRL's kernel's in the same setting (the CPU test covers cpu and torch; the interpreter
+    rounds bf16 by truncation, so the Triton kernels are measured here)."""
+    require(backend)
+    ours, trl = autocast_grad_errors(backend, "cuda")
+    assert all(1e-4 < e < 2e-2 for e in ours), f"bf16 compute expected, errors {ours}"
+    if trl is None:
+        pytest.skip(f"TRL is not installed (ours: {ours})")
+    assert all(o <= t * 1.05 for o, t in zip(ours, trl)), (ours, trl)

@@ -1,8 +1,8 @@
 """The group-statistics math of the Triton advantage kernels, written once for both of them.
 
-The tile kernel (advantages.py) and the persistent kernel (advantages_by_id.py) gather a group's
+The tile kernel (triton_groups.py) and the persistent kernel (triton_by_id.py) gather a group's
 sums differently, but both combine each row's rewards and finish a group the same way, the way
-csrc/include/r1k/group_stats.h does for C++ and r1kernels/kernels/torch_advantages.py for torch:
+csrc/include/r1k/group_stats.h does for C++ and torch_groups.py for torch:
 with n valid rewards, min ``lo``, max ``hi``, the group's ``unit`` (``group_unit``: 1, or
 GROUP_RESCALE where the half range exceeds GROUP_RESCALE_ABOVE, so that squares cannot overflow),
 scaled shifted rewards s = (r - lo) * unit, their mean m' and m2 = sum (s - m')^2,

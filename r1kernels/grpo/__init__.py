@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, constants
-from r1kernels.kernels import accumulation_dtype
+from r1kernels._tensors import accumulation_dtype
 from r1kernels.logprobs import linear_token_logprobs, linear_token_logprobs_one_pass, token_logprobs
 # the loss types and options live in loss_types; the public ones are re-exported here, where they were
-from r1kernels.loss_types import (IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, NORMALISERS, TYPE_OPTIONS,  # noqa: F401
+from r1kernels.grpo.loss_types import (IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, NORMALISERS, TYPE_OPTIONS,  # noqa: F401
                                   LossOptions, LossType, Normaliser, loss_normaliser,
                                   loss_options)
 

@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from r1kernels.kernels import accumulation_dtype
+from r1kernels import backends
+from r1kernels._tensors import accumulation_dtype
 
 _ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()   # mixed-precision GEMMs into fp32
 _MM_OUT_DTYPE = "dtype_out" in torch.ops.aten.mm.overloads()
@@ -134,8 +135,10 @@ class _Grads:
                 None if self.bias is None else self.bias.to(self.bias_dtype))
 
 
-def forward(rows, hidden, weight, bias, targets, inv_temperature):
-    """(logp, entropy, row_max, row_log_sum) per token; ``rows`` is a backend's row-kernel module."""
+def forward(hidden, weight, bias, targets, inv_temperature, *, backend, deterministic=False):
+    """(logp, entropy, row_max, row_log_sum) per token, through ``backend``'s row kernel. Every backend's
+    chunks are deterministic: ``deterministic`` asks nothing more of them."""
+    rows = backends.kernels("logprobs", backend)
     outputs = tuple(hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(4))
     chunks = _Chunks(hidden, weight)
     for chunk in chunks.slices:
@@ -145,10 +148,11 @@ def forward(rows, hidden, weight, bias, targets, inv_temperature):
     return outputs
 
 
-def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
-             inv_temperature, needs_grad, wide_grads=False):
+def backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
+             inv_temperature, *, backend, deterministic=False, needs_grad, wide_grads=False):
     """(d hidden, d weight, d bias), each None unless ``needs_grad`` asks for it; recomputes the logits.
     ``wide_grads``: in the accumulation dtype (see ``_Grads``)."""
+    rows = backends.kernels("logprobs", backend)
     grads = _Grads(hidden, weight, bias, needs_grad, wide_grads)
     chunks = _Chunks(hidden, weight)
     for chunk in chunks.slices:
@@ -160,12 +164,13 @@ def backward(rows, hidden, weight, bias, targets, row_max, row_log_sum, entropy,
     return grads.result()
 
 
-def forward_backward(rows, hidden, weight, bias, targets, inv_temperature, token_grads, needs_grad):
+def forward_backward(hidden, weight, bias, targets, inv_temperature, token_grads, needs_grad, *, backend):
     """One pass: ((logp, entropy), (d hidden, d weight, d bias)) of ``loss = sum_t f_t(logp_t, H_t)``.
 
     ``token_grads(chunk, logp, entropy) -> (d loss / d logp, d loss / d entropy or None)`` gives each
     chunk's per-token gradients from that chunk's values alone, while its logits are still in memory.
     """
+    rows = backends.kernels("logprobs", backend)
     logp, entropy = (hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(2))
     grads = _Grads(hidden, weight, bias, needs_grad)
     chunks = _Chunks(hidden, weight)

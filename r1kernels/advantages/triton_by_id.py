@@ -18,7 +18,7 @@ order in which programs add: it is deterministic, and shuffling the batch shuffl
 advantages bit for bit. Group j's statistics go to its rows; ``is_first`` marks each group's
 first row, so callers list groups in order of first appearance (as verl's dict of uids does).
 
-Contiguous groups too long for the tile kernel of advantages.py run here as well (IDS_FROM_ROWS):
+Contiguous groups too long for the tile kernel of triton_groups.py run here as well (IDS_FROM_ROWS):
 a row's slot is row // group_size, phase 0 initialises every group and phase 1 only stashes the
 combined rewards, so even a single group of B rows is spread over every SM.
 
@@ -37,8 +37,8 @@ import triton.language as tl
 
 from r1kernels import backends
 from r1kernels.constants import SCALE_CODES
-from r1kernels.kernels import accumulation_dtype
-from r1kernels.triton.group_stats import INF, combined_rewards, finish_group
+from r1kernels._tensors import accumulation_dtype
+from r1kernels.advantages.triton_group_stats import INF, combined_rewards, finish_group
 
 EMPTY = tl.constexpr(-(2 ** 63))                # an empty slot; the id -2^63 gets the reserved slot
 GOLDEN = tl.constexpr(-7046029254386353131)     # 2^64 / golden ratio, as a signed int64
@@ -218,7 +218,7 @@ def _barrier_word(device: torch.device) -> torch.Tensor:
 
 def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats,
                           group_size=0):
-    """See ``r1kernels.kernels.torch_advantages.group_normalize_by_id`` for the contract. With
+    """See ``torch_groups.group_normalize_by_id`` for the contract. With
     ``group_size`` instead of ids (``group_ids`` None): contiguous groups, statistics [G] and
     ``is_first`` empty."""
     return _launch(rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale, eps=eps,

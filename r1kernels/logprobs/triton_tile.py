@@ -24,7 +24,7 @@ from r1kernels import constants
 
 from r1kernels import backends
 from r1kernels.triton.dot import dot
-from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
+from r1kernels.logprobs.triton_softmax import NEG_INF, logit_grad, merge_stats, tile_stats
 
 IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 
@@ -237,7 +237,9 @@ def _launch_options(interpreting: bool) -> dict:
     return {} if interpreting else dict(num_warps=8, num_stages=3)
 
 
-def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
+def forward(hidden, weight, bias, targets, inv_temperature, *, backend="triton_tile", deterministic):
+    """(logp, entropy, row_max, row_log_sum) per token (``backend`` is this kernel's own row; the
+    forward has no atomics, so ``deterministic`` changes nothing here)."""
     n_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     outputs = tuple(torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(4))
@@ -253,7 +255,7 @@ def forward(hidden, weight, bias, targets, inv_temperature, deterministic):
 
 
 def backward(hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
-             inv_temperature, *, deterministic, needs_grad, wide_grads=False):
+             inv_temperature, *, backend="triton_tile", deterministic, needs_grad, wide_grads=False):
     """(d hidden, d weight, d bias) in the inputs' dtype, or with ``wide_grads`` the fp32 accumulators."""
     need_hidden, need_weight, need_bias = needs_grad
     n_tokens, hidden_size = hidden.shape

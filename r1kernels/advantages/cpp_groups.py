@@ -1,26 +1,30 @@
 """The ``cpu`` and ``cuda`` backends of group advantage normalisation: the compiled extension
 (csrc/*/group_advantages*, through csrc/include/r1k/group_stats.h), with the contract of
-``r1kernels.kernels.torch_advantages``."""
+``torch_groups``. The CUDA kernel reads fp32 rewards and weights and has no id hashing: on CUDA the
+ids are sorted into segments by torch first."""
 from __future__ import annotations
 
 import torch
 
 import r1kernels._C  # noqa: F401  (registers torch.ops.r1k_C)
 from r1kernels.constants import SCALE_CODES
-from r1kernels.kernels import accumulation_dtype
+from r1kernels._tensors import accumulation_dtype
+from r1kernels.advantages import torch_groups
 
 
 def _explicit_inputs(rewards, weights, batch_denominator):
     """The C++ ops take explicit tensors: weights of ones, a denominator of 1 when not given."""
+    if rewards.is_cuda:
+        rewards, weights = rewards.float(), (weights.float() if weights is not None else None)
     if weights is None:
         weights = torch.ones(rewards.shape[1], dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
-    return weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
+    return rewards, weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
 
 
 def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, leave_one_out, scale, eps,
                     batch_denominator=None):
     """Contiguous groups or sorted segments, on the tensors' device."""
-    weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
+    rewards, weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
     empty = torch.empty(0, dtype=torch.long, device=rewards.device)
     return torch.ops.r1k_C.group_advantages(rewards, weights, group_size or 0,
                                             empty if offsets is None else offsets,
@@ -29,7 +33,11 @@ def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, 
 
 
 def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats):
-    """The ``cpu`` backend: ids hashed into groups and normalised in one C++ call."""
-    weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
+    """On CPU, ids hashed into groups and normalised in one C++ call; on CUDA, torch's segments."""
+    if rewards.is_cuda:
+        return torch_groups.group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale,
+                                                  eps=eps, batch_denominator=batch_denominator, with_stats=with_stats,
+                                                  segment_kernel=group_normalize)
+    rewards, weights, batch_denominator = _explicit_inputs(rewards, weights, batch_denominator)
     return torch.ops.r1k_C.group_advantages_by_id(rewards, weights, group_ids, int(leave_one_out),
                                                   SCALE_CODES[scale], eps, batch_denominator, with_stats)

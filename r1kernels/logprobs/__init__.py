@@ -1,11 +1,34 @@
-"""Per-token log-probs and entropy over the vocabulary, from logits or fused with lm_head.
+"""Per-token log-probs and entropy over the vocabulary: two ops, from logits (``token_logprobs``) or
+fused with the lm_head (``linear_token_logprobs``; the [tokens, V] logits never exist).
 
     logp_i = log softmax(logits_i / T)[t_i]        H_i = -sum_v p_iv log p_iv
 
-Both are fp32 (fp64 for fp64 inputs) whatever the input dtype, and differentiable.
-This module owns validation, backend dispatch and autograd; the kernels live in
-``r1kernels.kernels`` (torch, C++ CPU/CUDA) and ``r1kernels.triton``. Each kernel call is
-a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` traces through.
+Both are fp32 (fp64 for fp64 inputs) whatever the input dtype, and differentiable. This package holds
+each op whole: validation, the backend tables, dispatch and autograd (here), the float64 reference
+(``reference``), and one module per backend. Each kernel call is a ``torch.library`` custom op, so
+``torch.compile(fullgraph=True)`` traces through.
+
+The row-kernel contract, over a [rows, V] logits matrix (``torch_rows``, ``cpp_rows`` for cpu and cuda,
+``triton_rows``), which ``token_logprobs`` and the chunked lm_head driver (``chunked``) build on:
+
+``forward(logits, targets, inv_temperature) -> (logp, entropy, row_max, row_log_sum)``
+    With ``z = logits * inv_temperature`` per row: ``row_max = max_v z_v``,
+    ``row_log_sum = log sum_v exp(z_v - row_max)``, ``logp = z_t - row_max - row_log_sum``
+    and ``entropy = row_log_sum - sum_v p_v (z_v - row_max)``. Keeping the max apart from
+    the log-sum (instead of one log-sum-exp) keeps ``z_v - row_max`` exact, so log-probs
+    and gradients stay accurate with logits of 1e4.
+
+``backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature, out)``
+    Writes d logits into ``out`` (which may be ``logits`` itself):
+    ``dz_v = g_logp (1[v = t] - p_v) - g_ent p_v (log p_v + H)``, ``d logits = dz * inv_temperature``.
+    ``grad_entropy`` may be None. Rows whose target is -100 get zeros.
+
+The fused lm_head contract (``chunked``, which runs the row kernel of the backend of that name, and
+``triton_tile``, the fully fused Triton kernel): ``forward(hidden, weight, bias, targets,
+inv_temperature, *, backend, deterministic)`` gives the same four statistics, ``backward(hidden, weight,
+bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature, *, backend,
+deterministic, needs_grad, wide_grads)`` (d hidden, d weight, d bias); a module that also has
+``forward_backward`` can run the one-pass route (``linear_token_logprobs_one_pass``).
 """
 from __future__ import annotations
 
@@ -17,20 +40,27 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import accumulation_dtype, unit_stride
+from r1kernels._tensors import accumulation_dtype, unit_stride
+from r1kernels.backends import Backend
 
-
-def _row_kernel(backend: str):
-    """The module that implements the row-kernel contract of ``r1kernels.kernels`` for a backend."""
-    if backend == "torch":
-        from r1kernels.kernels import torch_rows as rows
-    elif backend in ("cpu", "cuda"):
-        from r1kernels.kernels import cpp_rows as rows
-    elif backend in ("triton", "triton_tile"):
-        from r1kernels.triton import logprobs as rows
-    else:
-        raise AssertionError(backend)
-    return rows
+# The backends of each op, in auto's order: a new backend is its module and a row here.
+TOKEN_BACKENDS = {
+    "triton": Backend(f"{__name__}.triton_rows"),
+    "cuda": Backend(f"{__name__}.cpp_rows"),
+    "cpu": Backend(f"{__name__}.cpp_rows", float64=True),
+    "torch": Backend(f"{__name__}.torch_rows", float64=True),
+}
+# The chunked driver runs the token op's row kernel of the same name. ``triton_tile``, the fully fused
+# Triton kernel (no chunk buffer, the memory-minimal option), runs only when asked for: cuBLAS chunks
+# are faster. It is also what ``deterministic=True`` runs on triton: the chunks' cuBLAS sums are
+# reproducible but may change with the chunk's row count, which batch invariance forbids.
+LINEAR_BACKENDS = {
+    "triton": Backend(f"{__name__}.chunked", deterministic="triton_tile"),
+    "cuda": Backend(f"{__name__}.chunked"),
+    "cpu": Backend(f"{__name__}.chunked", float64=True),
+    "torch": Backend(f"{__name__}.chunked", float64=True),
+    "triton_tile": Backend(f"{__name__}.triton_tile", runs_on="triton", auto=False),
+}
 
 
 def _row_stats_like(rows: int, like: Tensor):
@@ -44,7 +74,7 @@ def _row_stats_like(rows: int, like: Tensor):
 def _token_logprobs_forward(logits: Tensor, targets: Tensor, inv_temperature: float,
                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.target_ids_in_range(targets, logits.shape[1])
-    return _row_kernel(backend).forward(logits, targets, inv_temperature)
+    return backends.kernels("logprobs", backend).forward(logits, targets, inv_temperature)
 
 
 @_token_logprobs_forward.register_fake
@@ -56,8 +86,8 @@ def _(logits, targets, inv_temperature, backend):
 def _token_logprobs_backward(logits: Tensor, targets: Tensor, row_max: Tensor, row_log_sum: Tensor,
                              entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
                              inv_temperature: float, backend: str) -> Tensor:
-    return _row_kernel(backend).backward(logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy,
-                                         inv_temperature, out=torch.empty_like(logits))
+    return backends.kernels("logprobs", backend).backward(logits, targets, row_max, row_log_sum, entropy, grad_logp,
+                                                          grad_entropy, inv_temperature, out=torch.empty_like(logits))
 
 
 @_token_logprobs_backward.register_fake
@@ -84,7 +114,7 @@ class _TokenLogprobs(torch.autograd.Function):
         args = (logits, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, ctx.inv_temperature)
         if ctx.inplace_backward and not torch.compiler.is_compiling():
             # Eager only: d logits overwrite the saved logits, saving one [N, V] buffer.
-            grad_logits = _row_kernel(ctx.backend).backward(*args, out=logits)
+            grad_logits = backends.kernels("logprobs", ctx.backend).backward(*args, out=logits)
         else:
             grad_logits = _token_logprobs_backward(*args, ctx.backend)
         return grad_logits, None, None, None, None
@@ -115,7 +145,7 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
                          f"got {tuple(targets.shape)}")
     _checks.same_device(logits=logits, targets=targets)
     backend = backends.resolve("logprobs", logits.device)
-    _checks.backend_dtype(backend, "logits", logits)
+    _checks.backend_dtype("logprobs", backend, "logits", logits)
     vocab = logits.shape[-1]
     logits_2d = logits.reshape(-1, vocab)
     logits_2d = unit_stride(logits_2d)
@@ -131,30 +161,17 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, re
 # ---------------------------------------------------------------- fused-linear op: custom ops
 
 
-def _fused_tile(backend: str, deterministic: bool) -> bool:
-    """The fully fused Triton kernel: asked for by name, or what ``deterministic`` selects
-    (``backends.DETERMINISTIC_BACKENDS``)."""
-    return backends.effective_backend("linear_logprobs", backend, deterministic) == "triton_tile"
-
-
-def _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend):
-    from r1kernels.kernels import chunked_linear
-    return chunked_linear.forward(_row_kernel(backend), hidden, weight, bias, targets, inv_temperature)
-
-
-def _chunked_backward(backend, *args, needs_grad, wide_grads):
-    from r1kernels.kernels import chunked_linear
-    return chunked_linear.backward(_row_kernel(backend), *args, needs_grad=needs_grad, wide_grads=wide_grads)
+def _linear_kernels(backend: str, deterministic: bool):
+    """The fused lm_head module that runs ``backend`` once ``deterministic`` is taken into account."""
+    return backends.kernels("linear_logprobs", backends.effective_backend("linear_logprobs", backend, deterministic))
 
 
 @torch.library.custom_op("r1kernels::linear_token_logprobs_forward", mutates_args=())
 def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     inv_temperature: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.target_ids_in_range(targets, weight.shape[0])
-    if _fused_tile(backend, deterministic):
-        from r1kernels.triton import linear_logprobs
-        return linear_logprobs.forward(hidden, weight, bias, targets, inv_temperature, deterministic)
-    return _chunked_forward(hidden, weight, bias, targets, inv_temperature, backend)
+    return _linear_kernels(backend, deterministic).forward(hidden, weight, bias, targets, inv_temperature,
+                                                           backend=backend, deterministic=deterministic)
 
 
 @_linear_forward.register_fake
@@ -169,12 +186,8 @@ def _linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
                      needs_grad: list[bool], wide_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden, d weight, d bias) in the inputs' dtype, or with ``wide_grads`` in the accumulation dtype."""
     args = (hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature)
-    if _fused_tile(backend, deterministic):
-        from r1kernels.triton import linear_logprobs
-        grads = linear_logprobs.backward(*args, deterministic=deterministic, needs_grad=tuple(needs_grad),
-                                         wide_grads=wide_grads)
-    else:
-        grads = _chunked_backward(backend, *args, needs_grad=tuple(needs_grad), wide_grads=wide_grads)
+    grads = _linear_kernels(backend, deterministic).backward(*args, backend=backend, deterministic=deterministic,
+                                                             needs_grad=tuple(needs_grad), wide_grads=wide_grads)
     # custom ops return tensors only: an empty tensor stands for "not needed"
     return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
@@ -295,7 +308,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
                          f"got {tuple(targets.shape)}")
     _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     backend = backends.resolve("linear_logprobs", hidden.device)
-    _checks.backend_dtype(backend, "hidden", hidden)
+    _checks.backend_dtype("linear_logprobs", backend, "hidden", hidden)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
@@ -305,7 +318,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
 
 def one_pass_blocker(hidden: Tensor, backend: str, deterministic: bool) -> Optional[str]:
     """Why the fused lm_head cannot run one pass here (a key of ``grpo.TWO_PASS_ROUTES``), or None."""
-    if _fused_tile(backend, deterministic):
+    if not hasattr(_linear_kernels(backend, deterministic), "forward_backward"):
         return "fused_tile"
     if torch.compiler.is_compiling():
         return "compiled"
@@ -328,11 +341,10 @@ def linear_token_logprobs_one_pass(hidden: Tensor, weight: Tensor, targets: Tens
         hidden, weight, targets, bias, temperature, deterministic)
     if one_pass_blocker(hidden, backend, deterministic) is not None:
         return None
-    from r1kernels.kernels import chunked_linear
     _checks.target_ids_in_range(targets_1d, weight.shape[0])
     needs_grad = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     with torch.no_grad():
-        (logp, entropy), grads = chunked_linear.forward_backward(
-            _row_kernel(backend), hidden_2d.detach(), weight.detach(), None if bias is None else bias.detach(),
-            targets_1d, inv_temperature, token_grads, needs_grad)
+        (logp, entropy), grads = _linear_kernels(backend, deterministic).forward_backward(
+            hidden_2d.detach(), weight.detach(), None if bias is None else bias.detach(), targets_1d,
+            inv_temperature, token_grads, needs_grad, backend=backend)
     return logp, entropy, grads

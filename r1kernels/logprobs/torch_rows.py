@@ -1,12 +1,12 @@
 """The ``torch`` backend's row kernel: plain PyTorch, processed in row blocks so that the
-fp32 temporaries stay bounded whatever the logits' size (see ``r1kernels.kernels``)."""
+fp32 temporaries stay bounded whatever the logits' size (see ``r1kernels.logprobs``)."""
 from __future__ import annotations
 
 import torch
 
 from r1kernels.constants import IGNORE_INDEX
-from r1kernels.kernels import accumulation_dtype
-from r1kernels.kernels.chunked_linear import chunk_bytes
+from r1kernels._tensors import accumulation_dtype
+from r1kernels.logprobs.chunked import chunk_bytes
 
 # Each block of rows makes a few fp32 copies of itself. On CPU, 4 MiB per copy keeps them cache-sized. On
 # CUDA a block is the fused lm_head's chunk (min(1 GiB, free / 16)): each block costs about a dozen kernel

@@ -14,8 +14,8 @@ on the rewards times GROUP_RESCALE where the group's half range exceeds GROUP_RE
 batch_denominator, with_stats)`` is the same for arbitrary integer ids, with each row's group
 statistics: (adv [B], mean [B], std [B], constant [B], is_first [B]), the last four empty
 without ``with_stats``; ``is_first`` marks each group's first row. The Triton backend does it in
-one launch (r1kernels/triton/advantages_by_id.py), the ``cpu`` backend in one C++ call
-(r1kernels/kernels/cpp_advantages.py); ``torch`` and ``cuda`` sort the ids into segments first.
+one launch (``triton_by_id``), the ``cpu`` backend in one C++ call (``cpp_groups``); ``torch`` and
+``cuda`` sort the ids into segments first.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from r1kernels.constants import GROUP_RESCALE, GROUP_RESCALE_ABOVE
-from r1kernels.kernels import accumulation_dtype
+from r1kernels._tensors import accumulation_dtype
 
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -85,9 +85,10 @@ def batch_denominator(values: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats,
-                          segment_kernel):
-    """``group_normalize_by_id`` through a stable sort into segments and ``segment_kernel`` (one of
-    the ``group_normalize`` above)."""
+                          segment_kernel=None):
+    """``group_normalize_by_id`` through a stable sort into segments and ``segment_kernel`` (a backend's
+    ``group_normalize``, by default this module's)."""
+    segment_kernel = segment_kernel or group_normalize
     batch = rewards.shape[0]
     sorted_ids, perm = torch.sort(group_ids, stable=True)
     _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)

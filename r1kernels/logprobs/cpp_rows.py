@@ -1,5 +1,5 @@
 """The ``cpu`` and ``cuda`` backends' row kernel: the compiled extension (csrc/), which
-dispatches on the tensors' device (see ``r1kernels.kernels`` for the contract)."""
+dispatches on the tensors' device (see ``r1kernels.logprobs`` for the contract)."""
 from __future__ import annotations
 
 import torch

@@ -18,7 +18,17 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import accumulation_dtype
+from r1kernels.backends import Backend
+
+# The op's backends, in auto's order; each module has ``attend(q, k, v, cu_q, cu_k, max_q, max_k, scale,
+# causal, window, softcap, sinks, deterministic, need_lse) -> (out, lse or None)`` on checked arguments.
+# flash_attn runs only when asked for: ours is the default.
+BACKENDS = {
+    "triton": Backend(f"{__name__}.triton_backend"),
+    "flash_attn": Backend(f"{__name__}.flash_attn_backend", auto=False),
+    "torch": Backend(f"{__name__}.torch_backend", float64=True),
+}
+
 
 def _as_int(name: str, value) -> int:
     if isinstance(value, Tensor):
@@ -28,114 +38,6 @@ def _as_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int or a 0-d tensor, got {type(value).__name__}")
     return value
-
-
-def _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal):
-    """One SDPA call per sequence (equal q and k lengths when causal, no window, no softcap, no sinks).
-    Queries split by cu_q, keys and values by cu_k; a query with no key gives 0. ``split``, not one
-    slice per sequence: the backward of S slices writes S zero-filled [total, H, D] gradients (quadratic
-    in the sequences: 0.08 s of a 0.16 s layer at 64 rollouts on CPU), a split's backward one."""
-    sizes_q = [b - a for a, b in zip(bounds_q[:-1], bounds_q[1:])]
-    sizes_k = [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:])]
-    outs = []
-    for q_s, k_s, v_s in zip(q.split(sizes_q), k.split(sizes_k), v.split(sizes_k)):
-        if q_s.shape[0] == 0:
-            continue
-        if k_s.shape[0] == 0:
-            outs.append(q.new_zeros(q_s.shape))
-            continue
-        # [1, H, T, D]: on CPU only 4-d inputs reach SDPA's flash kernel (3-d ones take the math path,
-        # which materialises the [T, T] scores: 1.4x slower at 64-512 tokens)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_s.transpose(0, 1)[None], k_s.transpose(0, 1)[None], v_s.transpose(0, 1)[None], is_causal=causal,
-            scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-        outs.append(out[0].transpose(0, 1))
-    if not outs:
-        from r1kernels.reference.attention import empty_output
-        return empty_output(q, k, v, q.dtype)
-    return torch.cat(outs)
-
-
-def _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, sinks, need_lse):
-    """(out, lse or None). SDPA per sequence where its semantics are exactly ours, else the
-    float32 reference math (bottom-right causal with unequal lengths, windows, softcap, sinks, lse,
-    and non-finite inputs, whose NaNs SDPA spreads through masked scores to every query). Both read
-    the offsets on the host (this backend loops over sequences in Python)."""
-    plain = (not need_lse and softcap == 0 and window_size == (-1, -1) and sinks is None and q.dtype != torch.float64
-             and all(bool(torch.isfinite(x).all()) for x in (q, k, v)))
-    if plain:
-        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
-        if not causal or bounds_q == bounds_k:
-            return _sdpa_per_sequence(q, k, v, bounds_q, bounds_k, scale, causal), None
-    from r1kernels.reference.attention import varlen_attention_ref
-
-    compute = accumulation_dtype(q.dtype)
-    out, lse = varlen_attention_ref(q, k, v, cu_q, cu_k, scale, causal, window_size, softcap, dtype=compute,
-                                    sinks=sinks)
-    return out.to(q.dtype), lse.float()
-
-
-@torch.library.custom_op("r1kernels::varlen_attention_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float, causal: bool,
-             window_left: int, window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
-    from r1kernels.triton import attention as triton_attention
-    return triton_attention.forward(q, k, v, cu_q, cu_k, scale, causal, (window_left, window_right), softcap)
-
-
-@_forward.register_fake
-def _(q, k, v, cu_q, cu_k, scale, causal, window_left, window_right, softcap):
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
-
-
-@torch.library.custom_op("r1kernels::varlen_attention_backward", mutates_args=())
-def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, delta: Tensor, lse: Tensor, cu_q: Tensor,
-              cu_k: Tensor, scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-              deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from r1kernels.triton import attention as triton_attention
-    return triton_attention.backward(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal,
-                                     (window_left, window_right), softcap, deterministic)
-
-
-@_backward.register_fake
-def _(grad_out, q, k, v, delta, lse, cu_q, cu_k, scale, causal, window_left, window_right, softcap, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _add_sinks(out, lse, sinks):
-    """Fold one extra logit per head into each softmax denominator: with lse' = log(e^lse + e^sink),
-    out' = out * e^(lse - lse'). A query that sees no key (lse = +inf) keeps out 0 and gets lse' = sink.
-    The backward kernels are then exact when given (out', lse'), since P = exp(score - lse')."""
-    sink = sinks.float()[:, None]
-    empty = lse == math.inf
-    finite_lse = torch.where(empty, -math.inf, lse)
-    lse_all = torch.logaddexp(finite_lse, sink)
-    factor = torch.exp(finite_lse - lse_all)                                   # [Hq, total_q]
-    return (out.float() * factor.T[..., None]).to(out.dtype), lse_all
-
-
-class _VarlenAttention(torch.autograd.Function):
-    """Triton forward and backward; with sinks, d sink_h = -sum_i P(sink | query i) * rowsum(dO_i * O_i)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, sinks, cu_q, cu_k, scale, causal, window, softcap, deterministic):
-        out, lse = _forward(q, k, v, cu_q, cu_k, scale, causal, window[0], window[1], softcap)
-        if sinks is not None:
-            out, lse = _add_sinks(out, lse, sinks)
-        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_q, cu_k)
-        ctx.args = (scale, causal, window[0], window[1], softcap, deterministic)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).T                      # [Hq, total_q]: rowsum(dO * O)
-        dq, dk, dv = _backward(grad_out, q, k, v, delta, lse, cu_q, cu_k, *ctx.args)
-        d_sinks = None
-        if sinks is not None and ctx.needs_input_grad[3]:
-            d_sinks = -(torch.exp(sinks.float()[:, None] - lse) * delta).sum(1).to(sinks.dtype)
-        return dq, dk, dv, d_sinks, None, None, None, None, None, None, None
 
 
 def _validate_tensors(q, k, v, softcap, window_size, sinks):
@@ -193,19 +95,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: i
     """``varlen_attention`` on arguments already checked (offsets included), with the scale and
     window resolved: the per-layer entry of integrations that validate a micro-batch's offsets once."""
     backend = backends.resolve("attention", q.device)
-    _checks.backend_dtype(backend, "q", q)
-    if backend == "triton":
-        return _VarlenAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), sinks, cu_q, cu_k, scale, causal,
-                                      window, softcap, deterministic)
-    if backend == "flash_attn":
-        if sinks is not None:
-            raise NotImplementedError("sinks: flash-attn 2 has no attention sinks; use the triton or torch backend")
-        from flash_attn import flash_attn_varlen_func
-        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
-                                             window_size=window, softcap=softcap, deterministic=deterministic,
-                                             return_attn_probs=True)
-        return out, lse
-    return _torch_forward(q, k, v, cu_q, cu_k, scale, causal, window, softcap, sinks, need_lse)
+    _checks.backend_dtype("attention", backend, "q", q)
+    return backends.kernels("attention", backend).attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window,
+                                                        softcap, sinks, deterministic, need_lse)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q,

@@ -22,7 +22,17 @@ import torch
 from torch import Tensor
 
 from r1kernels import _checks, backends
-from r1kernels.kernels import accumulation_dtype, torch_advantages, unit_stride
+from r1kernels._tensors import accumulation_dtype, unit_stride
+from r1kernels.advantages import torch_groups
+from r1kernels.backends import Backend
+
+# The op's backends, in auto's order (each module has the contract documented in ``torch_groups``).
+BACKENDS = {
+    "triton": Backend(f"{__name__}.triton_groups"),
+    "cuda": Backend(f"{__name__}.cpp_groups"),
+    "cpu": Backend(f"{__name__}.cpp_groups", float64=True),
+    "torch": Backend(f"{__name__}.torch_groups", float64=True),
+}
 
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 SCALES = ("group", "batch", "none")
@@ -37,39 +47,14 @@ class AdvantageStats:
     failed_rewards: Tensor      # 0-d: reward entries that were NaN or +-inf (failed: they take no part)
 
 
-def _segment_kernel(backend: str):
-    """The C++ (cpu, cuda) or torch kernel for contiguous groups and sorted segments."""
-    if backend in ("cpu", "cuda"):
-        from r1kernels.kernels import cpp_advantages     # loads the compiled extension
-        return cpp_advantages.group_normalize
-    return torch_advantages.group_normalize
-
-
-def _as_cuda_input(rewards, weights):
-    """The CUDA C++ kernel reads fp32 rewards and weights."""
-    return rewards.float(), (weights.float() if weights is not None else None)
-
-
 @torch.library.custom_op("r1kernels::group_normalize", mutates_args=())
 def _group_normalize(rewards: Tensor, weights: Optional[Tensor], group_size: int, leave_one_out: bool, scale: str,
                      eps: float, batch_denominator: Optional[Tensor], backend: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Contiguous groups of ``group_size`` rows: (adv [B], mean [G], std [G], constant [G])."""
-    if backend == "triton":
-        from r1kernels.triton import advantages, advantages_by_id
-        if group_size > advantages.LARGE_GROUP:
-            # few long groups would be few programs of the tile kernel: the persistent kernel spreads
-            # each group over every SM (its slot of a row is row // group_size, no hashing)
-            adv, mean, std, constant, _ = advantages_by_id.group_normalize_by_id(
-                rewards, weights, None, leave_one_out=leave_one_out, scale=scale, eps=eps,
-                batch_denominator=batch_denominator, with_stats=True, group_size=group_size)
-            return adv, mean, std, constant
-        return advantages.group_normalize(rewards, weights, group_size=group_size, leave_one_out=leave_one_out,
-                                          scale=scale, eps=eps, batch_denominator=batch_denominator)
-    if backend == "cuda":
-        rewards, weights = _as_cuda_input(rewards, weights)
-    return _segment_kernel(backend)(rewards, weights, group_size=group_size, leave_one_out=leave_one_out, scale=scale,
-                                    eps=eps, batch_denominator=batch_denominator)
+    return backends.kernels("advantages", backend).group_normalize(
+        rewards, weights, group_size=group_size, leave_one_out=leave_one_out, scale=scale, eps=eps,
+        batch_denominator=batch_denominator)
 
 
 @_group_normalize.register_fake
@@ -85,20 +70,9 @@ def _group_normalize_by_id(rewards: Tensor, weights: Optional[Tensor], group_ids
                            scale: str, eps: float, batch_denominator: Optional[Tensor], with_stats: bool, backend: str
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Arbitrary ids: (adv [B], and with_stats each row's group mean, std, constant, is_first [B])."""
-    if backend == "triton":
-        from r1kernels.triton.advantages_by_id import group_normalize_by_id
-        return group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale, eps=eps,
-                                     batch_denominator=batch_denominator, with_stats=with_stats)
-    if backend == "cpu":
-        from r1kernels.kernels import cpp_advantages
-        return cpp_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out,
-                                                    scale=scale, eps=eps, batch_denominator=batch_denominator,
-                                                    with_stats=with_stats)
-    if backend == "cuda":
-        rewards, weights = _as_cuda_input(rewards, weights)
-    return torch_advantages.group_normalize_by_id(rewards, weights, group_ids, leave_one_out=leave_one_out,
-                                                  scale=scale, eps=eps, batch_denominator=batch_denominator,
-                                                  with_stats=with_stats, segment_kernel=_segment_kernel(backend))
+    return backends.kernels("advantages", backend).group_normalize_by_id(
+        rewards, weights, group_ids, leave_one_out=leave_one_out, scale=scale, eps=eps,
+        batch_denominator=batch_denominator, with_stats=with_stats)
 
 
 @_group_normalize_by_id.register_fake
@@ -181,7 +155,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         or per row (group ids; is_first marks each group's first row)."""
         denominator = None
         if scale == "batch":
-            denominator = torch_advantages.batch_denominator(torch_advantages.combine_rewards(columns, column_weights),
+            denominator = torch_groups.batch_denominator(torch_groups.combine_rewards(columns, column_weights),
                                                              eps)
         if group_ids is None:
             return *_group_normalize(columns, column_weights, group_size, leave_one_out, scale, float(eps),
@@ -194,7 +168,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         summed = sum(out[0] if weights is None else weights[k] * out[0] for k, out in enumerate(per_column))
         summed = torch.where((~torch.isfinite(rewards_2d)).all(1), torch.nan, summed)
         # GDPO's last step: the summed advantages normalised as one group of the whole batch
-        adv = torch_advantages.group_normalize(summed[:, None], None, group_size=summed.shape[0], leave_one_out=False,
+        adv = torch_groups.group_normalize(summed[:, None], None, group_size=summed.shape[0], leave_one_out=False,
                                                scale="group", eps=eps)[0]
         if not return_stats:
             return adv

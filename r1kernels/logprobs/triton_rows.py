@@ -1,4 +1,4 @@
-"""Triton row kernels over materialised logits (the contract of ``r1kernels.kernels``).
+"""Triton row kernels over materialised logits (the row-kernel contract of ``r1kernels.logprobs``).
 
 One program per row, streaming the row in BLOCK_V tiles: forward reads the logits once,
 backward reads them once and writes d logits once (into the logits' own storage when asked).
@@ -12,7 +12,7 @@ import triton.language as tl
 
 from r1kernels import constants
 
-from r1kernels.triton.softmax_math import NEG_INF, logit_grad, merge_stats, tile_stats
+from r1kernels.logprobs.triton_softmax import NEG_INF, logit_grad, merge_stats, tile_stats
 
 IGNORE_INDEX = tl.constexpr(constants.IGNORE_INDEX)
 

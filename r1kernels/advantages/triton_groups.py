@@ -6,8 +6,8 @@ same passes as csrc/include/r1k/group_stats.h, finished by group_stats.finish_gr
 one tile, so after the first pass the sweeps hit L1/L2 and HBM sees one read of the rewards and one
 write of the advantages.
 Groups longer than LARGE_GROUP rows (few groups, so few programs here) and arbitrary group ids go
-to the persistent kernel of r1kernels/triton/advantages_by_id.py, which spreads any group over
-every SM; the routing is r1kernels/advantages.py's. This module imports nothing of that one.
+to the persistent kernel of ``triton_by_id``, which spreads any group over every SM. This module is
+the triton backend of the op (the contract of ``torch_groups``).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 from r1kernels.constants import SCALE_CODES
-from r1kernels.kernels import accumulation_dtype
-from r1kernels.triton.group_stats import INF, combined_rewards, finish_group, group_unit
+from r1kernels._tensors import accumulation_dtype
+from r1kernels.advantages import triton_by_id
+from r1kernels.advantages.triton_group_stats import INF, combined_rewards, finish_group, group_unit
 
 LARGE_GROUP = 4096
 
@@ -80,10 +81,19 @@ def _r1k_advantages_grouped(rewards_ptr, row_stride, weights_ptr, batch_denomina
     tl.store(constant_ptr + groups, constant, mask=group_mask)
 
 
+group_normalize_by_id = triton_by_id.group_normalize_by_id
+
+
 def group_normalize(rewards, weights, *, group_size, leave_one_out, scale, eps, batch_denominator=None):
-    """Contiguous groups of ``group_size`` rows; see ``r1kernels.kernels.torch_advantages.group_normalize``
-    for the contract (``weights`` may be None: all ones). r1kernels/advantages.py sends groups longer
-    than LARGE_GROUP to the persistent kernel instead."""
+    """Contiguous groups of ``group_size`` rows; see ``torch_groups.group_normalize`` for the contract
+    (``weights`` may be None: all ones)."""
+    if group_size > LARGE_GROUP:
+        # few long groups would be few programs of the tile kernel: the persistent kernel spreads
+        # each group over every SM (its slot of a row is row // group_size, no hashing)
+        adv, mean, std, constant, _ = triton_by_id.group_normalize_by_id(
+            rewards, weights, None, leave_one_out=leave_one_out, scale=scale, eps=eps,
+            batch_denominator=batch_denominator, with_stats=True, group_size=group_size)
+        return adv, mean, std, constant
     batch, num_rewards = rewards.shape
     acc = accumulation_dtype(rewards.dtype)
     groups = batch // group_size
