@@ -20,11 +20,8 @@ SHAPES = {
 
 
 def our_backends(op, device):
-    """``op``'s backends (its table, in auto's order) that run on ``device``, those auto may pick: Triton
-    only on a GPU (the interpreter is a test tool, not something to time)."""
-    table = r1kernels.backends.table(op)
-    return [name for name, row in table.items() if row.auto and r1kernels.backends.why_not(op, name, device) is None
-            and not (device.type != "cuda" and (row.runs_on or name) == "triton")]
+    """``op``'s backends that ``auto`` may pick on ``device``, in its order (``backends.auto_candidates``)."""
+    return list(r1kernels.backends.auto_candidates(op, device))
 
 
 def naive_logprobs(logits, targets, temperature=1.0):

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from r1kernels import backends
 from r1kernels.constants import IGNORE_INDEX
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -86,8 +87,7 @@ def target_ids_in_range(targets: torch.Tensor, vocab: int) -> None:
 
 def backend_dtype(op: str, backend: str, name: str, value: torch.Tensor) -> None:
     """float64 runs on the exact backends only (``float64`` in the op's table): GPU kernels accumulate in fp32."""
-    from r1kernels import backends
-    if value.dtype == torch.float64 and not backends.runs_float64(op, backend):
+    if value.dtype == torch.float64 and not backends.table(op)[backend].float64:
         raise TypeError(f"{name} is float64, which the {backend!r} backend does not run; use cpu or torch")
 
 

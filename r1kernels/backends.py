@@ -28,7 +28,6 @@ from typing import Optional
 import torch
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """One row of an op's backend table (each op package declares its own, in ``auto``'s order).
@@ -73,11 +72,6 @@ def table(op: str) -> dict[str, Backend]:
     return rows
 
 
-def names(op: str) -> tuple[str, ...]:
-    """The backend names ``op`` accepts, in ``auto``'s order."""
-    return tuple(table(op))
-
-
 def all_names() -> tuple[str, ...]:
     """Every backend name some op accepts, and ``auto``: what ``R1K_BACKEND`` and ``use_backend`` take."""
     return ("auto", *dict.fromkeys(name for op in OPS for name in table(op)))
@@ -97,13 +91,25 @@ def effective_backend(op: str, backend: str, deterministic: bool) -> str:
     return swap or backend
 
 
-def runs_float64(op: str, backend: str) -> bool:
-    return table(op)[backend].float64
+def runs_on(op: str, backend: str) -> str:
+    """The technology ``op``'s backend ``backend`` needs (its row's ``runs_on``, else its name)."""
+    return table(op)[backend].runs_on or backend
 
 
 def why_not(op: str, backend: str, device: torch.device) -> Optional[str]:
     """Why ``op``'s backend ``backend`` cannot run on ``device`` here, or None when it can."""
-    return _why_not(table(op)[backend].runs_on or backend, torch.device(device))
+    return _why_not(runs_on(op, backend), torch.device(device))
+
+
+def auto_candidates(op: str, device: torch.device):
+    """The backends ``auto`` may pick for ``op`` on ``device`` that can run there, in its order (lazily:
+    ``auto`` takes the first, the benchmarks time them all): rows with ``auto``, and Triton only for
+    CUDA tensors (on CPU it is the interpreter, a test tool, slower than C++ or torch)."""
+    device = torch.device(device)
+    for name, row in table(op).items():
+        if row.auto and (runs_on(op, name) != "triton" or device.type == "cuda") and why_not(op, name, device) is None:
+            yield name
+
 
 _local = threading.local()
 
@@ -232,13 +238,8 @@ def _resolve(op: str, device_type: str) -> str:
             raise ValueError(f"backend {name!r} does not implement {op}; it supports {tuple(rows)}")
         name = "auto"               # a plain name leaves the ops that lack it on auto
     if name == "auto":
-        # on CPU tensors auto leaves triton to the interpreter's tests (it is slower than C++ or torch)
-        for candidate, row in rows.items():
-            runs_on = row.runs_on or candidate
-            if row.auto and (runs_on != "triton" or device.type == "cuda") and _why_not(runs_on, device) is None:
-                return _chosen(op, candidate)
-        raise AssertionError("the torch backend always runs")
-    reason = _why_not(rows[name].runs_on or name, device)
+        return _chosen(op, next(auto_candidates(op, device)))     # torch always runs
+    reason = why_not(op, name, device)
     if reason is not None:
         raise RuntimeError(f"backend {name!r} was forced but cannot run: {reason}")
     return _chosen(op, name)
@@ -247,6 +248,7 @@ def _resolve(op: str, device_type: str) -> str:
 def _chosen(op: str, name: str) -> str:
     """``name``, its module (and that of its deterministic row) loaded for traced code."""
     kernels(op, name)
-    if table(op)[name].deterministic:
-        kernels(op, table(op)[name].deterministic)
+    swap = table(op)[name].deterministic
+    if swap:
+        kernels(op, swap)
     return name

@@ -155,8 +155,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         or per row (group ids; is_first marks each group's first row)."""
         denominator = None
         if scale == "batch":
-            denominator = torch_groups.batch_denominator(torch_groups.combine_rewards(columns, column_weights),
-                                                             eps)
+            denominator = torch_groups.batch_denominator(torch_groups.combine_rewards(columns, column_weights), eps)
         if group_ids is None:
             return *_group_normalize(columns, column_weights, group_size, leave_one_out, scale, float(eps),
                                      denominator, backend), None
@@ -169,7 +168,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         summed = torch.where((~torch.isfinite(rewards_2d)).all(1), torch.nan, summed)
         # GDPO's last step: the summed advantages normalised as one group of the whole batch
         adv = torch_groups.group_normalize(summed[:, None], None, group_size=summed.shape[0], leave_one_out=False,
-                                               scale="group", eps=eps)[0]
+                                           scale="group", eps=eps)[0]
         if not return_stats:
             return adv
         mean, std, constant = (torch.stack([out[i] for out in per_column], 1) for i in (1, 2, 3))

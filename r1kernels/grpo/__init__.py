@@ -31,8 +31,7 @@ from r1kernels._tensors import accumulation_dtype
 from r1kernels.logprobs import linear_token_logprobs, linear_token_logprobs_one_pass, token_logprobs
 # the loss types and options live in loss_types; the public ones are re-exported here, where they were
 from r1kernels.grpo.loss_types import (IS_LEVELS, KL_ESTIMATORS, LOSS_TYPES, NORMALISERS, TYPE_OPTIONS,  # noqa: F401
-                                  LossOptions, LossType, Normaliser, loss_normaliser,
-                                  loss_options)
+                                       LossOptions, LossType, Normaliser, loss_normaliser, loss_options)
 
 
 @dataclasses.dataclass
