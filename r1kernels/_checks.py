@@ -69,6 +69,49 @@ def small_all_finite(name: str, value: torch.Tensor) -> None:
         torch._assert_async(torch.isfinite(value).all(), f"{name} must be finite")
 
 
+# what the released-parameter errors advise: the engines gather a parameter for its module's forward
+# and arm its gathering for the backward that forward starts, so that is where a fused op must read it
+_INSIDE_FORWARD = ("run the op inside the forward of the module that owns it, where the engine gathers it for the "
+                   "op and for its backward (r1kernels.integrations.trl.patch(loss=True) runs the loss inside "
+                   "lm_head's forward)")
+
+
+def whole_parameter(name: str, value: torch.Tensor) -> None:
+    """A weight the op can read whole: not an FSDP2 shard (a DTensor), not a DeepSpeed ZeRO-3 parameter
+    partitioned away, not a tensor whose storage an engine has freed. Each raises, naming the cause
+    and the fix, where the kernels would otherwise fail on a shape or read freed memory. Skipped
+    while compiling (the attributes are not traceable); the custom ops check the storage then."""
+    if torch.compiler.is_compiling():
+        return
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if isinstance(value, DTensor):
+            raise TypeError(f"{name} is a DTensor (placements {tuple(value.placements)}, an FSDP2 or "
+                            f"tensor-parallel shard of {tuple(value.shape)}); r1kernels' ops take whole local tensors: "
+                            f"{_INSIDE_FORWARD}. (.full_tensor() gives a whole tensor, but its backward does not "
+                            "reduce the gradient across data-parallel ranks)")
+    full_shape = getattr(value, "ds_shape", None)     # DeepSpeed ZeRO-3 marks its parameters so
+    if full_shape is not None and tuple(value.shape) != tuple(full_shape):
+        raise RuntimeError(f"{name} is a DeepSpeed ZeRO-3 parameter partitioned away (its data has shape "
+                           f"{tuple(value.shape)}, the parameter {tuple(full_shape)}): {_INSIDE_FORWARD}, or gather it "
+                           "with deepspeed.zero.GatheredParameters")
+    storage_present(name, value)
+
+
+def storage_present(name: str, value: torch.Tensor) -> None:
+    """The tensor's storage holds every element its shape and strides address. FSDP frees a parameter's
+    unsharded storage when it reshards (resize to 0 bytes) and ZeRO-3 when it releases a gathered one,
+    leaving the tensor's shape as it was: a kernel handed its pointer would read freed memory."""
+    if value.numel() == 0 or value.device.type == "meta":
+        return
+    extent = value.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(value.shape, value.stride()))
+    have = value.untyped_storage().nbytes()
+    if have < extent * value.element_size():
+        raise RuntimeError(f"{name} has been released: its storage holds {have} bytes, its shape "
+                           f"{tuple(value.shape)} needs {extent * value.element_size()} (FSDP frees a parameter when "
+                           f"it reshards after its module's forward, ZeRO-3 when it releases one): {_INSIDE_FORWARD}")
+
+
 def same_device(**tensors) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -257,6 +257,74 @@ def test_invalid_inputs_name_the_argument(case, call, error, pattern):
     assert_rejects("linear_logprobs", call, error, pattern)
 
 
+def _released(tensor):
+    """The tensor as an engine leaves a parameter it released: FSDP2 resizes the unsharded storage to 0
+    bytes when it reshards, ZeRO-3 frees what it gathered; the shape stays."""
+    tensor.untyped_storage().resize_(0)
+    return tensor
+
+
+RELEASED = "has been released: its storage holds 0 bytes.*run the op inside the forward of the module that owns it"
+
+
+@pytest.mark.parametrize("backend", linear_backends())
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_a_released_parameter_is_refused_in_each_pass(backend, which):
+    """Released before the forward (read outside its module's forward) or between the passes (gathered
+    for the forward only): a clear error from the op, also through linear_grpo_loss's one-pass route,
+    never a read of the freed memory (on a GPU: whatever lies there)."""
+    h, w, b, t = _inputs(6, 8, 11, torch.float32)
+    leaves = {"weight": w.requires_grad_(), "bias": b.requires_grad_()}
+    with r1kernels.use_backend(linear_logprobs=backend):
+        logp = r1kernels.linear_token_logprobs(h, w, t, b)
+        _released(leaves[which])
+        with pytest.raises(RuntimeError, match=f"^{which} {RELEASED}"):
+            logp.sum().backward()
+        with pytest.raises(RuntimeError, match=f"^{which} {RELEASED}"):
+            r1kernels.linear_token_logprobs(h, w, t, b)
+        with pytest.raises(RuntimeError, match=f"^{which} {RELEASED}"):
+            r1kernels.linear_grpo_loss(h[None], w, t[None], torch.ones(1), bias=b)
+
+
+def test_a_released_weight_is_refused_in_a_compiled_graph():
+    """Compiled, the Python checks are traced away; the custom op checks the storage it is handed."""
+    h, w, b, t = _inputs(6, 8, 11, torch.float32)
+    compiled = torch.compile(lambda h, w: r1kernels.linear_token_logprobs(h, w, t, b), fullgraph=True,
+                             backend="aot_eager")
+    assert compiled(h, w).shape == (6,)
+    with pytest.raises(RuntimeError, match=f"^weight {RELEASED}"):
+        compiled(h, _released(w.clone()))
+
+
+_SHARD_SCRIPT = """
+import os, torch, torch.distributed as dist, r1kernels
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:%d")
+head = fully_shard(torch.nn.Linear(8, 11))
+try:
+    r1kernels.linear_token_logprobs(torch.randn(3, 8), head.weight, torch.tensor([1, 2, 3]), head.bias)
+except TypeError as error:
+    print(error)
+dist.destroy_process_group()
+"""
+
+
+def test_an_fsdp2_shard_is_refused_with_what_to_do():
+    """A DTensor weight (an FSDP2 parameter outside its module's forward, as fully_shard leaves it):
+    refused, naming the cause and the fix, not gathered behind the caller's back (its gradient would
+    have to be reduced across ranks as the engine does, which the op cannot know)."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT % port], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("weight is a DTensor (placements (Shard(dim=0),)"), done.stdout
+    assert "run the op inside the forward of the module that owns it" in done.stdout
+
+
 EMPTY = {
     "linear_token_logprobs": (lambda: [empty_strided((0, 5), (1, 0)), torch.randn(7, 5, requires_grad=True), ids(0)],
                               r1kernels.linear_token_logprobs),

@@ -137,7 +137,7 @@ _TRL_CLIP_MEANS = {"clip_ratio_low": "clip_ratio/low_mean", "clip_ratio_high": "
                    "clip_ratio_region": "clip_ratio/region_mean"}
 
 
-def _log_metrics(trainer, out, mask, policy_scale: float, mode: str) -> None:
+def _log_metrics(trainer, ours: dict, mask, policy_scale: float, mode: str) -> None:
     """Every metric TRL's _compute_loss logs, under its names and with its reductions over processes:
     masked means as TRL's global_masked_mean (local sums and counts, summed over the processes, in one
     reduce), per-process values gathered (in one gather) for TRL's nanmin / nanmax / nanmean."""
@@ -148,18 +148,18 @@ def _log_metrics(trainer, out, mask, policy_scale: float, mode: str) -> None:
     clip_count = sequences if args.importance_sampling_level == "sequence" else tokens
     means, gathered = {}, {}          # TRL's name -> (our local mean, its count) / (local value, reduction)
     if args.beta:
-        means["kl"] = (out.metrics["kl_mean"], tokens)
-    means["entropy"] = (out.metrics["entropy_mean"], tokens)
+        means["kl"] = (ours["kl_mean"], tokens)
+    means["entropy"] = (ours["entropy_mean"], tokens)
     if args.loss_type in _TRL_CLIPPED:
-        means.update({theirs: (out.metrics[ours], clip_count) for ours, theirs in _TRL_CLIP_MEANS.items()})
-        gathered["clip_ratio/low_min"] = (out.metrics["clip_ratio_low_min"], torch.min)
-        gathered["clip_ratio/high_max"] = (out.metrics["clip_ratio_high_max"], torch.max)
+        means.update({theirs: (ours[name], clip_count) for name, theirs in _TRL_CLIP_MEANS.items()})
+        gathered["clip_ratio/low_min"] = (ours["clip_ratio_low_min"], torch.min)
+        gathered["clip_ratio/high_max"] = (ours["clip_ratio_high_max"], torch.max)
     elif args.loss_type == "cispo":
-        means["cispo_clip_ratio"] = (out.metrics["clip_ratio_high"], clip_count)
+        means["cispo_clip_ratio"] = (ours["clip_ratio_high"], clip_count)
     if LOSS_TYPES[args.loss_type].sequence_weight is not None:        # vespo's phi, a mean over sequences
-        means["vespo/phi_seq_mean"] = (out.metrics["sequence_weight_mean"], sequences)
+        means["vespo/phi_seq_mean"] = (ours["sequence_weight_mean"], sequences)
     if args.entropy_coef != 0.0:         # TRL logs these when its entropy bonus is on
-        gathered["policy_loss"] = (out.metrics["policy_loss"] * policy_scale, torch.mean)
+        gathered["policy_loss"] = (ours["policy_loss"] * policy_scale, torch.mean)
         if mode == "train" and trainer.accelerator.sync_gradients:
             metrics["entropy_coef"].append(args.entropy_coef)
     totals = trainer.accelerator.reduce(
@@ -174,34 +174,73 @@ def _log_metrics(trainer, out, mask, policy_scale: float, mode: str) -> None:
             metrics[name].append(reduce(column).item() if column.numel() else float("nan"))
 
 
-def _fused_compute_loss(trainer, model, inputs):
-    """TRL's GRPO loss through ``linear_grpo_loss``: the backbone's hidden states go to our fused
-    lm_head + loss (one pass where it applies), with TRL's options (``loss_options``), per-batch
-    inputs, gradient-accumulation scaling, autocast and logged metrics."""
+def _call_as_forward(wrapper, module, method, *args):
+    """``method(*args)`` run as ``module``'s forward, called through ``wrapper`` (the engine's module
+    around ``module``, or ``module`` itself): the engine's hooks run around it as around any forward.
+    DeepSpeed ZeRO-3 gathers the parameters the module reads and arms their gathering for the
+    backward; FSDP2 unshards the module's unit, reshards it after, and unshards it again for the
+    backward before reduce-scattering its gradients; DDP prepares its reducer for what it returns.
+    ``method`` may call the module's own forward (restored before ``method`` runs)."""
+    own = module.__dict__.get("forward")          # an instance attribute (TRL's fused head), or None
+
+    def restore():
+        if own is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+
+    def redirected(*call_args):
+        restore()
+        return method(*call_args)
+
+    module.forward = redirected
+    try:
+        return wrapper(*args)
+    finally:
+        restore()
+
+
+def _capture_head_inputs(trainer, forward, inputs):
+    """The fused LM head's inputs for this batch, from TRL's own forward (``forward``: the model's
+    forward, called without the engine's hooks since we run inside them): the backbone's hidden
+    states at the completion positions [B, C, H], the temperature and ``(softcap, logit_scale)``."""
     from trl.trainer import utils as trl_utils
 
-    from r1kernels.grpo import LOSS_TYPES, linear_grpo_loss
-
-    if not _loss_route_applies(trainer, inputs):
-        return _original_compute_loss(trainer, model, inputs)
     prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     batch, keep = completion_ids.shape
     head, trl_utils._ChunkedLogProbFunction = trl_utils._ChunkedLogProbFunction, _CaptureHead
     try:
-        trainer._get_per_token_logps_and_entropies(model, torch.cat([prompt_ids, completion_ids], 1),
+        trainer._get_per_token_logps_and_entropies(forward, torch.cat([prompt_ids, completion_ids], 1),
                                                    torch.cat([prompt_mask, completion_mask], 1), keep)
     finally:
         trl_utils._ChunkedLogProbFunction = head
-    hidden, weight, bias, labels, temperature, softcap, scale = _CaptureHead.captured
+    hidden, _weight, _bias, _labels, temperature, softcap, scale = _CaptureHead.captured
     _CaptureHead.captured = None
-    if softcap or not scale:
-        return _original_compute_loss(trainer, model, inputs)
-    valid = completion_mask.bool()
     if hidden.shape[0] == batch * (prompt_ids.shape[1] + keep - 1):         # every position scored
         hidden = hidden.view(batch, -1, hidden.shape[-1])[:, -keep:]
     else:                                                                     # only the valid ones (Triton)
-        hidden = hidden.new_zeros(batch, keep, hidden.shape[-1]).masked_scatter(valid[..., None], hidden)
+        valid = completion_mask.bool()[..., None]
+        hidden = hidden.new_zeros(batch, keep, hidden.shape[-1]).masked_scatter(valid, hidden)
+    return hidden, temperature, (softcap, scale)
+
+
+def _fused_compute_loss(trainer, model, inputs):
+    """TRL's GRPO loss through ``linear_grpo_loss``: the backbone's hidden states go to our fused
+    lm_head + loss (one pass where it applies), with TRL's options (``loss_options``), per-batch
+    inputs, gradient-accumulation scaling, autocast and logged metrics.
+
+    It runs inside the engine-wrapped model's forward, and the lm_head's part inside the lm_head
+    module's own forward (``_call_as_forward``), so that whatever the engine does around a forward
+    (ZeRO-3's gathers, FSDP2's unshard and reshard, for the loss and for its backward) covers the
+    weight the loss reads: after the model's forward has returned, that weight may be released."""
+    from r1kernels.grpo import LOSS_TYPES, linear_grpo_loss
+
+    if not _loss_route_applies(trainer, inputs):
+        return _original_compute_loss(trainer, model, inputs)
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    completion_ids = inputs["completion_ids"]
+    valid = inputs["completion_mask"].bool()
     mask = valid if "tool_mask" not in inputs else valid & inputs["tool_mask"].bool()
     args = trainer.args
     mode = "train" if trainer.model.training else "eval"
@@ -224,16 +263,32 @@ def _fused_compute_loss(trainer, model, inputs):
     if items:
         per_call.update(num_items_in_batch=inputs["num_items_in_batch"].clamp(min=1.0),
                         num_processes=trainer.accelerator.num_processes)
-    # the lm_head as TRL runs it: in TRL's autocast (bf16/fp16 products, fp32 accumulation), or in fp32 with
-    # cast_lm_head_to_fp32 (TRL then hands over fp32 hidden states and weights)
-    precision = (torch.autocast(hidden.device.type, enabled=False) if getattr(args, "cast_lm_head_to_fp32", False)
-                 else trainer.accelerator.autocast())
-    with precision:
-        out = linear_grpo_loss(hidden, weight, completion_ids, inputs["advantages"], mask, bias=bias,
-                               temperature=temperature / scale, deterministic=_R1KernelsLogProbs.deterministic,
-                               **options, **per_call)
-    _log_metrics(trainer, out, mask, policy_scale, mode)
-    return out.loss * loss_scale
+
+    def inside_model_forward():
+        hidden, temperature, (softcap, scale) = _capture_head_inputs(trainer, unwrapped.forward, inputs)
+        if softcap or not scale:
+            return None
+        lm_head = unwrapped.get_output_embeddings()
+
+        def inside_lm_head_forward(hidden):
+            # the lm_head as TRL runs it: in TRL's autocast (bf16/fp16 products, fp32 accumulation), or in
+            # fp32 with cast_lm_head_to_fp32 (TRL then hands over fp32 hidden states and weights)
+            precision = (torch.autocast(hidden.device.type, enabled=False)
+                         if getattr(args, "cast_lm_head_to_fp32", False) else trainer.accelerator.autocast())
+            with precision:
+                out = linear_grpo_loss(hidden, lm_head.weight, completion_ids, inputs["advantages"], mask,
+                                       bias=lm_head.bias, temperature=temperature / scale,
+                                       deterministic=_R1KernelsLogProbs.deterministic, **options, **per_call)
+            return out.loss, out.metrics
+
+        return _call_as_forward(lm_head, lm_head, inside_lm_head_forward, hidden)
+
+    result = _call_as_forward(model, unwrapped, inside_model_forward)
+    if result is None:                     # softcapped or unscaled logits: TRL's own loss
+        return _original_compute_loss(trainer, model, inputs)
+    loss, metrics = result
+    _log_metrics(trainer, metrics, mask, policy_scale, mode)
+    return loss * loss_scale
 
 
 _original_compute_loss = None

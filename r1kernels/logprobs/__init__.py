@@ -166,10 +166,19 @@ def _linear_kernels(backend: str, deterministic: bool):
     return backends.kernels("linear_logprobs", backends.effective_backend("linear_logprobs", backend, deterministic))
 
 
+def _released_check(weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Inside the custom ops, on the tensors the kernels get (compiled graphs included): a parameter
+    an engine released has a freed storage, never read."""
+    _checks.storage_present("weight", weight)
+    if bias is not None:
+        _checks.storage_present("bias", bias)
+
+
 @torch.library.custom_op("r1kernels::linear_token_logprobs_forward", mutates_args=())
 def _linear_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                     inv_temperature: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _checks.target_ids_in_range(targets, weight.shape[0])
+    _released_check(weight, bias)
     return _linear_kernels(backend, deterministic).forward(hidden, weight, bias, targets, inv_temperature,
                                                            backend=backend, deterministic=deterministic)
 
@@ -185,6 +194,7 @@ def _linear_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
                      inv_temperature: float, backend: str, deterministic: bool,
                      needs_grad: list[bool], wide_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(d hidden, d weight, d bias) in the inputs' dtype, or with ``wide_grads`` in the accumulation dtype."""
+    _released_check(weight, bias)       # released between the passes: gathered for the forward only
     args = (hidden, weight, bias, targets, row_max, row_log_sum, entropy, grad_logp, grad_entropy, inv_temperature)
     grads = _linear_kernels(backend, deterministic).backward(*args, backend=backend, deterministic=deterministic,
                                                              needs_grad=tuple(needs_grad), wide_grads=wide_grads)
@@ -288,6 +298,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
     deterministic). With a ``compute_dtype`` (autocast) all three are cast to it, so theirs may differ."""
     _checks.floating("hidden", hidden)
     _checks.floating("weight", weight)
+    _checks.whole_parameter("weight", weight)
     _checks.integer_ids("targets", targets)
     inv_temperature = 1.0 / _checks.positive("temperature", temperature)
     if hidden.dim() < 1:
@@ -299,6 +310,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if bias is not None:
         _checks.floating("bias", bias)
+        _checks.whole_parameter("bias", bias)
         if bias.dtype != weight.dtype and compute_dtype is None:
             raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
         if tuple(bias.shape) != (weight.shape[0],):
