@@ -13,7 +13,7 @@ from trainer_helpers import fixed_rollouts, tiny_config  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
 
-from trainer.parallel import backend_spec  # noqa: E402
+from trainer.parallel import backend_spec, exit_rank  # noqa: E402
 from trainer.train import Trainer  # noqa: E402
 
 TENSOR_COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
@@ -65,6 +65,8 @@ def main(out_path):
             json.dump({"loss": row["loss"], "params": state, "fsdp": distributed, "collectives": sorted(set(calls))},
                       f)
     trainer.close()
+    if distributed:
+        exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def _released_weight_errors(trainer):
     hidden = torch.randn(3, HIDDEN, dtype=torch.bfloat16 if trainer.args.bf16 else torch.float32)
     targets = torch.tensor([1, 2, 3])
     seen = {}
-    hook = lm_head.register_forward_hook(lambda module, args, out: seen.setdefault("weight", module.weight))
+    # a pre-hook runs after the engine's (which unshards or gathers), a post-hook after its reshard
+    hook = lm_head.register_forward_pre_hook(lambda module, args: seen.setdefault("weight", module.weight))
     with torch.no_grad():
         trainer.model_wrapped(input_ids=torch.tensor([[5, 6, 7]]))
     hook.remove()
@@ -170,6 +171,10 @@ def main():
                         processes=trainer.accelerator.num_processes, accelerate=accelerate.__version__,
                         lm_head_persistent=persistent, released_errors=errors), args.out)
     trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():      # the trainer's teardown: see trainer.parallel.exit_rank
+        from trainer.parallel import exit_rank
+        torch.distributed.destroy_process_group()
+        exit_rank(0)
 
 
 if __name__ == "__main__":

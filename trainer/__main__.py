@@ -16,7 +16,11 @@ def main(argv=None) -> int:
 
     trainer = Trainer(cfg)
     trainer.run()
+    distributed = trainer.world.distributed
     trainer.close()
+    if distributed:
+        from trainer.parallel import exit_rank
+        exit_rank(0)
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,18 @@ class World:
         if self.distributed:
             dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> None:
+    """End a torchrun rank after ``World.close()`` without interpreter finalization. FSDP2 keeps the
+    gloo process group alive past ``destroy_process_group`` and past the model (a reference Python
+    cannot release: not the registry, not a Python object gc can see), so finalization destroys it,
+    and gloo torn down there can abort the rank at exit ("terminate called without an active
+    exception", as PyTorch's own gloo tests did from ``_PyModule_ClearDict``). Every file the trainer
+    writes is closed by then; what the rank printed is flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def backend_spec(use_cuda: bool) -> str:
