@@ -24,8 +24,9 @@ CONFIGS = os.path.join(ROOT, "examples", "accelerate")
 # accelerate 1.13 installed apart (pip --target) by scripts/test_distributed_trl.sh; TRL 1.16 admits >= 1.10.1
 OLD_ACCELERATE = os.environ.get("R1K_OLD_ACCELERATE", "")
 
-# (accelerate config, accelerate put first on the path or "", worker options)
+# (accelerate config, or None for torchrun; accelerate put first on the path or ""; worker options)
 RUNS = {
+    "ddp": (None, "", ()),
     "zero3": ("zero3.yaml", "", ()),
     "zero3-bf16": ("zero3.yaml", "", ("--bf16",)),
     "zero3-tied-ckpt-ga": ("zero3.yaml", "", ("--tied", "--gradient-checkpointing", "--accumulation", "2")),
@@ -52,10 +53,16 @@ def _run(name: str, route: str, tmp_path_factory) -> dict:
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
         if accelerate_path:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, (accelerate_path, env.get("PYTHONPATH"))))
-        precision = ("--mixed_precision", "bf16") if "--bf16" in options else ()
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config),
-                   "--num_processes", "2", *precision, "--main_process_port", str(_free_port()), WORKER, str(out),
-                   "--engine", config.split(".")[0], "--route", route, *options]
+        if config is None:      # DDP: TRL on CPU forms a DDP run under torchrun with use_cpu (the worker's)
+            launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+            engine = "ddp"
+        else:
+            precision = ("--mixed_precision", "bf16") if "--bf16" in options else ()
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      os.path.join(CONFIGS, config), "--num_processes", "2", *precision,
+                      "--main_process_port", str(_free_port())]
+            engine = config.split(".")[0]
+        command = [*launch, WORKER, str(out), "--engine", engine, "--route", route, *options]
         done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{name} {route} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
         _done[key] = torch.load(out)
@@ -77,7 +84,7 @@ def _assert_equal_runs(ours: dict, plain: dict, atol: float, rtol: float = 0.0):
 
 
 @pytest.mark.parametrize("name", ["zero3", "zero3-tied-ckpt-ga", "fsdp2", "fsdp2-tied-ckpt-ga",
-                                  "fsdp2-accelerate-1.13"])
+                                  "fsdp2-accelerate-1.13", "ddp"])
 @pytest.mark.parametrize("route", ["kernel", "loss"])
 def test_patched_trl_equals_plain_trl_in_fp32(name, route, tmp_path_factory):
     """fp32: every parameter within 1e-6 of plain TRL's after two steps (ZeRO-3 with lm_head partitioned,
@@ -93,7 +100,7 @@ def test_patched_trl_equals_plain_trl_in_fp32(name, route, tmp_path_factory):
         assert ours["engine"] == "DeepSpeedEngine" and ours["lm_head_persistent"] is False, \
             "ZeRO-3 must partition lm_head (persisted, it hides the bug)"
     else:
-        assert ours["engine"].startswith("FSDP")
+        assert ours["engine"].startswith("FSDP" if name.startswith("fsdp2") else "DistributedDataParallel")
     if name == "fsdp2-accelerate-1.13":
         assert ours["accelerate"] == "1.13.0"
     _assert_equal_runs(ours, plain, atol=1e-6)
@@ -107,15 +114,16 @@ def test_patched_trl_equals_plain_trl_in_bf16_under_zero3(tmp_path_factory):
     _assert_equal_runs(ours, plain, atol=1e-6, rtol=2 ** -8)
 
 
-def test_loss_route_is_right_where_lm_head_reshards_after_its_forward(tmp_path_factory):
-    """A hand-written FSDP2 wrapping, lm_head a unit of its own resharded after its forward: the loss
-    route runs inside lm_head's forward, so FSDP2 unshards it for the loss and its backward and
-    reduce-scatters its gradient: the same training as accelerate's wrapping of the same model.
-    (TRL's own fused head reads the shard with full_tensor(), whose backward does not reduce the
-    gradient across ranks: plain TRL and patch() train lm_head differently there.)"""
-    reference = _run("fsdp2", "plain", tmp_path_factory)
-    ours = _run("fsdp2-lm-head-resharded", "loss", tmp_path_factory)
-    _assert_equal_runs(ours, reference, atol=1e-6)
+def test_every_engine_trains_the_same(tmp_path_factory):
+    """The same two steps under DDP, ZeRO-3 and FSDP2 (plain TRL), and FSDP2 with lm_head a unit of its own
+    resharded after its forward, where only the loss route is right: it runs inside lm_head's forward,
+    so FSDP2 unshards it for the loss and its backward and reduce-scatters its gradient. (TRL's own
+    fused head reads that shard with full_tensor(), whose backward does not reduce the gradient across
+    ranks: plain TRL and patch() train lm_head differently there; docs/integrations.md.) Equal to 1e-6,
+    so each engine's runs above are compared with every other engine's training, not only with themselves."""
+    ddp = _run("ddp", "plain", tmp_path_factory)
+    for name, route in (("zero3", "plain"), ("fsdp2", "plain"), ("fsdp2-lm-head-resharded", "loss")):
+        _assert_equal_runs(_run(name, route, tmp_path_factory), ddp, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["zero3", "fsdp2-lm-head-resharded"])

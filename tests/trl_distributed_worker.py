@@ -147,7 +147,7 @@ def main():
         per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2, logging_steps=1,
         optim="sgd", learning_rate=0.5, loss_type=args.loss_type, entropy_coef=args.entropy_coef, beta=0.0,
         gradient_accumulation_steps=args.accumulation, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.engine == "single",
+        gradient_checkpointing=args.gradient_checkpointing, use_cpu=args.engine in ("single", "ddp"),
         ddp_backend="gloo" if args.engine != "single" else None)
     dataset = datasets.Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(32)]})
     if args.route != "plain":
