@@ -29,6 +29,7 @@ RUNS = {
     "ddp": (None, "", ()),
     "zero3": ("zero3.yaml", "", ()),
     "zero3-bf16": ("zero3.yaml", "", ("--bf16",)),
+    "fsdp2-bf16": ("fsdp2.yaml", "", ("--bf16",)),
     "zero3-tied-ckpt-ga": ("zero3.yaml", "", ("--tied", "--gradient-checkpointing", "--accumulation", "2")),
     "fsdp2": ("fsdp2.yaml", "", ()),
     "fsdp2-tied-ckpt-ga": ("fsdp2.yaml", "", ("--tied", "--gradient-checkpointing", "--accumulation", "2")),
@@ -106,11 +107,13 @@ def test_patched_trl_equals_plain_trl_in_fp32(name, route, tmp_path_factory):
     _assert_equal_runs(ours, plain, atol=1e-6)
 
 
-def test_patched_trl_equals_plain_trl_in_bf16_under_zero3(tmp_path_factory):
-    """bf16 under ZeRO-3 (DeepSpeed's bf16: bf16 parameters, fp32 master weights). Plain TRL repeats
-    itself bitwise, and so do we here (measured: equal to the bit); the tolerance is one bf16
-    rounding step (2^-8 relative), what a machine whose fp32 sums round differently may show."""
-    plain, ours = _run("zero3-bf16", "plain", tmp_path_factory), _run("zero3-bf16", "loss", tmp_path_factory)
+@pytest.mark.parametrize("name", ["zero3-bf16", "fsdp2-bf16"])
+def test_patched_trl_equals_plain_trl_in_bf16(name, tmp_path_factory):
+    """bf16 under ZeRO-3 (DeepSpeed's bf16: bf16 parameters, fp32 master weights) and FSDP2 (accelerate's
+    bf16 MixedPrecisionPolicy). Plain TRL repeats itself bitwise, and so do we here (measured: equal to
+    the bit under both); the tolerance is one bf16 rounding step (2^-8 relative), what a machine whose
+    fp32 sums round differently may show."""
+    plain, ours = _run(name, "plain", tmp_path_factory), _run(name, "loss", tmp_path_factory)
     _assert_equal_runs(ours, plain, atol=1e-6, rtol=2 ** -8)
 
 
