@@ -106,15 +106,16 @@ def check_trl_version(version: str | None = None) -> None:
 
 class _CaptureHead:
     """Stands in for TRL's chunked log-prob function during one forward of the loss route: it keeps
-    the fused LM head's inputs (hidden states, weight, bias, labels, temperature, softcap, scale) and
-    returns zeros, so the backbone runs once, under TRL's own forward, and the head's work is ours."""
+    what the loss needs of the fused LM head's inputs (hidden states, temperature, softcap, scale;
+    the weight is read again inside lm_head's forward) and returns zeros, so the backbone runs once,
+    under TRL's own forward, and the head's work is ours."""
 
     captured = None
 
     @classmethod
     def apply(cls, hidden, weight, bias, labels, temperature, chunk_size, final_logit_softcapping, logit_scale,
               outputs=("log_probs",)):
-        cls.captured = (hidden, weight, bias, labels, temperature, final_logit_softcapping, logit_scale)
+        cls.captured = (hidden, temperature, final_logit_softcapping, logit_scale)
         zeros = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
         return zeros, (zeros if "entropy" in outputs else None), None, None, None
 
@@ -215,7 +216,7 @@ def _capture_head_inputs(trainer, forward, inputs):
                                                    torch.cat([prompt_mask, completion_mask], 1), keep)
     finally:
         trl_utils._ChunkedLogProbFunction = head
-    hidden, _weight, _bias, _labels, temperature, softcap, scale = _CaptureHead.captured
+    hidden, temperature, softcap, scale = _CaptureHead.captured
     _CaptureHead.captured = None
     if hidden.shape[0] == batch * (prompt_ids.shape[1] + keep - 1):         # every position scored
         hidden = hidden.view(batch, -1, hidden.shape[-1])[:, -keep:]
