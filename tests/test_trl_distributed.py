@@ -70,14 +70,15 @@ def _run(name: str, route: str, tmp_path_factory) -> dict:
     return _done[key]
 
 
-def _assert_equal_runs(ours: dict, plain: dict, atol: float, rtol: float = 0.0):
+def _assert_equal_runs(ours: dict, plain: dict, atol: float):
     """The same generations and logged losses, every parameter within the tolerance, and a training that
     moved the parameters by far more than it (so that equal does not mean untouched)."""
     assert ours["generated"] == plain["generated"], "the generations must be identical"
     assert [r["loss"] for r in ours["rows"]] == pytest.approx([r["loss"] for r in plain["rows"]], abs=1e-6)
     assert ours["parameters"].keys() == plain["parameters"].keys()
     for name, value in plain["parameters"].items():
-        torch.testing.assert_close(ours["parameters"][name], value, atol=atol, rtol=rtol, msg=name)
+        torch.testing.assert_close(ours["parameters"][name], value, atol=atol, rtol=0.0,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
     moved = max((plain["parameters"][n] - p).abs().max().item() for n, p in plain["initial"].items())
     assert moved > 1e-2, moved
     lm_head = "model.embed_tokens.weight" if "lm_head.weight" not in plain["parameters"] else "lm_head.weight"
@@ -110,11 +111,23 @@ def test_patched_trl_equals_plain_trl_in_fp32(name, route, tmp_path_factory):
 @pytest.mark.parametrize("name", ["zero3-bf16", "fsdp2-bf16"])
 def test_patched_trl_equals_plain_trl_in_bf16(name, tmp_path_factory):
     """bf16 under ZeRO-3 (DeepSpeed's bf16: bf16 parameters, fp32 master weights) and FSDP2 (accelerate's
-    bf16 MixedPrecisionPolicy). Plain TRL repeats itself bitwise, and so do we here (measured: equal to
-    the bit under both); the tolerance is one bf16 rounding step (2^-8 relative), what a machine whose
-    fp32 sums round differently may show."""
+    bf16 MixedPrecisionPolicy): ours is as close to the fp32 run as plain TRL's bf16 run is, and the two
+    bf16 runs differ by less than bf16's own error. Not bitwise: where the CPU has bf16 dot products
+    (AVX512-BF16), TRL's bf16 lm_head product rounds differently from ours (fp32 accumulation), one bf16
+    step of a gradient here and there (measured on a 2-core AMD EPYC with AVX512-BF16: 2.4e-4 after two
+    steps at lr 0.5, against 8.7e-3 between plain bf16 and fp32; bitwise equal on a CPU without it)."""
     plain, ours = _run(name, "plain", tmp_path_factory), _run(name, "loss", tmp_path_factory)
-    _assert_equal_runs(ours, plain, atol=1e-6, rtol=2 ** -8)
+    fp32 = _run(name.removesuffix("-bf16"), "plain", tmp_path_factory)
+    assert ours["generated"] == plain["generated"], "the generations must be identical"
+    assert [r["loss"] for r in ours["rows"]] == pytest.approx([r["loss"] for r in plain["rows"]], abs=1e-5)
+    for param, reference in fp32["parameters"].items():
+        bf16_error = (plain["parameters"][param] - reference).abs().max().item()
+        ours_error = (ours["parameters"][param] - reference).abs().max().item()
+        difference = (ours["parameters"][param] - plain["parameters"][param]).abs().max().item()
+        assert ours_error <= 1.1 * bf16_error + 1e-7, (param, ours_error, bf16_error)
+        assert difference <= bf16_error + 1e-7, (param, difference, bf16_error)
+    assert max((plain["parameters"][n] - fp32["parameters"][n]).abs().max().item()
+               for n in fp32["parameters"]) > 1e-3, "the bf16 run must differ from the fp32 one"
 
 
 def test_every_engine_trains_the_same(tmp_path_factory):
