@@ -26,6 +26,7 @@ import warnings
 import torch
 
 
+from r1kernels.integrations._forward import call_as_forward
 from r1kernels.logprobs import linear_token_logprobs
 
 # TRL releases whose fused-LM-head entry points (trl.trainer.utils._ChunkedLogProbFunction, used by
@@ -175,32 +176,6 @@ def _log_metrics(trainer, ours: dict, mask, policy_scale: float, mode: str) -> N
             metrics[name].append(reduce(column).item() if column.numel() else float("nan"))
 
 
-def _call_as_forward(wrapper, module, method, *args):
-    """``method(*args)`` run as ``module``'s forward, called through ``wrapper`` (the engine's module
-    around ``module``, or ``module`` itself): the engine's hooks run around it as around any forward.
-    DeepSpeed ZeRO-3 gathers the parameters the module reads and arms their gathering for the
-    backward; FSDP2 unshards the module's unit, reshards it after, and unshards it again for the
-    backward before reduce-scattering its gradients; DDP prepares its reducer for what it returns.
-    ``method`` may call the module's own forward (restored before ``method`` runs)."""
-    own = module.__dict__.get("forward")          # an instance attribute (TRL's fused head), or None
-
-    def restore():
-        if own is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = own
-
-    def redirected(*call_args):
-        restore()
-        return method(*call_args)
-
-    module.forward = redirected
-    try:
-        return wrapper(*args)
-    finally:
-        restore()
-
-
 def _capture_head_inputs(trainer, forward, inputs):
     """The fused LM head's inputs for this batch, from TRL's own forward (``forward``: the model's
     forward, called without the engine's hooks since we run inside them): the backbone's hidden
@@ -232,7 +207,7 @@ def _fused_compute_loss(trainer, model, inputs):
     inputs, gradient-accumulation scaling, autocast and logged metrics.
 
     It runs inside the engine-wrapped model's forward, and the lm_head's part inside the lm_head
-    module's own forward (``_call_as_forward``), so that whatever the engine does around a forward
+    module's own forward (``call_as_forward``), so that whatever the engine does around a forward
     (ZeRO-3's gathers, FSDP2's unshard and reshard, for the loss and for its backward) covers the
     weight the loss reads: after the model's forward has returned, that weight may be released."""
     from r1kernels.grpo import LOSS_TYPES, linear_grpo_loss
@@ -282,9 +257,9 @@ def _fused_compute_loss(trainer, model, inputs):
                                        deterministic=_R1KernelsLogProbs.deterministic, **options, **per_call)
             return out.loss, out.metrics
 
-        return _call_as_forward(lm_head, lm_head, inside_lm_head_forward, hidden)
+        return call_as_forward(lm_head, lm_head, inside_lm_head_forward, hidden)
 
-    result = _call_as_forward(model, unwrapped, inside_model_forward)
+    result = call_as_forward(model, unwrapped, inside_model_forward)
     if result is None:                     # softcapped or unscaled logits: TRL's own loss
         return _original_compute_loss(trainer, model, inputs)
     loss, metrics = result
