@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ["logprobs", "linear", "grpo", "advantages", "attention", "train"]
+BENCHMARKS = ["logprobs", "linear", "grpo", "advantages", "attention", "train", "verl"]
 
 
 def main(argv=None) -> int:
