@@ -306,7 +306,69 @@ def test_rloo_estimator_equals_verl():
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0.0)
 
 
+def test_a_response_alone_in_its_group_gets_no_advantage():
+    """No baseline to compare it with: 0, as TRL; verl's own grpo gives it its raw score."""
+    rewards, mask = torch.tensor([[0.0, 2.0], [0.0, 1.0], [0.0, 3.0]]), torch.ones(3, 2)
+    uids = np.array(["alone", "pair", "pair"], dtype=object)
+    ours, _ = core_algos.get_adv_estimator_fn("r1k_grpo")(token_level_rewards=rewards, response_mask=mask,
+                                                          index=uids, config=None)
+    theirs, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, uids)
+    assert ours[0].abs().max() == 0 and theirs[0, 0] > 1.9
+    torch.testing.assert_close(ours[1:], theirs[1:], atol=1e-3, rtol=0.0)    # eps 1e-4 against verl's 1e-6
+
+
 def test_version_outside_the_supported_range_raises():
     with pytest.raises(RuntimeError, match="supports verl"):
         r1k_verl._check_version("0.8.0")
     r1k_verl._check_version("0.9.1")
+
+
+def test_bias_corrected_kl_in_verl_ppo_loss():
+    """kl_loss_type=r1k_k3_bias_corrected through verl's own ppo_loss (policy r1k_bnpo, token-mean KL
+    aggregation): TRL's loss with beta and use_bias_correction_kl, value and gradient, to float64 rounding."""
+    from verl import DataProto
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils import losses
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    g = torch.Generator().manual_seed(3)
+    batch, prompt, response = 4, 3, 5
+    lengths = torch.tensor([5, 1, 3, 4])
+    mask = torch.arange(response)[None, :] < lengths[:, None]
+    attention = torch.cat([torch.ones(batch, prompt, dtype=torch.long), mask.long()], 1)
+    ids = torch.randint(0, 50, (batch, prompt + response), generator=g)
+    logp = -torch.rand(batch, response, generator=g, dtype=torch.float64) * 2 * mask
+    old = (logp + 0.2 * torch.randn(batch, response, generator=g, dtype=torch.float64)) * mask
+    ref = (logp + 0.3 * torch.randn(batch, response, generator=g, dtype=torch.float64)) * mask
+    adv = torch.randn(batch, 1, generator=g, dtype=torch.float64).expand(batch, response) * mask
+    data = DataProto.from_single_dict({
+        "input_ids": ids, "prompts": ids[:, :prompt], "responses": ids[:, prompt:], "attention_mask": attention,
+        "position_ids": attention.cumsum(1) - 1, "response_mask": mask.long(), "old_log_probs": old,
+        "advantages": adv.contiguous(), "ref_log_prob": ref})
+    data = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=batch)
+    # the model's log-probs over each whole packed sequence; ppo_loss slices the responses out (shifted by one)
+    ends = (prompt + lengths).cumsum(0)
+    values = torch.zeros(int(ends[-1]), dtype=torch.float64)
+    for b in range(batch):
+        start = int(ends[b]) - int(lengths[b]) - 1
+        values[start:start + int(lengths[b])] = logp[b, :int(lengths[b])]
+    values.requires_grad_(True)
+    model_log_probs = torch.nested.nested_tensor_from_jagged(values, torch.cat([torch.zeros(1), ends]).long())
+    beta = 0.05
+    config = _actor(use_kl_loss=True, kl_loss_coef=beta, kl_loss_type=r1k_verl.BIAS_CORRECTED_KL,
+                    entropy_coeff=0.0, policy_loss={"loss_mode": "r1k_bnpo"})
+    loss, metrics = losses.ppo_loss(config, {"log_probs": model_log_probs}, data)
+    (grad,) = torch.autograd.grad(loss, values)
+    x = logp.clone().requires_grad_(True)
+    reference = grpo_loss_ref(x, adv, mask.double(), old, ref, loss_type="bnpo", beta=beta, epsilon_low=0.2,
+                              epsilon_high=0.28, use_bias_correction_kl=True)
+    (reference_grad,) = torch.autograd.grad(reference, x)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-12)
+    sliced = torch.stack([torch.cat([grad[int(ends[b]) - int(lengths[b]) - 1:int(ends[b]) - 1],
+                                     grad.new_zeros(response - int(lengths[b]))]) for b in range(batch)])
+    torch.testing.assert_close(sliced, reference_grad, atol=1e-12, rtol=0.0)
+    assert metrics["kl_loss"].aggregate() > 1e-3
+    uncorrected = grpo_loss_ref(logp, adv, mask.double(), old, ref, loss_type="bnpo", beta=beta, epsilon_low=0.2,
+                                epsilon_high=0.28, use_bias_correction_kl=False)
+    assert abs(uncorrected.item() - reference.item()) > 1e-5, "the correction must change the loss here"

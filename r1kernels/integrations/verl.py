@@ -17,6 +17,8 @@ What the import does (once per process):
    per TRL loss type (``r1k_grpo``, ``r1k_bnpo``, ``r1k_dr_grpo``, ``r1k_dapo``, ``r1k_cispo``,
    ``r1k_sapo``, ``r1k_luspo``, ``r1k_vespo``) plus ``r1k_gspo``, computed by ``policy_loss`` and
    normalised over verl's global batch (``verl_normaliser``). ``register_policy_loss`` adds others.
+   ``actor.kl_loss_type=r1k_k3_bias_corrected`` is TRL's KL term (k3 times the importance ratio,
+   ``use_bias_correction_kl``) for verl's KL loss.
 3. **Grouped advantages** as verl estimators (``algorithm.adv_estimator``): ``r1k_grpo`` (scaled by the
    group's std unless ``algorithm.norm_adv_by_std_in_grpo=false``) and ``r1k_rloo``, by
    ``group_advantages`` over the prompts' ``uid`` groups.
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from r1kernels.advantages import group_advantages
-from r1kernels.grpo import LOSS_TYPES, check_options, loss_normaliser, policy_loss
+from r1kernels.grpo import LOSS_TYPES, _kl, check_options, loss_normaliser, policy_loss
 from r1kernels.integrations import transformers as _hf
 from r1kernels.integrations._forward import call_as_forward
 from r1kernels.logprobs import linear_token_logprobs
@@ -207,6 +209,46 @@ def register_policy_loss(name: str, **options):
     return core_algos.register_policy_loss(name)(make_policy_loss(**options))
 
 
+# TRL's KL term with use_bias_correction_kl (its default): k3(ref, logp) times the importance ratio
+# exp(logp - old), the ratio's gradient included (unbiased off-policy, DeepSeek-V3.2). verl adds its KL
+# loss in ppo_loss from (log_prob, ref_log_prob) alone; the old log-probs of the same micro-batch are
+# those its policy-loss call just received, remembered here.
+BIAS_CORRECTED_KL = "r1k_k3_bias_corrected"
+_POLICY_INPUTS = contextvars.ContextVar("r1kernels_verl_policy_inputs", default=None)
+
+
+def _remembering_policy_inputs(get_policy_loss_fn):
+    """verl's ``get_policy_loss_fn``, whose functions remember (old_log_prob, log_prob) of their call."""
+    @functools.wraps(get_policy_loss_fn)
+    def get_remembering(name):
+        loss_fn = get_policy_loss_fn(name)
+
+        @functools.wraps(loss_fn)
+        def remembering(*args, **kwargs):
+            _POLICY_INPUTS.set((kwargs.get("old_log_prob"), kwargs.get("log_prob")))
+            return loss_fn(*args, **kwargs)
+
+        return remembering
+
+    return get_remembering
+
+
+def _with_bias_corrected_kl(kl_penalty):
+    """verl's ``kl_penalty`` (logprob, ref_logprob, kl_penalty=type), with BIAS_CORRECTED_KL added."""
+    @functools.wraps(kl_penalty)
+    def kl_penalty_with_ours(logprob, ref_logprob, kl_penalty):
+        if kl_penalty != BIAS_CORRECTED_KL:
+            return verl_kl_penalty(logprob, ref_logprob, kl_penalty)
+        old, current = _POLICY_INPUTS.get() or (None, None)
+        if current is not logprob or old is None:
+            raise RuntimeError(f"kl_loss_type={BIAS_CORRECTED_KL} needs the old log-probs of the same micro-batch, "
+                               "which verl's ppo_loss hands its policy loss just before; this call came elsewhere")
+        return _kl("k3", logprob, ref_logprob) * torch.exp(logprob - old)
+
+    verl_kl_penalty = kl_penalty
+    return kl_penalty_with_ours
+
+
 # ---------------------------------------------------------------- 3. advantages
 
 
@@ -257,6 +299,7 @@ def _activate() -> None:
     from verl.models.transformers import monkey_patch
     from verl.trainer.ppo import core_algos
     from verl.utils.experimental import torch_functional
+    from verl.workers.utils import losses
 
     torch_functional.FusedLinearForPPO = FusedLinearForPPO
     try:
@@ -268,6 +311,9 @@ def _activate() -> None:
     if not getattr(monkey_patch.patch_forward_with_backends, "__wrapped__", None):
         monkey_patch.patch_forward_with_backends = _patching_forward_with_backends(
             monkey_patch.patch_forward_with_backends)
+    if not getattr(losses.kl_penalty, "__wrapped__", None):    # ppo_loss looks both up in its module
+        losses.kl_penalty = _with_bias_corrected_kl(losses.kl_penalty)
+        losses.get_policy_loss_fn = _remembering_policy_inputs(losses.get_policy_loss_fn)
     for name, options in POLICY_LOSSES.items():
         register_policy_loss(name, **options)
     for name, estimator in ADVANTAGE_ESTIMATORS.items():
