@@ -64,9 +64,11 @@ def _assert_same_run(ours: dict, reference: dict, atol: float = 1e-5):
     """Log-probs and entropy on the response tokens, the loss terms verl logs, the gradient norm within
     atol; every parameter after the SGD step (lr 0.1) within atol / 10, and moved by far more."""
     mask = reference["response_mask"].bool()
-    for key in ("log_probs", "entropy"):
+    assert (ours["entropy"] is None) == (reference["entropy"] is None)
+    for key in ("log_probs", "entropy") if reference["entropy"] is not None else ("log_probs",):
         assert (ours[key] - reference[key])[mask].abs().max().item() <= atol, key
-    for key in ("actor/pg_loss", "actor/entropy_loss"):
+    assert ("actor/entropy_loss" in ours["metrics"]) == ("actor/entropy_loss" in reference["metrics"])
+    for key in {"actor/pg_loss", "actor/entropy_loss"} & reference["metrics"].keys():
         assert ours["metrics"][key] == pytest.approx(reference["metrics"][key], abs=atol), key
     assert ours["grad_norm"] == pytest.approx(reference["grad_norm"], abs=atol)
     for name, value in reference["parameters"].items():
@@ -85,6 +87,14 @@ def test_fused_kernels_with_ours_equal_verl_eager_path(tied):
     ours, eager = _run(OURS + tie), _run(EAGER + tie)
     assert eager["lm_head_type"] == "DTensor"
     assert eager["temperature"] != 1.0
+    _assert_same_run(ours, eager)
+
+
+def test_no_entropy_asked():
+    """calculate_entropy=False (no entropy bonus): the entropy output is unused, its incoming gradient None;
+    the update still equals verl's eager path."""
+    ours, eager = _run(OURS + ("--no-entropy",)), _run(EAGER + ("--no-entropy",))
+    assert "actor/entropy_loss" not in eager["metrics"]
     _assert_same_run(ours, eager)
 
 

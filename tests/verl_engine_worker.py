@@ -8,7 +8,7 @@ set before verl.workers.engine is imported (the engine registers itself for "cud
 
     python tests/verl_engine_worker.py OUT [--fused] [--backend torch|triton|liger] [--ours] [--tied]
         [--bf16] [--rmpad] [--attn sdpa|r1kernels] [--loss-mode vanilla] [--loss-agg-mode token-mean]
-        [--entropy-coeff 0.01]
+        [--entropy-coeff 0.01] [--no-entropy]
 """
 import argparse
 import os
@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--loss-mode", default="vanilla")
     parser.add_argument("--loss-agg-mode", default="token-mean")
     parser.add_argument("--entropy-coeff", type=float, default=0.01)
+    parser.add_argument("--no-entropy", action="store_true", help="calculate_entropy=False (no entropy bonus)")
     args = parser.parse_args()
 
     platform_manager.set_platform(CPUPlatform())
@@ -146,7 +147,8 @@ def main():
             meta_info={"temperature": TEMPERATURE})
         data = left_right_2_no_padding(data.to_tensordict())
         tu.assign_non_tensor(data, use_remove_padding=args.rmpad, use_dynamic_bsz=False,
-                             micro_batch_size_per_gpu=micro, use_fused_kernels=args.fused, calculate_entropy=True,
+                             micro_batch_size_per_gpu=micro, use_fused_kernels=args.fused,
+                             calculate_entropy=not args.no_entropy,
                              global_batch_size=batch)
         return data
 
@@ -154,7 +156,7 @@ def main():
     with engine.eval_mode():
         output = engine.infer_batch(data, loss_function=None)["model_output"]
     log_probs = no_padding_2_padding(output["log_probs"], data).float()
-    entropy = no_padding_2_padding(output["entropy"], data).float()
+    entropy = None if args.no_entropy else no_padding_2_padding(output["entropy"], data).float()
 
     old = torch.zeros(batch, RESPONSE)
     old[rows] = log_probs.detach()
