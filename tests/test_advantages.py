@@ -243,6 +243,10 @@ def test_expand_to_tokens():
                        torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]]))
     with pytest.raises(ValueError, match="exactly one"):
         r1kernels.expand_to_tokens(adv)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor, got list"):    # was AttributeError
+        r1kernels.expand_to_tokens(adv, cu_seqlens=[0, 2, 2, 5])
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor, got list"):
+        r1kernels.expand_to_tokens(adv, mask=[[1, 1, 0], [0, 0, 0], [1, 1, 1]])
 
 
 @pytest.mark.parametrize("kwargs, error, words", [

@@ -111,6 +111,27 @@ def test_metrics_match_their_definitions():
     assert low.item() > 0 and high.item() > 0, "the batch must exercise both clip sides"
 
 
+def test_grpo_loss_names_a_mask_of_the_wrong_shape():
+    """Before: torch's broadcast error from inside the loss (policy_loss checked it, grpo_loss did not)."""
+    with pytest.raises(ValueError, match="mask must have the targets' shape"):
+        r1kernels.grpo_loss(torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3)), torch.randn(2),
+                            torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("route", ["policy_loss", "linear_grpo_loss"])
+def test_ratio_extremes_are_nan_when_every_token_is_masked(route):
+    """No token, no extreme: NaN, not float32's max as a sentinel (3.4e38, before); the means stay 0."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 8), torch.randn(11, 8)
+    targets, mask, adv = torch.randint(0, 11, (2, 3)), torch.zeros(2, 3, dtype=torch.bool), torch.randn(2)
+    if route == "policy_loss":
+        out = r1kernels.policy_loss(torch.randn(2, 3), adv, mask)
+    else:
+        out = r1kernels.linear_grpo_loss(hidden, weight, targets.masked_fill(~mask, -100), adv, mask)
+    assert out.metrics["ratio_min"].isnan() and out.metrics["ratio_max"].isnan()
+    assert out.metrics["ratio_mean"].item() == 0.0 and out.loss.item() == 0.0
+
+
 def test_packed_length_one_sequences():
     n = 7
     lp = -torch.rand(n, dtype=torch.float64, requires_grad=True)

@@ -1,6 +1,8 @@
 """linear_token_logprobs (fused lm_head) against the float64 reference, plus its promises:
 no [tokens, vocab] buffer, determinism and batch invariance, compile-ability; its property test, bad and
 empty input on every backend, and its GPU checks at real sizes (``cuda``-marked)."""
+import math
+
 import pytest
 import torch
 from conftest import TOL, assert_close_scaled, autocast_grad_errors, cpu_backends, exact_backends
@@ -390,3 +392,26 @@ def test_linear_token_logprobs_autocast_precision(backend):
     if trl is None:
         pytest.skip(f"TRL is not installed (ours: {ours})")
     assert all(o <= t * 1.05 for o, t in zip(ours, trl)), (ours, trl)
+
+
+def test_hidden_size_zero_gives_the_log_probs_of_the_bias_alone():
+    """H = 0: hidden @ weight.T is all zeros, so the logits are the bias (uniform without one); before, a
+    reshape failed. Log-probs, entropy and the bias's gradient against float64."""
+    hidden = torch.randn(2, 3, 0, requires_grad=True)
+    weight = torch.randn(5, 0, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64).float().requires_grad_(True)
+    targets = torch.tensor([[0, 1, -100], [4, 2, 3]])
+    logp, entropy = r1kernels.linear_token_logprobs(hidden, weight, targets, bias, temperature=0.5,
+                                                    return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    b = bias.detach().double().requires_grad_(True)
+    log_softmax = torch.log_softmax(b / 0.5, -1)
+    ref_logp = torch.where(targets == -100, 0.0, log_softmax[targets.clamp(min=0)])
+    ref_entropy = torch.where(targets == -100, 0.0, -(log_softmax.exp() * log_softmax).sum())   # masked: 0
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy.double(), ref_entropy.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias.grad.double(), b.grad, atol=1e-5, rtol=0)
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+    uniform = r1kernels.linear_token_logprobs(hidden, weight, targets)
+    assert torch.allclose(uniform[targets != -100], torch.tensor(-math.log(5.0)))

@@ -192,10 +192,10 @@ def expand_to_tokens(advantages: Tensor, cu_seqlens: Optional[Tensor] = None, ma
     if advantages.dim() != 1:
         raise ValueError(f"advantages must be [S], got shape {tuple(advantages.shape)}")
     if mask is not None:
-        if mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
+        if _checks.tensor("mask", mask).dim() != 2 or mask.shape[0] != advantages.shape[0]:
             raise ValueError(f"mask must be [B, T] with B = {advantages.shape[0]}, got {tuple(mask.shape)}")
         return advantages[:, None] * mask.to(advantages.dtype)
-    if cu_seqlens.shape != (advantages.shape[0] + 1,):
+    if _checks.tensor("cu_seqlens", cu_seqlens).shape != (advantages.shape[0] + 1,):
         raise ValueError(f"cu_seqlens must have shape [S+1] = ({advantages.shape[0] + 1},), "
                          f"got {tuple(cu_seqlens.shape)}")
     total = int(cu_seqlens[-1]) if total_tokens is None else total_tokens

@@ -281,7 +281,8 @@ def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
     """Masked token means (0-d tensors, no host sync), as TRL logs them: with a sequence-level ratio
     (GSPO), the clip fractions are means over the batch's sequences. Also TRL's per-sequence extremes
     of the clip fractions (``clip_ratio_low_min``, ``clip_ratio_high_max``: over the sequences with a
-    token, or every sequence at sequence level; NaN when none), ``policy_loss`` (the loss before the
+    token, or every sequence at sequence level; NaN when none), ``ratio_min`` / ``ratio_max`` over the
+    unmasked tokens (NaN when none), ``policy_loss`` (the loss before the
     entropy bonus) and, for a loss type with a per-sequence weight (vespo's phi), its mean over the
     sequences (an empty one's weight is phi(w = 1) = 1)."""
     m = t.m
@@ -299,26 +300,24 @@ def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
             return mean(x)
         return (per_seq(x) if x_per_seq is None else x_per_seq).sum().float() / max(t.layout.num_seqs, 1)
 
-    def seq_extreme(values, reduce, empty):
-        """min / max of per-sequence values over the sequences (those with a token, at token level); NaN
-        when there are none. No boolean indexing, which would make shapes depend on the data under compile."""
-        values = values.float()
+    def extreme(values, counted, reduce):
+        """min or max of ``values`` where ``counted``; NaN where none is (never a sentinel such as 3.4e38).
+        No boolean indexing, which would make shapes depend on the data under compile."""
         if not values.numel():
-            return m.new_full((), float("nan"), dtype=torch.float32)
-        counted = torch.ones_like(values, dtype=torch.bool) if sequence_level else t.tokens_per_seq > 0
+            return values.new_full((), float("nan"))
+        empty = float("inf") if reduce is torch.min else -float("inf")
         return torch.where(counted.any(), reduce(torch.where(counted, values, empty)), float("nan"))
 
-    big = torch.finfo(ratio.dtype).max
-    on = m > 0
+    # per-sequence clip extremes over the sequences with a token (every sequence at sequence level)
+    seq_counted = torch.ones_like(t.tokens_per_seq, dtype=torch.bool) if sequence_level else t.tokens_per_seq > 0
     low_per_seq, high_per_seq = per_seq(low), per_seq(high)
     metrics = dict(
         clip_ratio_low=clip_mean(low, low_per_seq), clip_ratio_high=clip_mean(high, high_per_seq),
         clip_ratio_region=clip_mean(low | high),
-        clip_ratio_low_min=seq_extreme(low_per_seq, torch.min, float("inf")),
-        clip_ratio_high_max=seq_extreme(high_per_seq, torch.max, -float("inf")),
+        clip_ratio_low_min=extreme(low_per_seq.float(), seq_counted, torch.min),
+        clip_ratio_high_max=extreme(high_per_seq.float(), seq_counted, torch.max),
         ratio_mean=mean(ratio),
-        ratio_min=torch.where(on, ratio, big).min() if ratio.numel() else ratio.new_zeros(()),
-        ratio_max=torch.where(on, ratio, -big).max() if ratio.numel() else ratio.new_zeros(()),
+        ratio_min=extreme(ratio, m > 0, torch.min), ratio_max=extreme(ratio, m > 0, torch.max),
         policy_loss=policy.detach().float(),
     )
     if kl is not None:
@@ -332,9 +331,14 @@ def _metrics(t: _Terms, ratio, low, high, kl, ent, policy) -> dict:
 
 
 def _mask_from_targets(targets: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Tokens with target -100 are masked too, whatever ``mask`` says."""
+    """Tokens with target -100 are masked too, whatever ``mask`` says (which must have targets' shape:
+    a broadcast would silently mask other tokens, or fail with torch's message)."""
     valid = targets != constants.IGNORE_INDEX
-    return valid if mask is None else mask.to(torch.bool) & valid
+    if mask is None:
+        return valid
+    if _checks.tensor("mask", mask).shape != targets.shape:
+        raise ValueError(f"mask must have the targets' shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    return mask.to(torch.bool) & valid
 
 
 def grpo_loss(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Optional[Tensor] = None, *,

@@ -271,6 +271,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
     cast = _autocast_dtype(hidden)
     hidden_2d, weight_2d, targets_1d, inv_temperature, backend, deterministic = _linear_inputs(
         hidden, weight, targets, bias, temperature, deterministic, cast)
+    if hidden.shape[-1] == 0:   # no features: the logits are the bias alone (zeros without one), [N, V] is all
+        return token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature, return_entropy)
     with _autocast_off(hidden):
         logp, entropy = _LinearTokenLogprobs.apply(hidden_2d, weight_2d, bias, targets_1d, inv_temperature,
                                                    backend, deterministic, cast)
@@ -323,7 +325,7 @@ def _linear_inputs(hidden, weight, targets, bias, temperature, deterministic, co
     _checks.backend_dtype("linear_logprobs", backend, "hidden", hidden)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+    hidden_2d = hidden.reshape(targets.numel(), hidden.shape[-1])     # not -1: H may be 0
     hidden_2d, weight = unit_stride(hidden_2d), unit_stride(weight)
     return hidden_2d, weight, targets.reshape(-1), inv_temperature, backend, bool(deterministic)
 
