@@ -144,6 +144,48 @@ def test_packed_length_one_sequences():
     assert_close_scaled(out.loss, ref, 1e-12)
 
 
+@pytest.mark.parametrize("route", ["policy_loss", "linear_grpo_loss"])
+def test_packed_batch_with_as_many_tokens_as_sequences(route):
+    """Lengths (2, 0, 1): 3 tokens, 3 sequences, so shape cannot say what advantages [3] are. Before, both
+    readings were refused, and the advice (expand_to_tokens) gave the same shape and the same error;
+    per_sequence says which, and each reading equals the float64 reference of the padded batch."""
+    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32)
+    per_seq = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64)
+    per_token = r1kernels.expand_to_tokens(per_seq, cu)                       # [0.7, 0.7, 0.4]
+    old = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    padded_mask = torch.tensor([[1, 1], [0, 0], [1, 0]], dtype=torch.bool)
+    torch.manual_seed(0)
+    hidden, weight, targets = torch.randn(3, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), \
+        torch.tensor([1, 5, 2])
+
+    def loss(adv, per_sequence):
+        x = hidden.clone().requires_grad_(True)
+        if route == "policy_loss":
+            lp = r1kernels.linear_token_logprobs(x, weight, targets)
+            out = r1kernels.policy_loss(lp, adv, cu_seqlens=cu, old_logprobs=old, per_sequence=per_sequence)
+        else:
+            out = r1kernels.linear_grpo_loss(x, weight, targets, adv, cu_seqlens=cu, old_logprobs=old,
+                                             per_sequence=per_sequence)
+        out.loss.backward()
+        return out.loss.detach(), x.grad
+
+    x = hidden.clone().requires_grad_(True)
+    lp = torch.log_softmax(x @ weight.T, -1).gather(-1, targets[:, None])[:, 0]
+
+    def padded(v):      # the packed [3] as rows of lengths 2, 0, 1
+        return torch.stack([v[0:2], v.new_zeros(2), torch.cat([v[2:3], v.new_zeros(1)])])
+
+    reference = grpo_loss_ref(padded(lp), per_seq, padded_mask, padded(old))
+    reference.backward()
+    for adv, per_sequence in ((per_seq, True), (per_token, False)):
+        value, grad = loss(adv, per_sequence)
+        assert_close_scaled(value, reference.detach(), 1e-12)
+        torch.testing.assert_close(grad, x.grad, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="say which with per_sequence"):
+        loss(per_seq, None)
+    assert x.grad.abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
 @pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
 def test_grpo_loss_from_logits_gradients(loss_type, backend):
@@ -444,7 +486,12 @@ INVALID = [
      ValueError, "num_items_in_batch"),
     ("per-token or per-sequence advantages", lambda: r1kernels.policy_loss(
         torch.randn(3), torch.randn(3), cu_seqlens=torch.tensor([0, 2, 2, 3], dtype=torch.int32)),
-     ValueError, "advantages has 3 values"),
+     ValueError, "advantages has 3 values.*say which with per_sequence"),
+    ("per_sequence given, wrong shape", lambda: r1kernels.policy_loss(
+        torch.randn(3), torch.randn(2), cu_seqlens=torch.tensor([0, 2, 2, 3], dtype=torch.int32), per_sequence=False),
+     ValueError, r"advantages must have shape \(3,\) with per_sequence=False"),
+    ("per_sequence not a bool", lambda: r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), per_sequence="yes"),
+     TypeError, "per_sequence must be True, False or None"),
 ]
 
 

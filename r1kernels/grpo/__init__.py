@@ -63,18 +63,27 @@ class _Layout:
             return x.view(self.shape).sum(1)             # (B, T) spelled out: B = 0 leaves -1 undefined
         return torch.zeros(self.num_seqs, dtype=x.dtype, device=x.device).index_add(0, self.seq_ids, x)
 
-    def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False) -> Optional[Tensor]:
-        """A per-token input flattened to [N]; per-sequence ([S]) inputs broadcast when allowed."""
+    def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False,
+                  per_sequence: Optional[bool] = None) -> Optional[Tensor]:
+        """A per-token input flattened to [N]; per-sequence ([S]) inputs broadcast when allowed.
+        ``per_sequence`` says which the input is (None: told by its shape, which cannot tell a packed
+        batch with as many tokens as sequences)."""
         if x is None:
             return None
         _checks.tensor(name, x)
+        if allow_per_seq and per_sequence is not None:
+            expected = (self.num_seqs,) if per_sequence else self.shape
+            if tuple(x.shape) != expected:
+                raise ValueError(f"{name} must have shape {expected} with per_sequence={per_sequence}, "
+                                 f"got {tuple(x.shape)}")
+            return x[self.seq_ids] if per_sequence else x.reshape(-1)
         if tuple(x.shape) == self.shape:
             if allow_per_seq and not self.padded and self.shape == (self.num_seqs,) and not bool(
                     (self.seq_ids == torch.arange(self.num_seqs, device=self.seq_ids.device)).all()):
                 # as many tokens as sequences, some of them empty: [S] and [N] cannot be told apart
                 raise ValueError(f"{name} has {self.num_seqs} values, both the number of tokens and of sequences "
-                                 "(some sequences are empty), so it could be per-token or per-sequence; give "
-                                 "per-token values, e.g. expand_to_tokens(advantages, cu_seqlens)")
+                                 "(some sequences are empty), so it could be per-token or per-sequence: say which "
+                                 "with per_sequence=True (a value per sequence) or per_sequence=False (per token)")
             return x.reshape(-1)
         if allow_per_seq and tuple(x.shape) == (self.num_seqs,):
             return x[self.seq_ids]
@@ -136,15 +145,18 @@ class _Terms:
 
 
 def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
-             acc: torch.dtype, options: LossOptions, sampling_logprobs: Optional[Tensor] = None) -> _Terms:
+             acc: torch.dtype, options: LossOptions, sampling_logprobs: Optional[Tensor] = None,
+             per_sequence: Optional[bool] = None) -> _Terms:
     """Validation and flattening shared by policy_loss and the one-pass fused loss."""
     _checks.floating("advantages", advantages)
+    if per_sequence is not None and not isinstance(per_sequence, bool):
+        raise TypeError(f"per_sequence must be True, False or None, got {per_sequence!r}")
     options.validate(has_ref=ref_logprobs is not None)
     layout = _layout(shape_like, mask, cu_seqlens)
-    adv = layout.per_token("advantages", advantages, allow_per_seq=True).to(acc)
+    adv = layout.per_token("advantages", advantages, allow_per_seq=True, per_sequence=per_sequence).to(acc)
     old = layout.per_token("old_logprobs", old_logprobs)
     ref = layout.per_token("ref_logprobs", ref_logprobs)
-    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True)
+    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True, per_sequence=per_sequence)
     sampling = layout.per_token("sampling_logprobs", sampling_logprobs)
     m = layout.mask.to(acc)
     return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
@@ -225,13 +237,16 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
                 old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
                 entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
                 is_ratio: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
-                **options) -> GRPOLossOutput:
+                per_sequence: Optional[bool] = None, **options) -> GRPOLossOutput:
     """The GRPO-family loss on per-token log-probs (see the module docstring for the formulas).
 
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
     or packed ``logprobs [N]`` with ``cu_seqlens [S+1]`` (int32, flash-attn convention; zero-length
     sequences allowed), optional ``mask [N]``, ``advantages [S]`` or ``[N]``. ``old_logprobs``,
     ``ref_logprobs``, ``entropy`` take the logprobs' shape; ``is_ratio`` that shape or one per sequence.
+    ``per_sequence`` (True / False) says whether ``advantages`` and ``is_ratio`` hold a value per sequence
+    or per token; None tells by shape, which a packed batch with as many tokens as sequences (some empty)
+    cannot, and then raises.
 
     ``old_logprobs=None`` is on-policy (ratio 1, gradient still flows). ``epsilon_low`` defaults
     to 0.2 and ``epsilon_high`` to ``epsilon_low`` for the clipped types; cispo needs ``epsilon_high``
@@ -245,7 +260,7 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     opts = loss_options("policy_loss", options)
     acc = accumulation_dtype(logprobs.dtype)  # fp64 in, fp64 math (tests)
     t = _prepare(logprobs, advantages, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio, acc, opts,
-                 sampling_logprobs)
+                 sampling_logprobs, per_sequence)
     return _loss_from_terms(t, logprobs, entropy)
 
 
@@ -374,11 +389,11 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
     if "entropy" in options:
         raise ValueError("linear_grpo_loss computes the entropy itself; do not pass entropy")
     token_mask = _mask_from_targets(targets, mask)
-    tensors = {k: v for k, v in options.items() if k in _TENSOR_ARGUMENTS}
-    opts = loss_options("linear_grpo_loss", {k: v for k, v in options.items() if k not in _TENSOR_ARGUMENTS})
+    inputs = {k: v for k, v in options.items() if k in _INPUT_ARGUMENTS}
+    opts = loss_options("linear_grpo_loss", {k: v for k, v in options.items() if k not in _INPUT_ARGUMENTS})
     if _two_pass_reason(hidden, weight, bias, opts) is None:
         out = _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature,
-                                         deterministic, tensors, opts)
+                                         deterministic, inputs, opts)
         if out is not None:
             return out
     logp, ent = linear_token_logprobs(hidden, weight, targets, bias, temperature, return_entropy=True,
@@ -414,12 +429,13 @@ def _two_pass_reason(hidden, weight, bias, opts: LossOptions) -> Optional[str]:
 
 
 def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_mask, temperature, deterministic,
-                               tensors: dict, opts: LossOptions) -> Optional[GRPOLossOutput]:
-    """The one-pass route of linear_grpo_loss (None where it does not apply); ``tensors``: its
-    policy_loss tensor arguments (old_logprobs, ...)."""
+                               inputs: dict, opts: LossOptions) -> Optional[GRPOLossOutput]:
+    """The one-pass route of linear_grpo_loss (None where it does not apply); ``inputs``: its
+    policy_loss input arguments (old_logprobs, ..., per_sequence)."""
     acc = accumulation_dtype(hidden.dtype)
-    t = _prepare(targets, advantages, token_mask, tensors.get("old_logprobs"), tensors.get("ref_logprobs"),
-                 tensors.get("cu_seqlens"), tensors.get("is_ratio"), acc, opts, tensors.get("sampling_logprobs"))
+    t = _prepare(targets, advantages, token_mask, inputs.get("old_logprobs"), inputs.get("ref_logprobs"),
+                 inputs.get("cu_seqlens"), inputs.get("is_ratio"), acc, opts, inputs.get("sampling_logprobs"),
+                 inputs.get("per_sequence"))
     unit, denominator = _normalisation(t)
     weights = unit / denominator
     bonus_weights = t.m / t.m.sum().clamp(min=1.0)      # the entropy bonus: a token mean (no entropy mask here)
@@ -448,7 +464,8 @@ def _linear_grpo_loss_one_pass(hidden, weight, bias, targets, advantages, token_
 
 
 # policy_loss's tensor keyword arguments, which linear_grpo_loss passes through with the options
-_TENSOR_ARGUMENTS = ("old_logprobs", "ref_logprobs", "cu_seqlens", "is_ratio", "sampling_logprobs")
+# policy_loss's keyword arguments that are not LossOptions: the inputs and how to read them
+_INPUT_ARGUMENTS = ("old_logprobs", "ref_logprobs", "cu_seqlens", "is_ratio", "sampling_logprobs", "per_sequence")
 
 
 def check_options(**options) -> None:
