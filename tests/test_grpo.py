@@ -449,10 +449,11 @@ def test_linear_grpo_loss_batch_wide_options_take_the_two_pass_route(backend):
 @PROPERTY_SETTINGS
 @given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6), loss_type=st.sampled_from(sorted(LOSS_TYPES)),
        level=st.sampled_from(["token", "sequence"]), beta=st.sampled_from([0.0, 0.05]),
-       spread=st.floats(0.0, 2.0), seed=st.integers(0, 2**16))
-def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed):
-    """Any loss type, level and KL weight on a padded batch of random lengths (empty rows included),
-    ratios spread up to e^±6: loss and d logp against the float64 reference."""
+       spread=st.floats(0.0, 2.0), seed=st.integers(0, 2**16), packed=st.booleans())
+def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed, packed):
+    """Any loss type, level and KL weight on a batch of random lengths (empty and length-1 sequences, and
+    packed batches with as many tokens as sequences, among them), padded or packed, ratios spread up to
+    e^±6: loss and d logp against the float64 reference of the padded batch."""
     gen = torch.Generator().manual_seed(seed)
     batch, width = len(lengths), max(max(lengths), 1)
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
@@ -465,7 +466,13 @@ def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed):
         options["epsilon_high"] = 4.0
     if LOSS_TYPES[loss_type].needs_max_completion_length:
         options["max_completion_length"] = width + 3
-    out = r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref_lp if beta else None, **options)
+    if packed:      # the same tokens as [N] with cu_seqlens; per_sequence says what advantages [S] are
+        cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        out = r1kernels.policy_loss(logp[mask], adv, cu_seqlens=cu, old_logprobs=old[mask],
+                                    ref_logprobs=ref_lp[mask] if beta else None, per_sequence=True, **options)
+    else:
+        out = r1kernels.policy_loss(logp, adv, mask, old_logprobs=old, ref_logprobs=ref_lp if beta else None,
+                                    **options)
     (grad,) = torch.autograd.grad(out.loss, logp)
     leaf = logp.detach().clone().requires_grad_()
     ref = grpo_loss_ref(leaf, adv, mask, old, ref_lp if beta else None, **options)
