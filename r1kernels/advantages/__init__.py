@@ -7,7 +7,9 @@ For each prompt's group of completions, with NaN or +-inf rewards (failed: unsco
 std is Bessel-corrected (as torch.std), from min-shifted two-pass sums in the accumulation
 dtype, never E[x^2] - E[x]^2; a group of a huge range is summed on its rewards times a power of
 two (``constants.GROUP_RESCALE``), so any finite fp32 reward, up to the fp32 maximum (fp64 ones up
-to about 1e150), gives exact advantages; a row whose weighted sum overflows is a failed reward.
+to about 1e150), gives exact advantages from one unweighted reward column (weights, unless powers of
+two, and several columns are combined in the accumulation dtype first, which loses what a large offset
+hides: 1e4 + 1e-2 in fp32); a row whose weighted sum overflows is a failed reward.
 A group with fewer than two valid rewards, or all equal, gets advantages of exactly 0; failed
 rewards get 0. Rewards [B, R] of several reward functions are
 weighted and summed first (TRL), or, with multi_reward="normalize_then_sum" (GDPO), each is
