@@ -72,9 +72,12 @@ void token_logprobs_backward_cuda(const at::Tensor& logits, const at::Tensor& ta
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda(
-    const at::Tensor& rewards, const at::Tensor& weights, int64_t group_size, const at::Tensor& offsets,
+    const at::Tensor& rewards, const std::optional<at::Tensor>& weights, int64_t group_size, const at::Tensor& offsets,
     const at::Tensor& perm, int64_t estimator, int64_t scale, double eps, const at::Tensor& batch_denominator) {
   const c10::cuda::CUDAGuard guard(rewards.device());
+  TORCH_CHECK(!weights.has_value() || (weights->scalar_type() == at::kDouble && weights->is_contiguous() &&
+                                       weights->numel() == rewards.size(1)),
+              "weights must be a contiguous float64 [R] tensor, or None");
   TORCH_CHECK(rewards.dim() == 2 && rewards.stride(1) == 1 && rewards.scalar_type() == at::kFloat,
               "the cuda backend takes fp32 rewards [B, R] with unit stride along R");
   const bool segmented = offsets.numel() > 0;
@@ -85,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cuda
   at::Tensor constant = at::empty({groups}, opts.dtype(at::kBool));
   at::Tensor denominator = batch_denominator.to(opts).contiguous();
   const cuda::GroupsView view{rewards.data_ptr<float>(), rewards.stride(0), rewards.size(1),
-                              weights.data_ptr<float>(), groups, group_size,
+                              weights.has_value() ? weights->data_ptr<double>() : nullptr, groups, group_size,
                               segmented ? offsets.data_ptr<int64_t>() : nullptr,
                               segmented ? perm.data_ptr<int64_t>() : nullptr, static_cast<int>(estimator),
                               static_cast<int>(scale), static_cast<float>(eps), denominator.data_ptr<float>()};
@@ -104,9 +107,9 @@ TORCH_LIBRARY(r1k_C, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("token_logprobs_backward(Tensor logits, Tensor targets, Tensor row_max, Tensor row_log_sum,"
         " Tensor entropy, Tensor grad_logp, Tensor? grad_entropy, float inv_temperature, Tensor(a!) out) -> ()");
-  m.def("group_advantages(Tensor rewards, Tensor weights, int group_size, Tensor offsets, Tensor perm,"
+  m.def("group_advantages(Tensor rewards, Tensor? weights, int group_size, Tensor offsets, Tensor perm,"
         " int estimator, int scale, float eps, Tensor batch_denominator) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("group_advantages_by_id(Tensor rewards, Tensor weights, Tensor group_ids, int estimator, int scale,"
+  m.def("group_advantages_by_id(Tensor rewards, Tensor? weights, Tensor group_ids, int estimator, int scale,"
         " float eps, Tensor batch_denominator, bool with_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

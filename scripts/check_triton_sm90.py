@@ -100,6 +100,17 @@ KNOWN_FAILURES = {
         "warpgroups (N = 32); the default lm_head runs cuBLAS",
     ("logprobs.triton_tile._r1k_linear_logprobs_backward_hidden", "wgmma_n", ""):
         "as for _r1k_linear_logprobs_backward_atomic",
+    ("advantages.triton_by_id._r1k_advantages_by_id", "spills",
+     "WRITE_STATS=False FIRST_PHASE=0 LAST_PHASE=5 BLOCK=1024 ACC=fp32 WIDE=fp64 warps=4 stages=3 triton=3.6.0"):
+        "Triton 3.6's ptxas holds the variant without statistics to 168 registers (the one with them gets 203) "
+        "and spills 8 B of the float64 combined rewards; 3.9 does not spill. A latency-bound launch per step",
+    ("advantages.triton_by_id._r1k_advantages_by_id", "spills",
+     "WRITE_STATS=False FIRST_PHASE=0 LAST_PHASE=5 BLOCK=1024 ACC=fp64 WIDE=fp64 warps=4 stages=3 triton=3.6.0"):
+        "as the fp32 variant: 16 B under Triton 3.6's 168-register cap; 3.9 does not spill",
+    ("advantages.triton_groups._r1k_advantages_grouped", "spills",
+     "LEAVE_ONE_OUT=True SCALE=0 GROUPS_PER_PROGRAM=16 BLOCK=16 ACC=fp64 WIDE=fp64 warps=4 stages=3 triton=3.6.0"):
+        "float64 rewards of one column, RLOO: Triton 3.6 spills 8 B (3.9 does not); float64 rewards are a "
+        "testing path on GPU",
 }
 
 
@@ -288,11 +299,12 @@ def _advantages():
         weights = torch.ones(3, dtype=dtype)
         ids = torch.zeros(256, dtype=torch.long)
         for scale, denominator in (("group", None), ("batch", torch.ones((), dtype=dtype)), ("none", None)):
-            for w in (None, weights):
+            # one unweighted column stays in the accumulation dtype; several columns combine in float64
+            for columns, w in ((rewards[:, :1].contiguous(), None), (rewards, None), (rewards, weights)):
                 for loo in (False, True):
                     options = dict(leave_one_out=loo, scale=scale, eps=1e-4, batch_denominator=denominator)
-                    triton_groups.group_normalize(rewards, w, group_size=16, **options)
-                    triton_by_id.group_normalize_by_id(rewards, w, ids, **options, with_stats=True)
+                    triton_groups.group_normalize(columns, w, group_size=16, **options)
+                    triton_by_id.group_normalize_by_id(columns, w, ids, **options, with_stats=True)
         options = dict(leave_one_out=False, scale="group", eps=1e-4, batch_denominator=None)
         triton_by_id.group_normalize_by_id(rewards, None, ids.int(), **options, with_stats=False)
         triton_by_id.group_normalize_by_id(rewards, weights, None, **options, with_stats=True, group_size=128)

@@ -191,6 +191,26 @@ def test_huge_rewards_up_to_the_fp32_maximum(backend, estimator, scale):
 
 
 @pytest.mark.parametrize("backend", cpu_backends("advantages"))
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_weighted_columns_with_a_large_offset_are_exact(backend, scale):
+    """Three fp32 columns of 1e4 + 1e-2 noise, weighted: summed in fp32 before the group statistics they
+    were off by 0.1 from float64 (issue 35); now as exact as one column, contiguous groups and ids alike,
+    and the group means are those of the weighted sums."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = (1e4 + torch.randn(32, 3, generator=gen, dtype=torch.float64) * 0.01).float()
+    rewards[3] = float("nan")                      # a failed row (a failed column alone would make an outlier)
+    weights = torch.tensor([0.3, 0.5, 0.2])
+    ids = (torch.arange(32) % 4) * 7               # groups spread over the batch
+    for groups, kwargs in ((_contiguous(32, 8), dict(group_size=8)), (_from_ids(ids), dict(group_ids=ids))):
+        ref = group_advantages_ref(rewards, groups, scale=scale, reward_weights=weights)
+        adv, stats = _run(backend, rewards, reward_weights=weights, scale=scale, return_stats=True, **kwargs)
+        assert_close_scaled(adv, ref, 1e-6, f"{backend} {scale} {kwargs.keys()}")
+        sums = rewards.double() @ weights.double()
+        means = torch.stack([sums[[i for i in g if i != 3]].mean() for g in groups])
+        torch.testing.assert_close(stats.group_mean.double(), means, atol=2e-3, rtol=0)   # fp32 of 1e4: ulp 1e-3
+
+
+@pytest.mark.parametrize("backend", cpu_backends("advantages"))
 def test_extreme_batch_std_and_overflowing_weighted_sums(backend):
     """The batch std of [-max, max] is sqrt(2) max, beyond fp32: scale="batch" still gives +-1/sqrt(2).
     Rewards whose weighted sum overflows fp32 make that row a failed reward (0), not NaNs for its group."""
@@ -215,17 +235,27 @@ def test_huge_float64_rewards(backend):
 
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=10), seed=st.integers(0, 10_000),
-       estimator=st.sampled_from(["grpo", "rloo"]))
-def test_property_random_groups(sizes, seed, estimator):
+       estimator=st.sampled_from(["grpo", "rloo"]), columns=st.integers(1, 3),
+       offset=st.sampled_from([0.0, 1e4, 1e6]), weighted=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_property_random_groups(sizes, seed, estimator, columns, offset, weighted, dtype):
+    """Groups of any sizes in any order; one or several reward columns, weighted or not, sharing a large
+    offset (rewards such as 1e4 + 0.5 k): every CPU backend that takes the dtype, against float64, to
+    the output's rounding (fp32: 1e-6 of the largest advantage; fp64: 1e-9)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
     ids = ids[torch.randperm(ids.numel(), generator=gen)]
-    rewards = torch.randint(0, 3, (ids.numel(),), generator=gen).double()   # many ties and constant groups
-    ref = group_advantages_ref(rewards, _from_ids(ids), estimator, "group" if estimator == "grpo" else "none")
+    rewards = offset + torch.randint(0, 3, (ids.numel(), columns), generator=gen).double() * 0.5   # ties, constants
+    rewards = rewards.to(dtype).squeeze(1) if columns == 1 else rewards.to(dtype)
+    weights = torch.rand(columns, generator=gen) + 0.1 if weighted else None
+    ref = group_advantages_ref(rewards, _from_ids(ids), estimator, "group" if estimator == "grpo" else "none",
+                               reward_weights=weights)
     for backend in cpu_backends("advantages"):
-        adv = _run(backend, rewards, group_ids=ids, estimator=estimator)
+        if dtype == torch.float64 and not r1kernels.backends.table("advantages")[backend].float64:
+            continue
+        adv = _run(backend, rewards, group_ids=ids, estimator=estimator, reward_weights=weights)
         assert torch.isfinite(adv).all()
-        assert_close_scaled(adv, ref, 1e-9 if backend != "triton" else 1e-6, backend)
+        assert_close_scaled(adv, ref, 1e-9 if dtype == torch.float64 else 1e-6, backend)
 
 
 def test_compile_fullgraph_contiguous():

@@ -481,6 +481,71 @@ def test_policy_loss_property(lengths, loss_type, level, beta, spread, seed, pac
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
+@PROPERTY_SETTINGS
+@given(lengths=st.lists(st.integers(0, 5), min_size=1, max_size=4), loss_type=st.sampled_from(sorted(LOSS_TYPES)),
+       scale=st.sampled_from([1.0, 1e3]), fused_head=st.booleans(), packed=st.booleans(),
+       temperature=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 2**16))
+def test_fused_losses_property(lengths, loss_type, scale, fused_head, packed, temperature, seed):
+    """grpo_loss (logits) and linear_grpo_loss (hidden and lm_head) on every CPU backend: batches with empty
+    and length-1 sequences, packed ones with as many tokens as sequences among them, logits up to +-1e3
+    (tokens sampled from them), any loss type, an entropy bonus: loss and every gradient against the
+    float64 reference (fp64 where the backend takes it, else fp32 to its rounding of logits that large).
+    token_logprobs' own property test covers unlikely tokens of extreme logits (log-probs of -1e3)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, width, vocab, hidden_size = len(lengths), max(max(lengths), 1), 37, 12
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    hidden = torch.randn(batch, width, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * scale / hidden_size ** 0.5
+    logits = hidden @ weight.T if fused_head else torch.randn(batch, width, vocab, generator=gen,
+                                                               dtype=torch.float64) * scale
+    # tokens sampled from the policy, as in a rollout (with logits of 1e3, nearly always the argmax)
+    probs = torch.softmax(logits.view(-1, vocab) / temperature, -1)
+    targets = torch.multinomial(probs, 1, generator=gen).view(batch, width).masked_fill(~mask, -100)
+    adv = torch.randn(batch, generator=gen, dtype=torch.float64)
+    inputs = (hidden, weight) if fused_head else (logits,)
+    old_noise = torch.randn(batch, width, generator=gen, dtype=torch.float64) * 0.5
+    options = dict(loss_type=loss_type, entropy_coef=0.01)
+    if "epsilon_high" in LOSS_TYPES[loss_type].needs:
+        options["epsilon_high"] = 4.0
+    if LOSS_TYPES[loss_type].needs_max_completion_length:
+        options["max_completion_length"] = width + 3
+
+    def reference(dtype):
+        """The float64 loss and gradients of the inputs as a ``dtype`` backend sees them; old log-probs
+        near the policy's (their ratios within e^+-1.5, not e^+-1000)."""
+        leaves = [x.to(dtype).double().requires_grad_() for x in inputs]
+        lp, ent = (linear_token_logprobs_ref(*leaves, targets, None, temperature) if fused_head
+                   else token_logprobs_ref(*leaves, targets, temperature))
+        old = (lp.detach() + old_noise).to(dtype)
+        loss = grpo_loss_ref(lp, adv, mask, old.double(), None, ent, **options)
+        return old, loss, torch.autograd.grad(loss, leaves)
+
+    op_name = "linear_logprobs" if fused_head else "logprobs"
+    for backend in cpu_backends(op_name):
+        dtype = torch.float64 if backend in exact_backends(op_name) else torch.float32
+        tol = 1e-9 if dtype == torch.float64 else 1e-5 * max(1.0, scale / 10)   # fp32 logits of 1e3: 6e-5 apart
+        old, ref, ref_grads = reference(dtype)
+        xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        layout = dict(mask=mask, old=old, targets=targets, xs=xs)
+        if packed:
+            cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+            layout = dict(mask=None, old=old[mask], targets=targets[mask], xs=[xs[0][mask]] + xs[1:], cu_seqlens=cu,
+                          per_sequence=True)
+        extra = {k: layout[k] for k in ("cu_seqlens", "per_sequence") if k in layout}
+        with r1kernels.use_backend(**{op_name: backend}):
+            if fused_head:
+                out = r1kernels.linear_grpo_loss(*layout["xs"], layout["targets"], adv.to(dtype), layout["mask"],
+                                                 temperature=temperature, old_logprobs=layout["old"], **extra,
+                                                 **options)
+            else:
+                out = r1kernels.grpo_loss(*layout["xs"], layout["targets"], adv.to(dtype), layout["mask"],
+                                          temperature=temperature, old_logprobs=layout["old"], **extra, **options)
+        grads = torch.autograd.grad(out.loss, xs, allow_unused=True)
+        assert_close_scaled(out.loss, ref, tol, f"{backend} loss")
+        for x, g, r in zip(xs, grads, ref_grads):
+            assert_close_scaled(torch.zeros_like(x) if g is None else g, r, tol, f"{backend} gradient")
+
+
 # ---------------------------------------------------------------- bad and empty input
 
 # Bad input: (case, call, exception, a pattern the message must match: it names the argument);

@@ -189,14 +189,17 @@ def test_autocast_forward_and_backward(backend, seed):
 # ---------------------------------------------------------------- property
 
 @PROPERTY_SETTINGS
-@given(rows=st.integers(1, 33), hidden=st.integers(1, 40), vocab=st.integers(2, 600), bias=st.booleans(),
-       temperature=st.floats(0.5, 1.5), masked=st.floats(0.0, 0.5), seed=st.integers(0, 2**16))
+@given(rows=st.integers(1, 33), hidden=st.integers(0, 40), vocab=st.integers(2, 600), bias=st.booleans(),
+       temperature=st.floats(0.5, 1.5), masked=st.floats(0.0, 0.5), scale=st.sampled_from([1.0, 30.0]),
+       seed=st.integers(0, 2**16))
 @pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
-def test_linear_token_logprobs_property(backend, rows, hidden, vocab, bias, temperature, masked, seed):
+def test_linear_token_logprobs_property(backend, rows, hidden, vocab, bias, temperature, masked, scale, seed):
+    """Any shape (hidden size 0: the bias's log-probs), masked targets, logits of unit or 30x scale:
+    log-probs, d hidden and d weight against the float64 reference."""
     dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(rows, hidden, generator=gen, dtype=dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) / hidden ** 0.5).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen, dtype=dtype) * scale / max(hidden, 1) ** 0.5).requires_grad_()
     b = (torch.randn(vocab, generator=gen, dtype=dtype) if bias else None)
     targets = random_targets(gen, rows, vocab, masked)
     grad = torch.randn(rows, generator=gen, dtype=dtype)

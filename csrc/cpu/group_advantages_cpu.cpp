@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -85,49 +86,58 @@ Segments segments_by_id(const id_t* ids, int64_t batch) {
   return s;
 }
 
-// Runs normalize_group over every group: group g is rows row_of(g, j) for j < size_of(g).
+// Runs normalize_group over every group: group g is rows row_of(g, j) for j < size_of(g). One
+// unweighted column is read as it is; several or weighted columns are combined in double.
 template <typename SizeOf, typename RowOf>
-void normalize_groups(const at::Tensor& rewards, const at::Tensor& weights, int64_t groups, const SizeOf& size_of,
-                      const RowOf& row_of, int64_t estimator, int64_t scale, double eps,
+void normalize_groups(const at::Tensor& rewards, const std::optional<at::Tensor>& weights, int64_t groups,
+                      const SizeOf& size_of, const RowOf& row_of, int64_t estimator, int64_t scale, double eps,
                       const at::Tensor& batch_denominator, at::Tensor& adv, at::Tensor& mean, at::Tensor& std,
                       at::Tensor& constant) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rewards.scalar_type(), "group_advantages_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* r = rewards.data_ptr<scalar_t>();
     const int64_t row_stride = rewards.stride(0), num_rewards = rewards.size(1);
-    const acc_t* w = weights.data_ptr<acc_t>();
+    const double* w = weights.has_value() ? weights->data_ptr<double>() : nullptr;
     acc_t* out = adv.data_ptr<acc_t>();
     acc_t* means = mean.data_ptr<acc_t>();
     acc_t* stds = std.data_ptr<acc_t>();
     bool* constants = constant.data_ptr<bool>();
     const acc_t denominator = scale == kScaleBatch ? batch_denominator.item<acc_t>() : acc_t(1);
-    at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        auto load = [&](int64_t j) { return combine_rewards<acc_t>(r + row_of(g, j) * row_stride, num_rewards, w); };
-        auto store = [&](int64_t j, acc_t value) { out[row_of(g, j)] = value; };
-        const GroupResult<acc_t> res =
-            normalize_group<acc_t>(size_of(g), load, store, static_cast<int>(estimator), static_cast<int>(scale),
-                                   static_cast<acc_t>(eps), denominator);
-        means[g] = res.mean;
-        stds[g] = res.std;
-        constants[g] = res.constant;
-      }
-    });
+    auto run = [&](auto load_row) {
+      using wide_t = decltype(load_row(r));
+      at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+          auto load = [&](int64_t j) { return load_row(r + row_of(g, j) * row_stride); };
+          auto store = [&](int64_t j, acc_t value) { out[row_of(g, j)] = value; };
+          const GroupResult<acc_t> res = normalize_group<acc_t, wide_t>(
+              size_of(g), load, store, static_cast<int>(estimator), static_cast<int>(scale),
+              static_cast<acc_t>(eps), denominator);
+          means[g] = res.mean;
+          stds[g] = res.std;
+          constants[g] = res.constant;
+        }
+      });
+    };
+    if (num_rewards == 1 && w == nullptr) {
+      run([](const scalar_t* row) { return single_reward<acc_t>(row); });
+    } else {
+      run([&](const scalar_t* row) { return combine_rewards<acc_t>(row, num_rewards, w); });
+    }
   });
 }
 
-at::ScalarType check_inputs(const at::Tensor& rewards, const at::Tensor& weights) {
+at::ScalarType check_inputs(const at::Tensor& rewards, const std::optional<at::Tensor>& weights) {
   TORCH_CHECK(rewards.dim() == 2 && rewards.stride(1) == 1, "rewards must be [B, R] with unit stride along R");
-  const auto acc_type = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(weights.scalar_type() == acc_type && weights.is_contiguous() && weights.numel() == rewards.size(1),
-              "weights must be a contiguous [R] tensor of the accumulation dtype");
-  return acc_type;
+  TORCH_CHECK(!weights.has_value() || (weights->scalar_type() == at::kDouble && weights->is_contiguous() &&
+                                       weights->numel() == rewards.size(1)),
+              "weights must be a contiguous float64 [R] tensor, or None");
+  return rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// rewards [B, R] (unit stride along R); weights [R] (accumulation dtype); groups are either
+// rewards [B, R] (unit stride along R); weights [R] (float64) or None; groups are either
 // contiguous runs of group_size (offsets empty) or segments offsets[g]..offsets[g+1] of perm.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
-    const at::Tensor& rewards, const at::Tensor& weights, int64_t group_size, const at::Tensor& offsets,
+    const at::Tensor& rewards, const std::optional<at::Tensor>& weights, int64_t group_size, const at::Tensor& offsets,
     const at::Tensor& perm, int64_t estimator, int64_t scale, double eps, const at::Tensor& batch_denominator) {
   const auto acc_type = check_inputs(rewards, weights);
   const int64_t batch = rewards.size(0);
@@ -159,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_cpu(
 // The same for arbitrary integer ids (int32 or int64) in one call: advantages [B] and, with
 // with_stats, each row's group mean, std and constant flag, and whether it is its group's first row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_advantages_by_id_cpu(
-    const at::Tensor& rewards, const at::Tensor& weights, const at::Tensor& group_ids, int64_t estimator,
+    const at::Tensor& rewards, const std::optional<at::Tensor>& weights, const at::Tensor& group_ids, int64_t estimator,
     int64_t scale, double eps, const at::Tensor& batch_denominator, bool with_stats) {
   const auto acc_type = check_inputs(rewards, weights);
   const int64_t batch = rewards.size(0);

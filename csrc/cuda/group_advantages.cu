@@ -15,21 +15,36 @@ namespace {
 
 constexpr int kThreads = 128;
 
+// Group g of the batch through normalize_group, each row's reward read by load_row (wide_t).
+template <typename wide_t, typename LoadRow>
+__device__ void normalize_one_group(const GroupsView& in, int64_t g, const LoadRow& load_row, float* adv, float* mean,
+                                    float* std, bool* constant) {
+  const int64_t start = in.offsets != nullptr ? in.offsets[g] : g * in.group_size;
+  const int64_t n = in.offsets != nullptr ? in.offsets[g + 1] - start : in.group_size;
+  auto row_of = [&](int64_t j) { return in.perm != nullptr ? in.perm[start + j] : start + j; };
+  auto load = [&](int64_t j) { return load_row(in.rewards + row_of(j) * in.row_stride); };
+  auto store = [&](int64_t j, float value) { adv[row_of(j)] = value; };
+  const float denominator = in.scale == kScaleBatch ? *in.batch_denominator : 1.f;
+  const GroupResult<float> res =
+      normalize_group<float, wide_t>(n, load, store, in.estimator, in.scale, in.eps, denominator);
+  mean[g] = res.mean;
+  std[g] = res.std;
+  constant[g] = res.constant;
+}
+
+// One unweighted column is read as it is; several or weighted columns are combined in double.
 __global__ void __launch_bounds__(kThreads) group_advantages_kernel(GroupsView in, float* adv, float* mean,
                                                                     float* std, bool* constant) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (g >= in.groups) return;
-  const int64_t start = in.offsets != nullptr ? in.offsets[g] : g * in.group_size;
-  const int64_t n = in.offsets != nullptr ? in.offsets[g + 1] - start : in.group_size;
-  auto row_of = [&](int64_t j) { return in.perm != nullptr ? in.perm[start + j] : start + j; };
-  auto load = [&](int64_t j) { return combine_rewards<float>(in.rewards + row_of(j) * in.row_stride, in.num_rewards,
-                                                             in.weights); };
-  auto store = [&](int64_t j, float value) { adv[row_of(j)] = value; };
-  const float denominator = in.scale == kScaleBatch ? *in.batch_denominator : 1.f;
-  const GroupResult<float> res = normalize_group<float>(n, load, store, in.estimator, in.scale, in.eps, denominator);
-  mean[g] = res.mean;
-  std[g] = res.std;
-  constant[g] = res.constant;
+  if (in.num_rewards == 1 && in.weights == nullptr) {
+    normalize_one_group<float>(in, g, [](const float* row) { return single_reward<float>(row); }, adv, mean, std,
+                               constant);
+  } else {
+    normalize_one_group<double>(
+        in, g, [&](const float* row) { return combine_rewards<float>(row, in.num_rewards, in.weights); }, adv, mean,
+        std, constant);
+  }
 }
 
 }  // namespace

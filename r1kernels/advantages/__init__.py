@@ -7,9 +7,10 @@ For each prompt's group of completions, with NaN or +-inf rewards (failed: unsco
 std is Bessel-corrected (as torch.std), from min-shifted two-pass sums in the accumulation
 dtype, never E[x^2] - E[x]^2; a group of a huge range is summed on its rewards times a power of
 two (``constants.GROUP_RESCALE``), so any finite fp32 reward, up to the fp32 maximum (fp64 ones up
-to about 1e150), gives exact advantages from one unweighted reward column (weights, unless powers of
-two, and several columns are combined in the accumulation dtype first, which loses what a large offset
-hides: 1e4 + 1e-2 in fp32); a row whose weighted sum overflows is a failed reward.
+to about 1e150), gives exact advantages. Several or weighted reward columns are combined in float64
+(an fp32 reward times an fp32 weight is exact there) and each row is shifted by its group's minimum
+before it is narrowed to the accumulation dtype, so a large offset the columns share (1e4 + 1e-2 in
+fp32) costs nothing either; a row whose weighted sum overflows the accumulation dtype is a failed reward.
 A group with fewer than two valid rewards, or all equal, gets advantages of exactly 0; failed
 rewards get 0. Rewards [B, R] of several reward functions are
 weighted and summed first (TRL), or, with multi_reward="normalize_then_sum" (GDPO), each is
@@ -147,8 +148,10 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
     rewards_2d = rewards if rewards.dim() == 2 else rewards[:, None]
     rewards_2d = unit_stride(rewards_2d)
     num_rewards = rewards_2d.shape[1]
-    weights = (None if reward_weights is None
-               else reward_weights.to(device=rewards.device, dtype=accumulation_dtype(rewards.dtype)).contiguous())
+    weights = None      # as given (the kernels widen them: several or weighted columns are summed in float64)
+    if reward_weights is not None:
+        weights = reward_weights.to(rewards.device, reward_weights.dtype if reward_weights.is_floating_point()
+                                    else torch.float64).contiguous()
     if group_ids is not None:
         group_ids = group_ids.contiguous() if group_ids.dtype in (torch.int32, torch.int64) else group_ids.long()
 
@@ -157,7 +160,7 @@ def group_advantages(rewards: Tensor, group_size: Optional[int] = None, *, group
         or per row (group ids; is_first marks each group's first row)."""
         denominator = None
         if scale == "batch":
-            denominator = torch_groups.batch_denominator(torch_groups.combine_rewards(columns, column_weights), eps)
+            denominator = torch_groups.batch_denominator(columns, column_weights, eps)
         if group_ids is None:
             return *_group_normalize(columns, column_weights, group_size, leave_one_out, scale, float(eps),
                                      denominator, backend), None

@@ -1,7 +1,8 @@
 """The ``cpu`` and ``cuda`` backends of group advantage normalisation: the compiled extension
 (csrc/*/group_advantages*, through csrc/include/r1k/group_stats.h), with the contract of
-``torch_groups``. The CUDA kernel reads fp32 rewards and weights and has no id hashing: on CUDA the
-ids are sorted into segments by torch first."""
+``torch_groups``. Weights go in as float64 (R numbers; several or weighted columns are combined in
+double). The CUDA kernel reads fp32 rewards and has no id hashing: on CUDA the ids are sorted into
+segments by torch first."""
 from __future__ import annotations
 
 import torch
@@ -13,12 +14,15 @@ from r1kernels.advantages import torch_groups
 
 
 def _explicit_inputs(rewards, weights, batch_denominator):
-    """The C++ ops take explicit tensors: weights of ones, a denominator of 1 when not given."""
+    """What the C++ ops take: fp32 rewards on CUDA, float64 weights (or None), a denominator of 1 when
+    not given."""
     if rewards.is_cuda:
-        rewards, weights = rewards.float(), (weights.float() if weights is not None else None)
-    if weights is None:
-        weights = torch.ones(rewards.shape[1], dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
-    return rewards, weights, (weights.new_ones(()) if batch_denominator is None else batch_denominator)
+        rewards = rewards.float()
+    if weights is not None:
+        weights = weights.to(torch.float64).contiguous()
+    if batch_denominator is None:
+        batch_denominator = torch.ones((), dtype=accumulation_dtype(rewards.dtype), device=rewards.device)
+    return rewards, weights, batch_denominator
 
 
 def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, leave_one_out, scale, eps,

@@ -32,8 +32,10 @@ def group_advantages_ref(rewards, groups, estimator="grpo", scale="group", eps=1
                          multi_reward="sum_then_normalize"):
     """``groups``: a list of lists of row indices. rewards [B] or [B, R]."""
     r = rewards.double()
-    if r.dim() == 1:
-        return _normalise_groups(r, groups, estimator, scale, eps)
+    if r.dim() == 1:            # one reward column ([B]); weights, if any, are its [1]
+        if reward_weights is None:
+            return _normalise_groups(r, groups, estimator, scale, eps)
+        r = r[:, None]
     weights = torch.ones(r.shape[1], dtype=torch.float64) if reward_weights is None else reward_weights.double()
     if multi_reward == "sum_then_normalize":
         combined = torch.tensor([

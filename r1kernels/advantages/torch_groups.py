@@ -4,7 +4,10 @@ Contract of ``group_normalize(rewards [B, R], weights [R], *, group_size, offset
 leave_one_out, scale, eps, batch_denominator)`` (keyword-only after the tensors): groups are
 contiguous runs of ``group_size`` rows, or (``offsets`` given) the segments
 ``perm[offsets[g]:offsets[g+1]]``. Each row's reward is the weighted sum of its R rewards (NaNs
-skipped, NaN if all are). Per group, with min-shifted two-pass statistics: adv = (r - mean) *
+skipped, NaN if all are), in float64 unless there is one unweighted column (``combine_rewards``),
+and shifted by its group's minimum before it is narrowed to the accumulation dtype, so that an
+offset the columns share (1e4 + 1e-2 in fp32) costs no precision. Per group, with min-shifted
+two-pass statistics: adv = (r - mean) *
 factor / denom, 0 for NaN rewards and for groups with fewer than two valid or all-equal rewards
 (factor n/(n-1) for RLOO; denom std + eps, ``batch_denominator`` / GROUP_RESCALE, or 1), computed
 on the rewards times GROUP_RESCALE where the group's half range exceeds GROUP_RESCALE_ABOVE
@@ -29,16 +32,23 @@ from r1kernels._tensors import accumulation_dtype
 
 def combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Weighted sum over the R rewards of each row (weights None: all ones), failed rewards (NaN, +-inf)
-    skipped; NaN where all R failed or the sum overflows."""
-    x = rewards.to(accumulation_dtype(rewards.dtype))
+    skipped; NaN where all R failed or the sum overflows the accumulation dtype. One unweighted column
+    stays in the accumulation dtype; otherwise the sum is float64 (an fp32 reward times an fp32 weight
+    is exact there)."""
+    acc = accumulation_dtype(rewards.dtype)
+    if rewards.shape[1] == 1 and weights is None:
+        return torch.where(torch.isfinite(rewards[:, 0]), rewards[:, 0].to(acc), torch.nan)
+    x = rewards.double()
     ok = torch.isfinite(x)
-    total = torch.where(ok, x if weights is None else x * weights, 0.0).sum(1)
-    return torch.where(ok.any(1) & torch.isfinite(total), total, torch.nan)     # an overflowed sum fails too
+    total = torch.where(ok, x if weights is None else x * weights.double(), 0.0).sum(1)
+    fits = torch.isfinite(total.to(acc))
+    return torch.where(ok.any(1) & fits, total, torch.nan)     # an overflowed sum fails too
 
 
 def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, leave_one_out, scale, eps,
                     batch_denominator=None):
     r = combine_rewards(rewards, weights)
+    acc = accumulation_dtype(rewards.dtype)
     batch = r.shape[0]
     if offsets is None:
         groups = batch // group_size
@@ -49,14 +59,14 @@ def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, 
         group_of_row[perm] = torch.repeat_interleave(torch.arange(groups, device=r.device), offsets.diff(),
                                                      output_size=batch)
     ok = ~torch.isnan(r)
-    zeros = r.new_zeros(groups)
-    count = zeros.index_add(0, group_of_row, ok.to(r.dtype))
+    zeros = r.new_zeros(groups, dtype=acc)
+    count = zeros.index_add(0, group_of_row, ok.to(acc))
     lo = r.new_full((groups,), torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, torch.inf), "amin")
     hi = r.new_full((groups,), -torch.inf).scatter_reduce(0, group_of_row, torch.where(ok, r, -torch.inf), "amax")
     half_range = hi * 0.5 - lo * 0.5                           # never overflows
-    unit = torch.where(half_range > GROUP_RESCALE_ABOVE, GROUP_RESCALE, 1.0).to(r.dtype)
+    unit = torch.where(half_range > GROUP_RESCALE_ABOVE, GROUP_RESCALE, 1.0).to(acc)
     lo_scaled = lo * unit
-    shifted = r * unit[group_of_row] - lo_scaled[group_of_row]
+    shifted = (r * unit[group_of_row] - lo_scaled[group_of_row]).to(acc)
     shifted_mean = zeros.index_add(0, group_of_row, torch.where(ok, shifted, 0.0)) / count.clamp(min=1)
     deviation = shifted - shifted_mean[group_of_row]
     m2 = zeros.index_add(0, group_of_row, torch.where(ok, deviation * deviation, 0.0))
@@ -66,22 +76,24 @@ def group_normalize(rewards, weights, *, group_size=0, offsets=None, perm=None, 
     if scale == "group":
         factor = factor / (std_scaled + eps * unit)
     elif scale == "batch":
-        factor = factor / (batch_denominator.to(r.dtype) * (unit / GROUP_RESCALE))
+        factor = factor / (batch_denominator.to(acc) * (unit / GROUP_RESCALE))
     else:
         factor = factor / unit
     adv = torch.where(ok & ~constant[group_of_row], deviation * factor[group_of_row], 0.0)
-    mean = torch.where(count > 0, (lo_scaled + shifted_mean) / unit, torch.nan)
+    mean = torch.where(count > 0, (lo_scaled + shifted_mean) / unit, torch.nan).to(acc)
     std = std_scaled / unit
     return adv, mean, std, constant
 
 
-def batch_denominator(values: torch.Tensor, eps: float) -> torch.Tensor:
-    """std (Bessel) of the non-NaN values [B] over the whole batch, plus eps, times GROUP_RESCALE (as
-    every kernel takes it: finite for any fp32 rewards): ``group_normalize``'s statistics of one group
-    of B rows, summed in float64, as a 0-d tensor in the accumulation dtype (no host sync)."""
+def batch_denominator(rewards: torch.Tensor, weights: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """std (Bessel) over the whole batch of the rows' combined rewards (``combine_rewards``, NaN left
+    out), plus eps, times GROUP_RESCALE (as every kernel takes it: finite for any fp32 rewards):
+    ``group_normalize``'s statistics of one group of B rows, in float64, as a 0-d tensor in the
+    accumulation dtype (no host sync)."""
+    values = combine_rewards(rewards, weights)
     std = group_normalize(values.double()[:, None], None, group_size=values.shape[0], leave_one_out=False,
                           scale="none", eps=0.0)[2]
-    return ((std[0] + eps) * GROUP_RESCALE).to(accumulation_dtype(values.dtype))
+    return ((std[0] + eps) * GROUP_RESCALE).to(accumulation_dtype(rewards.dtype))
 
 
 def group_normalize_by_id(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_denominator, with_stats,

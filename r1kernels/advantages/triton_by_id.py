@@ -38,7 +38,7 @@ import triton.language as tl
 from r1kernels import backends
 from r1kernels.constants import SCALE_CODES
 from r1kernels._tensors import accumulation_dtype
-from r1kernels.advantages.triton_group_stats import INF, combined_rewards, finish_group
+from r1kernels.advantages.triton_group_stats import INF, combined_rewards, finish_group, wide_dtype
 
 EMPTY = tl.constexpr(-(2 ** 63))                # an empty slot; the id -2^63 gets the reserved slot
 GOLDEN = tl.constexpr(-7046029254386353131)     # 2^64 / golden ratio, as a signed int64
@@ -114,12 +114,13 @@ def _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, slots, ma
 def _r1k_advantages_by_id(
         rewards_ptr, row_stride, weights_ptr, ids_ptr, group_size, batch_denominator_ptr, batch, eps,
         keys_ptr, slot_of_row_ptr, count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, capacity, hash_shift,
-        barrier_ptr, adv_ptr, mean_ptr, std_ptr, constant_ptr, is_first_ptr,
+        barrier_ptr, stash_ptr, adv_ptr, mean_ptr, std_ptr, constant_ptr, is_first_ptr,
         NUM_REWARDS: tl.constexpr, HAS_WEIGHTS: tl.constexpr, IDS_FROM_ROWS: tl.constexpr,
         LEAVE_ONE_OUT: tl.constexpr, SCALE: tl.constexpr, WRITE_STATS: tl.constexpr, FIRST_PHASE: tl.constexpr,
-        LAST_PHASE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+        LAST_PHASE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr):
     """IDS_FROM_ROWS: contiguous groups of group_size rows, whose slot is row // group_size (no
-    hashing; ``capacity`` is the number of groups) and whose statistics go to [G] outputs."""
+    hashing; ``capacity`` is the number of groups) and whose statistics go to [G] outputs. Phase 1
+    stashes each row's combined reward (WIDE) in ``stash``: ``adv`` itself when WIDE is ACC."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
@@ -139,21 +140,21 @@ def _r1k_advantages_by_id(
             for start in range(pid * BLOCK, batch, programs * BLOCK):
                 rows = start + lanes
                 in_batch = rows < batch
-                if phase == 1:                           # insert ids; stash combined rewards in adv
+                if phase == 1:                           # insert ids; stash combined rewards
                     if not IDS_FROM_ROWS:
                         ids = tl.load(ids_ptr + rows, mask=in_batch, other=EMPTY).to(tl.int64)
                         slot, claimed = _find_slots(keys_ptr, ids, in_batch, capacity, hash_shift)
                         tl.store(slot_of_row_ptr + rows, slot.to(tl.int32), mask=in_batch)
                         _init_slots(count_ptr, first_ptr, lo_ptr, hi_ptr, sum_ptr, m2_ptr, slot, claimed)
                     x = combined_rewards(rewards_ptr, rows.to(tl.int64), in_batch, row_stride, weights_ptr,
-                                         NUM_REWARDS, HAS_WEIGHTS, ACC)
-                    tl.store(adv_ptr + rows, x, mask=in_batch)
+                                         NUM_REWARDS, HAS_WEIGHTS, ACC, WIDE)
+                    tl.store(stash_ptr + rows, x, mask=in_batch)
                 else:
                     if IDS_FROM_ROWS:
                         slot = tl.where(in_batch, rows // group_size, 0)
                     else:
                         slot = tl.load(slot_of_row_ptr + rows, mask=in_batch, other=0)
-                    x = tl.load(adv_ptr + rows, mask=in_batch, other=float("nan"))
+                    x = tl.load(stash_ptr + rows, mask=in_batch, other=float("nan"))
                     valid = in_batch & (x == x)
                     if phase == 2:                       # count, min, max, first row
                         # accumulating atomics are relaxed: the grid barrier orders them before any read
@@ -238,6 +239,9 @@ def _launch(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_den
         raise ValueError(f"group_ids: at most 2^31 - 1 rows, got {batch}")
     device = rewards.device
     acc = accumulation_dtype(rewards.dtype)
+    acc_tl = tl.float64 if acc == torch.float64 else tl.float32
+    wide = wide_dtype(acc_tl, num_rewards, weights is not None)
+    wide_torch = torch.float64 if wide == tl.float64 else acc
     ids_from_rows = group_size > 0
     if ids_from_rows:
         capacity = batch // group_size                    # one slot per group, no hashing
@@ -248,9 +252,10 @@ def _launch(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_den
     keys = torch.empty(0 if ids_from_rows else slot_count, dtype=torch.int64, device=device)
     slot_of_row = torch.empty(0 if ids_from_rows else batch, dtype=torch.int32, device=device)
     counts, firsts = (torch.empty(slot_count, dtype=torch.int32, device=device) for _ in range(2))
-    lows, highs = (torch.empty(slot_count, dtype=acc, device=device) for _ in range(2))
+    lows, highs = (torch.empty(slot_count, dtype=wide_torch, device=device) for _ in range(2))
     sums, squares = (torch.empty(slot_count, dtype=torch.int64, device=device) for _ in range(2))
     adv = torch.empty(batch, dtype=acc, device=device)
+    stash = adv if wide_torch == acc else torch.empty(batch, dtype=wide_torch, device=device)
     mean, std = (torch.empty(stats_size, dtype=acc, device=device) for _ in range(2))
     constant = torch.empty(stats_size, dtype=torch.bool, device=device)
     is_first = torch.empty(0 if ids_from_rows else stats_size, dtype=torch.bool, device=device)
@@ -267,9 +272,9 @@ def _launch(rewards, weights, group_ids, *, leave_one_out, scale, eps, batch_den
             adv if ids_from_rows else group_ids, max(group_size, 1),
             batch_denominator if batch_denominator is not None else adv, batch, eps,
             keys, slot_of_row, counts, firsts, lows, highs, sums, squares, capacity,
-            64 - (capacity.bit_length() - 1), _barrier_word(device), adv, mean, std, constant, is_first,
+            64 - (capacity.bit_length() - 1), _barrier_word(device), stash, adv, mean, std, constant, is_first,
             NUM_REWARDS=num_rewards, HAS_WEIGHTS=weights is not None, IDS_FROM_ROWS=ids_from_rows,
             LEAVE_ONE_OUT=leave_one_out, SCALE=SCALE_CODES[scale], WRITE_STATS=with_stats, FIRST_PHASE=first_phase,
-            LAST_PHASE=last_phase, BLOCK=BLOCK, ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            LAST_PHASE=last_phase, BLOCK=BLOCK, ACC=acc_tl, WIDE=wide,
             **launch_options(programs, split_phases))
     return adv, mean, std, constant, is_first

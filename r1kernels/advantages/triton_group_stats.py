@@ -13,7 +13,9 @@ scaled shifted rewards s = (r - lo) * unit, their mean m' and m2 = sum (s - m')^
     factor = n / (n - 1) for RLOO, else 1; divided, in the unit, by std + eps (scale "group"), by the
              batch denominator (scale "batch"; it arrives times GROUP_RESCALE) or by 1 (scale "none")
 
-and a valid row's advantage is (s - m') * factor.
+and a valid row's advantage is (s - m') * factor. The rows' rewards r, lo and hi are in WIDE: the
+accumulation dtype for one unweighted column, float64 when several or weighted columns are combined
+(``wide_dtype``), so that s is formed before the shared offset is rounded away (1e4 + 1e-2 in fp32).
 """
 from __future__ import annotations
 
@@ -29,37 +31,50 @@ RESCALE = tl.constexpr(constants.GROUP_RESCALE)
 INF = tl.constexpr(float("inf"))
 
 
+def wide_dtype(acc: tl.dtype, num_rewards: int, has_weights: bool) -> tl.dtype:
+    """The dtype rows' combined rewards are formed in: float64 for several or weighted columns (an fp32
+    reward times an fp32 weight is exact there), else the accumulation dtype."""
+    return tl.float64 if num_rewards > 1 or has_weights else acc
+
+
 @triton.jit
 def combined_rewards(rewards_ptr, rows, mask, row_stride, weights_ptr, NUM_REWARDS: tl.constexpr,
-                     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr):
-    """Weighted sum of each row's R rewards (weights 1 without HAS_WEIGHTS), failed rewards (NaN,
-    +-inf) skipped; NaN where all failed or are masked, or the sum overflows."""
-    total = tl.zeros(rows.shape, ACC)
+                     HAS_WEIGHTS: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr):
+    """Weighted sum of each row's R rewards in WIDE (weights 1 without HAS_WEIGHTS), failed rewards
+    (NaN, +-inf) skipped; NaN where all failed or are masked, or the sum overflows ACC."""
+    total = tl.zeros(rows.shape, WIDE)
     seen = mask & False
     for k in tl.static_range(NUM_REWARDS):
-        x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=float("nan")).to(ACC)
+        x = tl.load(rewards_ptr + rows * row_stride + k, mask=mask, other=float("nan")).to(WIDE)
         ok = tl.abs(x) < INF
         if HAS_WEIGHTS:
-            x = tl.load(weights_ptr + k).to(ACC) * x
+            x = tl.load(weights_ptr + k).to(WIDE) * x
         total += tl.where(ok, x, 0.0)
         seen = seen | ok
-    return tl.where(seen & (tl.abs(total) < INF), total, float("nan"))       # an overflowed sum fails too
+    fits = tl.abs(total.to(ACC)) < INF
+    return tl.where(seen & fits, total, float("nan"))       # an overflowed sum fails too
 
 
 @triton.jit
-def group_unit(lo, hi):
+def group_unit(lo, hi, ACC: tl.constexpr):
     """Each group's unit (see the module docstring) from its min and max: the half range never overflows."""
-    return tl.where(hi * 0.5 - lo * 0.5 > RESCALE_ABOVE, RESCALE, 1.0).to(lo.dtype)
+    return tl.where(hi * 0.5 - lo * 0.5 > RESCALE_ABOVE, RESCALE, 1.0).to(ACC)
+
+
+@triton.jit
+def shifted_reward(x, unit, lo_scaled, ACC: tl.constexpr):
+    """s = (r - lo) * unit, formed in r's dtype (WIDE) and narrowed to ACC."""
+    return (x * unit - lo_scaled).to(ACC)
 
 
 @triton.jit
 def finish_group(count, lo, hi, unit, shifted_mean, m2, eps, batch_denominator_ptr, LEAVE_ONE_OUT: tl.constexpr,
                  SCALE: tl.constexpr):
-    """(mean, std, constant, factor) of groups from their count, min, max, unit, and the scaled shifted
-    mean and m2 (all in the accumulation dtype; the module docstring has the math)."""
+    """(mean, std, constant, factor) of groups from their count, min, max (WIDE), unit, and the scaled
+    shifted mean and m2 (in the accumulation dtype; the module docstring has the math)."""
     one = tl.full(count.shape, 1.0, shifted_mean.dtype)
     n = count.to(shifted_mean.dtype)
-    mean = tl.where(count > 0, (lo * unit + shifted_mean) / unit, float("nan"))
+    mean = tl.where(count > 0, (lo * unit + shifted_mean) / unit, float("nan")).to(shifted_mean.dtype)
     std_scaled = tl.where(count > 1, tl.sqrt(m2 / tl.maximum(n - 1, one)), 0.0)
     constant = (count <= 1) | (hi == lo)
     factor = one

@@ -34,7 +34,7 @@ struct GroupsView {
   const float* rewards;        // [B, R] fp32, unit stride along R
   int64_t row_stride;
   int64_t num_rewards;         // R
-  const float* weights;        // [R]
+  const double* weights;       // [R], or null: one unweighted column read as it is, else all ones
   int64_t groups;
   int64_t group_size;          // contiguous groups when offsets is null
   const int64_t* offsets;      // [groups + 1] segment starts into perm, or null
