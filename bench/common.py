@@ -23,13 +23,22 @@ import time
 
 import torch
 
+from bench import charts
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (from /proc/cpuinfo where there is one) and torch's threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def synchronize(device: torch.device) -> None:
@@ -209,6 +218,7 @@ def save(name: str, rows: list[Row], ceilings: Ceilings, device: torch.device, o
     path = os.path.join(out_dir, f"{name}-{device.type}.json")
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
+    charts.write_chart(payload, os.path.splitext(path)[0] + ".png")
     return path
 
 

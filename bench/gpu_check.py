@@ -41,7 +41,7 @@ import tarfile
 import tempfile
 import time
 
-from bench import hardware
+from bench import charts, hardware
 
 TOTAL_BUDGET = 420          # seconds of the machine's 7-minute slot, start-up excluded
 BUILD_BUDGET = 180          # the CUDA extension, in the background
@@ -303,6 +303,8 @@ def save_results(stage: str, outcomes: list[dict], meta: dict, dest: str, stem: 
         with tarfile.open(path, "w:gz") as tar:
             tar.add(stage, arcname=stem)
 
+    for payload in everything["benchmarks"]:           # the charts python -m bench draws, from the same rows
+        charts.write_chart(payload, os.path.join(dest, f"{stem}-{payload['benchmark']}.png"))
     _replace(os.path.join(dest, f"{stem}.logs.tar.gz"), archive)
     _replace(os.path.join(dest, f"{stem}.md"), markdown)
     _replace(os.path.join(dest, f"{stem}.json"), rows)    # last: a JSON naming a step means all three have it

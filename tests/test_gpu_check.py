@@ -154,3 +154,27 @@ def test_every_table_states_its_floor_and_who_is_ahead():
     assert fwd.startswith("fwd N=4: floor 500.0 ms at the measured matmul ceiling")
     assert "ahead: torch.compile(naive) (ours op [cpu] at 1.25x the time of the fastest peer" in fwd
     assert "ahead: ours op [cpu] (ours op [cpu] at 0.25x the time of the fastest peer, naive)" in both
+
+
+def test_save_and_the_gpu_check_draw_the_charts(tmp_path):
+    """python -m bench's save() writes a chart beside its JSON, and the GPU check's results the same per
+    benchmark; the x axis keeps what varies between shapes (the vocabulary), not what they share."""
+    pytest.importorskip("matplotlib")
+    from bench import charts
+    ceilings = Ceilings(bandwidth=1e10, matmul_flops=1e11, dtype="float32")
+    rows = [Row(name, f"B=4 T=8 V={v} float32", seconds, 2**20 * v // 1024, 1e9, 1e11, "", "fwd+bwd", "matmul")
+            for v in (8192, 32768) for name, seconds in (("ours op [cpu]", 0.01), ("naive", 0.03))]
+    rows.append(Row("broken peer", "B=4 T=8 V=8192 float32", None, None, 1e9, 1e11, "failed: OOM", "fwd+bwd"))
+    path = save("demo", rows, ceilings, torch.device("cpu"), out_dir=str(tmp_path))
+    png = pathlib.Path(path).with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert charts._axis_labels([rows[0].shape, rows[2].shape]) == ["V=8192", "V=32768"]
+    payload = json.loads(pathlib.Path(path).read_text())
+    untimed = dict(payload, rows=[r for r in payload["rows"] if r["seconds"] is None])
+    assert charts.write_chart(untimed, str(tmp_path / "none.png")) is None       # nothing timed: no chart
+    (tmp_path / "demo-cuda.json").write_text(json.dumps(payload))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    gpu_check.save_results(str(tmp_path), [], dict(gpu="H200", commit="abc", date="2026-12-07", versions="torch"),
+                           str(dest), "gpu-check-demo")
+    assert (dest / "gpu-check-demo-demo.png").read_bytes()[:4] == b"\x89PNG"
