@@ -47,7 +47,7 @@ class Backend:
 
 # Where each op's table lives: (package, attribute). The tables are the one statement of which op has
 # which backend; dispatch, validation, the static gate, the tests' parametrisation, the benchmarks and
-# the README's table (scripts/generate_docs.py) read them.
+# the table in docs/ops.md (scripts/generate_docs.py) read them.
 OP_TABLES = {
     "logprobs": ("r1kernels.logprobs", "TOKEN_BACKENDS"),
     "linear_logprobs": ("r1kernels.logprobs", "LINEAR_BACKENDS"),

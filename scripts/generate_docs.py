@@ -1,4 +1,4 @@
-"""Write the parts of README.md and docs/design.md that restate tables of the code, from the code.
+"""Write the parts of docs/ops.md that restate tables of the code, from the code.
 
 Each generated part sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``; the text
 around it is written by hand. Parts:
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from r1kernels import backends, grpo  # noqa: E402
 
-FILES = (ROOT / "README.md", ROOT / "docs" / "design.md")
+FILES = (ROOT / "docs" / "ops.md",)
 _BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 

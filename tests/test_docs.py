@@ -1,8 +1,10 @@
-"""The documents that restate tables of the code, against the code: the generated parts of README.md
-and docs/design.md (scripts/generate_docs.py) are current, and the table they are made from is the
-one the code routes by."""
+"""The documents, against the code and each other: the generated parts of docs/ops.md
+(scripts/generate_docs.py) are current and the table they are made from is the one the code routes by;
+the README stays a front door (at most 150 lines, its links and charts present); no page repeats
+another."""
 import importlib.util
 import pathlib
+import re
 
 import pytest
 import torch
@@ -80,3 +82,44 @@ def test_loss_type_capabilities_agree_with_their_options():
         assert entry.needs_max_completion_length == ("max_completion_length" in entry.accepts), name
         assert entry.counts_items == ("num_items_in_batch" in entry.accepts), name
     assert [n for n, e in grpo.LOSS_TYPES.items() if e.whole_sequence] == ["vespo"]
+
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_is_a_front_door():
+    """At most 150 lines; every link and image it names exists (the charts python -m bench draws)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150, len(text.splitlines())
+    targets = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert any(t.endswith(".png") for t in targets), "the README shows a chart"
+    for target in targets:
+        assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
+
+
+def test_docs_links_exist():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_readme_example_runs():
+    """The README's example of every op runs as printed and trains: the loss has gradients."""
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert torch.isfinite(scope["out"].loss) and scope["hidden"].grad.abs().sum() > 0
+    assert scope["adv"].shape == (16,) and scope["o"].shape == (10, 4, 64)
+
+
+def test_no_page_repeats_another():
+    """No sentence-long line of prose (60+ characters, not a table row or code) appears on two pages."""
+    seen: dict = {}
+    for page in PAGES:
+        in_code = False
+        for line in page.read_text().splitlines():
+            in_code ^= line.startswith("```")
+            text = line.strip()
+            if in_code or len(text) < 60 or text.startswith(("|", "<!--")):
+                continue
+            assert seen.setdefault(text, page.name) == page.name, f"{page.name} repeats {seen[text]}: {text!r}"

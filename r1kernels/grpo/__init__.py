@@ -405,8 +405,8 @@ def linear_grpo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages
 
 # Why linear_grpo_loss takes the two-pass route (log-probs forward, policy_loss, then the recomputing
 # backward) rather than computing the gradients in the forward. The first five are read from the
-# options (_two_pass_reason), the last three from the fused lm_head (logprobs.one_pass_blocker). The
-# README and docs/design.md list them, written by scripts/generate_docs.py; tests/test_docs.py checks both.
+# options (_two_pass_reason), the last three from the fused lm_head (logprobs.one_pass_blocker).
+# docs/ops.md lists them, written by scripts/generate_docs.py; tests/test_docs.py checks it.
 TWO_PASS_ROUTES = {
     "no_grad": "no gradient is asked for (`torch.no_grad`, or no input requires grad)",
     "sequence_level": "GSPO, `importance_sampling_level=\"sequence\"` (the ratio is a sequence mean)",
