@@ -24,6 +24,7 @@ import time
 import torch
 
 from bench import charts
+from r1kernels.hardware import proc_status_bytes
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -65,19 +66,6 @@ def median_time(fn, device: torch.device, warmup: int = 2, repeats: int = 5) -> 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def proc_status_bytes(key: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes; 0 where there is none (not
-    Linux). The one reader of these numbers: the benchmarks, the trainer's peak and the tests' probe."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 # mallopt(3) parameters and the values glibc's dynamic rule settles on once a buffer of 32 MiB or more

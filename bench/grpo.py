@@ -15,7 +15,8 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, peak_memory, print_table, save, try_case
-from bench.logprobs import naive_logprobs, our_backends
+from bench.logprobs import our_backends
+from r1kernels.naive import naive_logprobs
 
 # vocabularies: the CPU run sweeps three for the chart; the GPU check keeps to Qwen2.5's (its time budget)
 SHAPES = {

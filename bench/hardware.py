@@ -1,20 +1,10 @@
-"""Datasheet peaks of the GPUs we report against: the one home for these numbers.
-
-Dense (no sparsity) tensor-core rates and HBM bandwidth from NVIDIA's H100 SXM5 and H200 SXM
-datasheets. Both chips have the same SMs and clocks, so the same FLOP/s; the H200 has faster and
-larger HBM3e. fp32 without tensor cores is the "ieee" dot precision our fp32 kernels ask for.
-Benchmarks also measure a ceiling in the same run (bench.common.measure_ceilings); these are the
-numbers a roofline quotes, and the static sm_90 gate uses them for the time a launch implies.
+"""Rooflines for the benchmarks and the static sm_90 gate: the time a launch implies at the datasheet
+peaks (``r1kernels.hardware.PEAKS``, re-exported here with ``DTYPE_KEYS`` and ``peak_for``) and what
+one sm_90 SM holds. Benchmarks also measure a ceiling in the same run (bench.common.measure_ceilings).
 """
 from __future__ import annotations
 
-PEAKS = {
-    "H100 SXM": dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12, hbm_bytes_per_s=3.35e12),
-    "H200": dict(bf16=989.4e12, fp16=989.4e12, tf32=494.7e12, fp32=66.9e12, hbm_bytes_per_s=4.8e12),
-}
-
-# torch dtype name -> the PEAKS key of its math
-DTYPE_KEYS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+from r1kernels.hardware import DTYPE_KEYS, PEAKS, peak_for  # noqa: F401  (this module's API too)
 
 # sm_90 resources per SM and per block (CUDA C Programming Guide, compute capability 9.0)
 SM90_REGISTERS_PER_SM = 65536
@@ -24,14 +14,6 @@ SM90_SHARED_PER_BLOCK = 227 * 1024  # the most one block may ask for
 SM90_SHARED_RESERVED_PER_BLOCK = 1024
 SM90_MAX_WARPS_PER_SM = 64
 SM90_MAX_BLOCKS_PER_SM = 32
-
-
-def peak_for(gpu_name: str) -> tuple[str, dict] | None:
-    """The PEAKS entry whose key names this device (``torch.cuda.get_device_name``), or None."""
-    for key, peaks in PEAKS.items():
-        if key.split()[0] in gpu_name:
-            return key, peaks
-    return None
 
 
 def implied_seconds(flops: float, hbm_bytes: float, math: str, peaks: dict) -> float:

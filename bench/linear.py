@@ -12,7 +12,8 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, print_table, save, try_case
-from bench.logprobs import SHAPES, measure, naive_logprobs, optional, our_backends, phase_rows
+from bench.logprobs import SHAPES, measure, optional, our_backends, phase_rows
+from r1kernels.naive import naive_logprobs
 
 
 def naive_linear_logprobs(hidden, weight, targets):

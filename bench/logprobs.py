@@ -12,6 +12,7 @@ import torch
 
 import r1kernels
 from bench.common import Row, measure_ceilings, median_time, peak_memory, print_table, save, try_case
+from r1kernels.naive import naive_logprobs
 
 SHAPES = {
     "cuda": dict(tokens=16384, hidden=4096, vocab=151936, dtype=torch.bfloat16),
@@ -22,11 +23,6 @@ SHAPES = {
 def our_backends(op, device):
     """``op``'s backends that ``auto`` may pick on ``device``, in its order (``backends.auto_candidates``)."""
     return list(r1kernels.backends.auto_candidates(op, device))
-
-
-def naive_logprobs(logits, targets, temperature=1.0):
-    """What trainers write: full fp32 log-softmax, then gather (targets in range; any leading shape)."""
-    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def optional(module, attr):

@@ -14,7 +14,7 @@ import textwrap
 
 _PRELUDE = """
 import json
-from bench.common import proc_status_bytes
+from r1kernels.hardware import proc_status_bytes
 def reset_peak():
     with open('/proc/self/clear_refs', 'w') as f:
         f.write('5')

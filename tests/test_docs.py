@@ -123,3 +123,4 @@ def test_no_page_repeats_another():
             if in_code or len(text) < 60 or text.startswith(("|", "<!--")):
                 continue
             assert seen.setdefault(text, page.name) == page.name, f"{page.name} repeats {seen[text]}: {text!r}"
+

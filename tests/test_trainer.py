@@ -1,9 +1,11 @@
 """The trainer's pieces: config, rewards, the GRPO step against the float64 reference, packed vs
 padded, save/resume, and two FSDP2 ranks against one process."""
+import ast
 import json
 import math
 import re
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -872,3 +874,14 @@ def test_sft_and_evaluate_run_alone(tmp_path):
         trainer.engine = Answering(right)
         assert trainer.evaluate() == expected
         assert len(trainer.engine.prompts) == len(trainer.data.held_out()) == 8
+
+
+def test_the_trainer_imports_nothing_from_bench():
+    """The benchmarks sit on top of what they measure: no module of trainer/ imports bench (what both
+    need, the naive log-softmax, the process's memory and the GPUs' peaks, lives in r1kernels)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "trainer")
+    for path in sorted(pathlib.Path(root).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "bench" or n.startswith("bench.") for n in names), f"{path.name} imports {names}"

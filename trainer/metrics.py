@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from bench.common import proc_status_bytes
+from r1kernels.hardware import proc_status_bytes
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 import r1kernels
-from bench.logprobs import naive_logprobs
+from r1kernels.naive import naive_logprobs
 from r1kernels.constants import IGNORE_INDEX
 from r1kernels.grpo import LOSS_TYPES, loss_normaliser
 

@@ -10,7 +10,7 @@ import time
 import torch
 
 import r1kernels
-from bench import hardware
+from r1kernels import hardware
 from trainer import parallel, registry, rewards as reward_fns, step as grpo_step
 from trainer.metrics import peak_memory_bytes
 from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
@@ -212,7 +212,7 @@ class Trainer:
             optimizer, scheduler = self._optimizer_for("grpo")
         weights = torch.tensor(self.rewards.weights)
         accuracy_column = self.rewards.names.index("accuracy") if "accuracy" in self.rewards.names else None
-        # MFU against the datasheet's dense bf16 rate, for a GPU bench/hardware.py lists
+        # MFU against the datasheet's dense bf16 rate, for a GPU r1kernels/hardware.py lists
         peaks = hardware.peak_for(torch.cuda.get_device_name(self.world.device)) \
             if self.world.device.type == "cuda" else None
         for step in range(start_step, cfg.steps):
