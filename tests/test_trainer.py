@@ -91,13 +91,25 @@ def test_builtin_tiny_with_a_real_sized_vocabulary():
         load_tokenizer("builtin-tiny", 10)
 
 
-def test_help_states_each_default_once(capsys):
-    """``python -m trainer --help``: every field with the default of the embedded run, stated once."""
+def test_help_explains_every_field_once(capsys):
+    """``python -m trainer --help``: every field with its meaning (declared beside the field, so the help and
+    the code cannot drift), its choices where it has them, and the default of the embedded run, stated once."""
+    import dataclasses
+    from trainer import config as C
     with pytest.raises(SystemExit):
         parse_args(["--help"])
-    text = capsys.readouterr().out
-    assert re.search(r"--grpo\.loss_type STR\s+\(default: 'grpo'\)\n", text)
-    assert not [line for line in text.splitlines() if line.count("(default:") > 1]
+    text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "--grpo.loss_type STR the GRPO-family loss (TRL's names; docs/ops.md has the table) (default: 'grpo'; " \
+           "one of grpo | bnpo" in text
+    fields = [key for key, kind in C._flat_fields(C.TrainerConfig) if kind is not list]
+    assert len(fields) > 70
+    for key in fields:
+        meaning = C._meaning(key)
+        assert len(meaning) > 10, f"{key}: no meaning declared"
+        assert f"--{key} " in text and meaning.replace(" ", "") in text.replace(" ", ""), key   # wrapped anywhere
+    assert all(f.metadata.get("help") for cls in (C.ModelConfig, C.GRPOPhaseConfig, C.LogConfig)
+               for f in dataclasses.fields(cls))
+    assert text.count("(default:") == len(fields)
 
 
 def test_config_file_and_unknown_keys(tmp_path):

@@ -21,116 +21,132 @@ class ConfigError(ValueError):
     pass
 
 
+def _field(default, meaning: str):
+    """A config field and its one-line meaning, which ``--help`` prints (one home for both)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": meaning})
+    return dataclasses.field(default=default, metadata={"help": meaning})
+
+
 @dataclasses.dataclass
 class ModelConfig:
-    name: str = "builtin-tiny"          # builtin-tiny | builtin-0.5b | builtin-1.5b (Qwen2-shaped, random init) or HF
-    hidden_size: int = 128              # builtin-tiny only
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
-    vocab_size: int = 0                 # builtin-tiny only: its tokenizer padded with unused tokens to this size
-    #                                     (a real lm_head, e.g. 32768); 0 keeps its own 82 tokens
-    dtype: str = "float32"              # float32 | bfloat16: the parameters and AdamW's state (compute: parallel)
-    allow_bf16_params: bool = False     # bf16 parameters with AdamW: updates below bf16's spacing are lost
-    reference_model: bool = False       # load a frozen copy (needed when grpo.beta > 0)
-    gradient_checkpointing: bool = False
-    reward_model: str = ""              # optional sequence-classification checkpoint
+    name: str = _field("builtin-tiny", "the policy: builtin-tiny, builtin-0.5b or builtin-1.5b (Qwen2-shaped, random "
+                       "init, no download) or a Hugging Face name or path")
+    hidden_size: int = _field(128, "builtin-tiny: width of the residual stream")
+    num_layers: int = _field(2, "builtin-tiny: decoder blocks")
+    num_heads: int = _field(4, "builtin-tiny: query heads per attention layer")
+    num_kv_heads: int = _field(2, "builtin-tiny: key/value heads (grouped-query attention)")
+    intermediate_size: int = _field(256, "builtin-tiny: width of the MLP")
+    vocab_size: int = _field(0, "builtin-tiny: pad its tokenizer with unused tokens to this many (a real lm_head, "
+                             "e.g. 32768); 0 keeps its own 82 tokens")
+    dtype: str = _field("float32", "dtype of the parameters and AdamW's state (compute: parallel.mixed_precision)")
+    allow_bf16_params: bool = _field(False, "allow model.dtype = bfloat16 (AdamW updates below bf16's spacing are "
+                                     "lost)")
+    reference_model: bool = _field(False, "keep a frozen copy of the policy at the start of GRPO for the KL term "
+                                   "(needed when grpo.beta > 0)")
+    gradient_checkpointing: bool = _field(False, "recompute activations in the backward (less memory, more time)")
+    reward_model: str = _field("", "optional sequence-classification checkpoint scored as a reward "
+                               "(weight: rewards.reward_model)")
 
 
 @dataclasses.dataclass
 class DataConfig:
-    task: str = "arithmetic"            # arithmetic | countdown | jsonl | "module:Class" (trainer/registry.py)
-    train_jsonl: str = ""               # {"prompt", "answer"} records (task = "jsonl")
-    eval_jsonl: str = ""
-    sft_jsonl: str = ""                 # {"prompt", "completion"} worked traces; built-in tasks make their own
-    digits: int = 2                     # arithmetic: operand size
-    operators: str = "+"                # arithmetic: any of + - *
-    countdown_numbers: int = 3
-    eval_size: int = 200
-    seed: int = 1234
-    use_chat_template: bool = True      # when the tokenizer has one
+    task: str = _field("arithmetic", "the task: arithmetic, countdown, jsonl or \"module:Class\" (your own)")
+    train_jsonl: str = _field("", "task jsonl: training records {\"prompt\", \"answer\"}, one per line")
+    eval_jsonl: str = _field("", "task jsonl: held-out records (never trained on)")
+    sft_jsonl: str = _field("", "worked traces {\"prompt\", \"completion\"} for SFT; built-in tasks make their own")
+    digits: int = _field(2, "arithmetic: digits per operand")
+    operators: str = _field("+", "arithmetic: the operators to draw from, any of + - *")
+    countdown_numbers: int = _field(3, "countdown: numbers to combine into the target")
+    eval_size: int = _field(200, "held-out problems per evaluation")
+    seed: int = _field(1234, "seed of the task's problem stream and held-out set")
+    use_chat_template: bool = _field(True, "wrap prompts in the tokenizer's chat template when it has one")
 
 
 @dataclasses.dataclass
 class SFTPhaseConfig:
-    steps: int = 250                    # 0 skips the cold start (R1-Zero)
-    batch_size: int = 64
-    lr: float = 1e-3
+    steps: int = _field(250, "cold-start SFT optimizer steps before GRPO (0 skips it: R1-Zero)")
+    batch_size: int = _field(64, "SFT traces per step")
+    lr: float = _field(1e-3, "SFT learning rate (AdamW)")
 
 
 @dataclasses.dataclass
 class GRPOPhaseConfig:
-    steps: int = 200
-    prompts_per_step: int = 32
-    num_generations: int = 8
-    lr: float = 1e-4
+    steps: int = _field(200, "GRPO optimizer steps")
+    prompts_per_step: int = _field(32, "prompts sampled per step")
+    num_generations: int = _field(8, "completions per prompt (a group; at least 2)")
+    lr: float = _field(1e-4, "GRPO peak learning rate (AdamW)")
     # long warm-up: a fresh Adam on noisy policy gradients otherwise knocks the SFT model back
-    warmup_steps: int = 30
-    lr_schedule: str = "cosine"         # cosine | linear | constant
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    num_iterations: int = 1
-    is_cap: float = 2.0                 # truncation of the sampler importance ratio (vLLM rollouts)
-    loss_type: str = "grpo"
-    beta: float = 0.0
-    epsilon_low: Optional[float] = None   # clipped types: 0.2 when not set
-    epsilon_high: Optional[float] = None  # clipped types: 0.28 when not set (DAPO's clip-higher)
-    cispo_cap: Optional[float] = None     # cispo: the cap on the importance ratio, 5.0 when not set
-    importance_sampling_level: str = "token"
-    scale_rewards: Optional[str] = None   # group | batch | none; not set: group for grpo, none for rloo, dr_grpo
-    advantage_estimator: str = "grpo"   # grpo | rloo | dr_grpo
-    micro_batch_tokens: int = 4096      # token budget per packed micro-batch
-    packing: bool = True                # packed varlen micro-batches (False: padded batches)
-    kernels: str = "r1kernels"          # r1kernels | naive (materialised logits, for comparison)
-    max_bad_steps: int = 3              # updates in a row with a non-finite gradient norm before the run stops
+    warmup_steps: int = _field(30, "steps of linear learning-rate warm-up from 0")
+    lr_schedule: str = _field("cosine", "learning rate after the warm-up: cosine, linear (both to 0) or constant")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    max_grad_norm: float = _field(1.0, "clip the gradient's global L2 norm to this (0: no clipping)")
+    num_iterations: int = _field(1, "optimizer passes over each step's rollouts (TRL's num_iterations)")
+    is_cap: float = _field(2.0, "truncation of the sampler importance ratio (vLLM rollouts)")
+    loss_type: str = _field("grpo", "the GRPO-family loss (TRL's names; docs/ops.md has the table)")
+    beta: float = _field(0.0, "weight of the KL term against the reference model (0: none)")
+    epsilon_low: Optional[float] = _field(None, "clipped types: lower clip range of the ratio (0.2 when not set)")
+    epsilon_high: Optional[float] = _field(None, "clipped types: upper clip range (0.28 when not set: DAPO's "
+                                           "clip-higher)")
+    cispo_cap: Optional[float] = _field(None, "cispo: cap on the importance ratio (5.0 when not set)")
+    importance_sampling_level: str = _field("token", "ratio per token or per sequence (GSPO)")
+    scale_rewards: Optional[str] = _field(None, "advantage scale: group, batch or none (not set: group for grpo, "
+                                          "none for rloo and dr_grpo)")
+    advantage_estimator: str = _field("grpo", "group baseline: grpo (group mean), rloo (leave one out), dr_grpo")
+    micro_batch_tokens: int = _field(4096, "tokens per packed micro-batch (memory per forward/backward)")
+    packing: bool = _field(True, "pack micro-batches as varlen rows (false: padded batches)")
+    kernels: str = _field("r1kernels", "r1kernels, or naive (materialised logits, for comparison)")
+    max_bad_steps: int = _field(3, "updates in a row with a non-finite gradient norm before the run stops")
 
 
 @dataclasses.dataclass
 class RolloutConfig:
-    engine: str = "hf"                  # hf | vllm | "module:Class" (trainer/registry.py)
-    temperature: float = 0.5
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    eval_max_new_tokens: int = 32
+    engine: str = _field("hf", "rollout engine: hf (transformers' generate), vllm or \"module:Class\"")
+    temperature: float = _field(0.5, "sampling temperature of the rollouts (evaluation decodes greedily)")
+    top_p: float = _field(1.0, "nucleus sampling mass, in (0, 1]")
+    max_new_tokens: int = _field(32, "tokens per completion at most")
+    eval_max_new_tokens: int = _field(32, "tokens per held-out completion at most")
 
 
 @dataclasses.dataclass
 class RewardConfig:
-    accuracy: float = 1.0
-    format_strict: float = 0.0
-    format_lenient: float = 0.1
-    language: float = 0.0
-    repetition: float = 0.0
-    reward_model: float = 0.0
-    timeout_s: float = 10.0             # per reward call; a call past it is a failed reward (NaN)
+    accuracy: float = _field(1.0, "weight of correctness (1 for the right answer)")
+    format_strict: float = _field(0.0, "weight of the exact <think>...</think><answer>...</answer> layout")
+    format_lenient: float = _field(0.1, "weight of a <think> block then an <answer> block, anywhere in the text")
+    language: float = _field(0.0, "weight of language consistency (share of the reasoning's letters in its "
+                            "dominant script)")
+    repetition: float = _field(0.0, "weight of the repetition penalty (minus the share of repeated "
+                              "character 4-grams)")
+    reward_model: float = _field(0.0, "weight of model.reward_model's score")
+    timeout_s: float = _field(10.0, "seconds per reward call; a call past it is a failed reward")
     # your own, TRL's reward-function signature: [[rewards.custom]] function = "module:name", weight = 0.5
-    custom: list = dataclasses.field(default_factory=list)
+    custom: list = _field([], "your reward functions ([[rewards.custom]] tables in a config file)")
 
 
 @dataclasses.dataclass
 class ParallelConfig:
-    fsdp: str = "auto"                  # auto (when world size > 1) | on | off
-    mixed_precision: str = "auto"       # auto (bf16 compute + fp32 reduce on GPU, fp32 on CPU) | bf16 | fp32
+    fsdp: str = _field("auto", "FSDP2 sharding: auto (when the world size is > 1), on or off")
+    mixed_precision: str = _field("auto", "compute dtype: auto (bf16 compute and fp32 reduce on GPU, fp32 on CPU), "
+                                  "bf16 or fp32")
 
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    dir: str = "runs/default"
-    every: int = 0                      # steps between checkpoints (0: only at the end)
-    resume: bool = False                # continue from the newest checkpoint in dir; none there: a fresh run
-    resume_strict: bool = False         # with resume: no checkpoint in dir is an error instead
-    allow_config_change: bool = False   # resume with a changed config (the new values apply); else an error
-    export: bool = True                 # save_pretrained of the final policy
-    checkpointer: str = "dcp"           # dcp | "module:Class" (trainer/registry.py)
+    dir: str = _field("runs/default", "directory of the checkpoints, metrics.jsonl and the plot")
+    every: int = _field(0, "GRPO steps between checkpoints (0: only at the end)")
+    resume: bool = _field(False, "continue from the newest checkpoint in dir (none there: a fresh run)")
+    resume_strict: bool = _field(False, "with resume: no checkpoint in dir is an error")
+    allow_config_change: bool = _field(False, "resume with a changed config (the new values apply); else an error")
+    export: bool = _field(True, "save_pretrained the final policy to <dir>/final")
+    checkpointer: str = _field("dcp", "dcp (torch.distributed.checkpoint) or \"module:Class\"")
 
 
 @dataclasses.dataclass
 class LogConfig:
-    plot: bool = True
-    progress: bool = True
-    eval_every: int = 50                # GRPO steps between held-out evaluations (0: before and after only)
-    logger: str = "jsonl"               # jsonl | "module:Class" (trainer/registry.py)
+    plot: bool = _field(True, "write reward.png at the end (needs matplotlib)")
+    progress: bool = _field(True, "print progress while training")
+    eval_every: int = _field(50, "GRPO steps between held-out evaluations (0: before and after only)")
+    logger: str = _field("jsonl", "metrics sink: jsonl (always written) or \"module:Class\"")
 
 
 @dataclasses.dataclass
@@ -144,7 +160,7 @@ class TrainerConfig:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
-    seed: int = 0
+    seed: int = _field(0, "seed of initialisation, sampling and data order")
 
 
 CHOICES = {
@@ -331,6 +347,15 @@ def _type_name(kind) -> str:
     return kind.__name__
 
 
+def _meaning(key: str) -> str:
+    """The one-line meaning a field's ``_field`` declares (``--help`` prints it)."""
+    cls = TrainerConfig
+    *sections, name = key.split(".")
+    for part in sections:
+        cls = _fields(cls)[part]
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _flat_fields(cls, prefix=""):
     for name, kind in _fields(cls).items():
         if dataclasses.is_dataclass(kind):
@@ -345,14 +370,19 @@ def parse_args(argv=None) -> TrainerConfig:
         prog="python -m trainer", description="GRPO training (DeepSeek-R1 recipe) on r1kernels + FSDP2. "
         "Defaults: the embedded CPU run (cold-start SFT, then GRPO on built-in arithmetic).")
     parser.add_argument("--config", help=f"TOML or YAML file (presets in {CONFIG_DIR})")
+    groups: dict = {}
     for key, kind in _flat_fields(TrainerConfig):
         if kind is list:
             continue                    # tables of a config file only
+        group = groups.get(key.split(".")[0]) if "." in key else parser
+        if group is None:
+            group = groups[key.split(".")[0]] = parser.add_argument_group(f"[{key.split('.')[0]}]")
         section = defaults
         for part in key.split("."):
             section = getattr(section, part)
-        parser.add_argument(f"--{key}", dest=key, default=None, metavar=_type_name(kind).upper(),
-                            help=f"(default: {section!r})")
+        choices = f"; one of {' | '.join(map(str, CHOICES[key]))}" if key in CHOICES else ""
+        group.add_argument(f"--{key}", dest=key, default=None, metavar=_type_name(kind).upper(),
+                           help=f"{_meaning(key)} (default: {section!r}{choices})")
     args = parser.parse_args(argv)
     cfg = TrainerConfig()
     if args.config:
