@@ -854,8 +854,8 @@ def test_custom_checkpointer_and_logger_by_import_path(tmp_path, monkeypatch):
     Trainer(tiny_config(tmp_path / "run", sft={"steps": 1}, grpo={"steps": 3}, **parts)).run()
     assert my_sinks.EVENTS == [("load", ("grpo", 2)), ("row", "grpo", 2), ("save", "grpo", 3)]
     assert [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")] == [0, 0, 1, 2]
-    with pytest.raises(ConfigError, match=r"log.logger: expected one of \('jsonl',\)"):
-        parse_args(["--log.logger=wandb"])
+    with pytest.raises(ConfigError, match=r"log.logger: expected one of \('jsonl', 'tensorboard', 'wandb'\)"):
+        parse_args(["--log.logger=mlflow"])
 
 
 def test_sft_and_evaluate_run_alone(tmp_path):
@@ -897,3 +897,62 @@ def test_the_trainer_imports_nothing_from_bench():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "bench" or n.startswith("bench.") for n in names), f"{path.name} imports {names}"
+
+
+def test_tensorboard_logger_writes_every_metric(tmp_path):
+    """A short run with log.logger = "tensorboard" leaves an event file holding the reward and loss of
+    every GRPO step (TensorBoard's own reader), beside the JSONL log."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trainer.train import Trainer
+    Trainer(tiny_config(tmp_path, grpo={"steps": 3}, log={"logger": "tensorboard"})).run()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"grpo/reward", "grpo/loss", "sft/loss", "eval/accuracy_after_grpo"} <= tags, tags
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    assert [e.step for e in events.Scalars("grpo/reward")] == [r["step"] for r in grpo]
+    assert [e.value for e in events.Scalars("grpo/reward")] == pytest.approx([r["reward"] for r in grpo])
+
+
+def test_a_missing_logger_package_names_the_install():
+    """wandb (optional, not a test dependency) missing: the error says what to install, not a traceback."""
+    import importlib.util
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    from trainer.metrics import WandbLog
+    from trainer.parallel import World
+    cfg = tiny_config("/tmp/unused", log={"logger": "wandb"})
+    with pytest.raises(ImportError, match="pip install wandb"):
+        WandbLog(cfg, World())
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_in_place_in_a_terminal_and_periodic_lines_in_a_log(tmp_path, monkeypatch, terminal):
+    """In a terminal tqdm redraws one bar per phase in place; in a log file (no TTY) a line every
+    log.progress_every steps, at each evaluation and at the phase's end, not one per step."""
+    import io
+    from trainer.metrics import MetricsLog
+    from trainer.parallel import World
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    stream = Stderr()
+    monkeypatch.setattr(sys, "stderr", stream)
+    cfg = tiny_config(tmp_path, log={"progress": True, "progress_every": 10})
+    log = MetricsLog(cfg, World())
+    log.begin()
+    for step in range(25):
+        log.log({"phase": "grpo", "step": step, "reward": 0.5, "loss": 0.1,
+                 "eval_accuracy": 0.7 if step == 14 else None}, 25)
+    text = stream.getvalue()
+    if terminal:
+        assert "\r" in text and "grpo: 100%" in text and "reward=0.5" in text
+        assert text.count("\n") <= 2                          # redrawn in place, one line when closed
+    else:
+        lines = text.strip().splitlines()
+        assert [line.split()[1] for line in lines] == ["10/25", "15/25", "20/25", "25/25"], lines
+        assert "eval_accuracy=0.7" in lines[1] and "\r" not in text

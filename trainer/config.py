@@ -144,9 +144,13 @@ class CheckpointConfig:
 @dataclasses.dataclass
 class LogConfig:
     plot: bool = _field(True, "write reward.png at the end (needs matplotlib)")
-    progress: bool = _field(True, "print progress while training")
+    progress: bool = _field(True, "show progress: an in-place bar in a terminal, else a line every progress_every "
+                            "steps")
+    progress_every: int = _field(10, "without a terminal: steps between progress lines (and one at each "
+                                 "evaluation)")
     eval_every: int = _field(50, "GRPO steps between held-out evaluations (0: before and after only)")
-    logger: str = _field("jsonl", "metrics sink: jsonl (always written) or \"module:Class\"")
+    logger: str = _field("jsonl", "metrics sink beside the JSONL log: jsonl (only it), tensorboard, wandb or "
+                         "\"module:Class\"")
 
 
 @dataclasses.dataclass
@@ -184,7 +188,7 @@ POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_g
             "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
             "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
             "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers", "rewards.timeout_s",
-            "grpo.max_bad_steps"}
+            "grpo.max_bad_steps", "log.progress_every"}
 NON_NEGATIVE = {"model.vocab_size", "log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every",
                 "grpo.max_grad_norm", "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
 

@@ -1,4 +1,5 @@
-"""Metrics: a JSONL log, a progress line per step, and at the end a summary table and a PNG plot."""
+"""Metrics: a JSONL log (always), optionally TensorBoard or Weights & Biases beside it, progress (an in-place
+bar in a terminal, a line every few steps in a log file), and at the end a summary table and a PNG plot."""
 from __future__ import annotations
 
 import json
@@ -25,11 +26,16 @@ class MetricsLog:
     and ``summary`` and reads ``rows``; a logger of your own by import path is built as
     ``Class(config, world)`` (subclass this one and extend ``log`` to also send rows elsewhere)."""
 
+    SHOWN = ("loss", "reward", "accuracy", "kl_mean", "entropy_mean", "clip_ratio_region", "completion_len",
+             "train_tok_s", "eval_accuracy")      # the progress display's metrics
+
     def __init__(self, cfg, world):
         self.enabled, self.progress = world.is_main, cfg.log.progress
+        self.progress_every = cfg.log.progress_every
         self.rows = []
         self.start = time.time()
         self.path = os.path.join(cfg.checkpoint.dir, "metrics.jsonl")
+        self.bar = None                              # tqdm's, in a terminal
 
     def begin(self, resumed_at: tuple | None = None):
         """Start the file: empty for a new run; on a resume from checkpoint (phase, step), the rows
@@ -57,14 +63,33 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.progress:
-            done = row["step"] + 1
-            bar = "#" * int(20 * done / total) + "-" * (20 - int(20 * done / total))
-            shown = " ".join(f"{k}={v:.3g}" for k, v in row.items()
-                             if k in ("loss", "reward", "accuracy", "kl_mean", "entropy_mean", "clip_ratio_region",
-                                      "completion_len", "train_tok_s", "eval_accuracy") and v is not None)
-            print(f"[{bar}] {row['phase']} {done}/{total} {shown}", file=sys.stderr, flush=True)
+            self._show(row, total)
+
+    def _show(self, row: dict, total: int):
+        """In a terminal (stderr a TTY), tqdm's bar redrawn in place with the key metrics; otherwise (a log
+        file, CI) a line every ``log.progress_every`` steps, at each evaluation and at each phase's end."""
+        done = row["step"] + 1
+        shown = {k: f"{v:.3g}" for k, v in row.items() if k in self.SHOWN and v is not None}
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            if self.bar is None or self.bar.desc != row["phase"]:
+                self.close_bar()
+                self.bar = tqdm(total=total, desc=row["phase"], initial=done - 1, file=sys.stderr, dynamic_ncols=True)
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+            if done == total:
+                self.close_bar()
+        elif done % self.progress_every == 0 or done == total or row.get("eval_accuracy") is not None:
+            text = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"{row['phase']} {done}/{total} ({row['elapsed_s']:.0f} s) {text}", file=sys.stderr, flush=True)
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def summary(self, before: float, after: float, plot_path: str | None):
+        self.close_bar()
         grpo = [r for r in self.rows if r["phase"] == "grpo"]
         lines = ["", "== summary ==", f"{'held-out accuracy before GRPO':36s} {before * 100:6.1f}%",
                  f"{'held-out accuracy after GRPO':36s} {after * 100:6.1f}%",
@@ -108,3 +133,74 @@ class MetricsLog:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         print(f"plot: {path}")
+
+
+class TensorBoardLog(MetricsLog):
+    """``log.logger = "tensorboard"``: the JSONL log, and every numeric metric as a TensorBoard scalar
+    ``<phase>/<name>`` at its step, in ``<checkpoint.dir>/tensorboard`` (``tensorboard --logdir`` there).
+    TensorBoard is an optional dependency (``pip install tensorboard``)."""
+
+    def __init__(self, cfg, world):
+        super().__init__(cfg, world)
+        self.writer = None
+        if self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("log.logger = 'tensorboard' needs TensorBoard: pip install tensorboard") from None
+            self.writer = SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"))
+
+    def log(self, row: dict, total: int):
+        super().log(row, total)
+        if self.writer is not None:
+            row = self.rows[-1]
+            for name, value in _scalars(row):
+                self.writer.add_scalar(f"{row['phase']}/{name}", value, row["step"])
+
+    def summary(self, before: float, after: float, plot_path: str | None):
+        text = super().summary(before, after, plot_path)
+        if self.writer is not None:
+            self.writer.add_scalar("eval/accuracy_before_grpo", before, 0)
+            self.writer.add_scalar("eval/accuracy_after_grpo", after, 0)
+            self.writer.close()
+        return text
+
+
+class WandbLog(MetricsLog):
+    """``log.logger = "wandb"``: the JSONL log, and every numeric metric to Weights & Biases (project
+    ``r1kernels``, the run's config attached). Offline with no network: ``WANDB_MODE=offline`` (then
+    ``wandb sync`` uploads later). wandb is an optional dependency (``pip install wandb``)."""
+
+    def __init__(self, cfg, world):
+        super().__init__(cfg, world)
+        self.run = None
+        if self.enabled:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("log.logger = 'wandb' needs Weights & Biases: pip install wandb "
+                                  "(WANDB_MODE=offline to log with no network)") from None
+            import dataclasses
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1kernels"), dir=cfg.checkpoint.dir,
+                                  config=dataclasses.asdict(cfg))
+
+    def log(self, row: dict, total: int):
+        super().log(row, total)
+        if self.run is not None:
+            row = self.rows[-1]
+            self.run.log({f"{row['phase']}/{name}": value for name, value in _scalars(row)})
+
+    def summary(self, before: float, after: float, plot_path: str | None):
+        text = super().summary(before, after, plot_path)
+        if self.run is not None:
+            self.run.summary.update({"eval/accuracy_before_grpo": before, "eval/accuracy_after_grpo": after})
+            self.run.finish()
+        return text
+
+
+def _scalars(row: dict):
+    """(name, value) of a row's finite numbers, the bookkeeping (phase, step) left out."""
+    for name, value in row.items():
+        if name not in ("phase", "step") and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            yield name, float(value)

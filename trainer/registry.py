@@ -60,7 +60,17 @@ def _jsonl_logger(cfg, world):
     return MetricsLog(cfg, world)
 
 
+def _tensorboard_logger(cfg, world):
+    from trainer.metrics import TensorBoardLog
+    return TensorBoardLog(cfg, world)
+
+
+def _wandb_logger(cfg, world):
+    from trainer.metrics import WandbLog
+    return WandbLog(cfg, world)
+
+
 ENGINES = {"hf": _hf_engine, "vllm": _vllm_engine}
 CHECKPOINTERS = {"dcp": _dcp_checkpointer}
-LOGGERS = {"jsonl": _jsonl_logger}
+LOGGERS = {"jsonl": _jsonl_logger, "tensorboard": _tensorboard_logger, "wandb": _wandb_logger}
 TASKS = {"arithmetic": _builtin_task, "countdown": _builtin_task, "jsonl": _builtin_task}
