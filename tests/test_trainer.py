@@ -147,6 +147,34 @@ def test_rewards_on_adversarial_completions(text, acc, strict, lenient):
     assert 0.0 < R.language_consistency(text, ARITH) <= 1.0
 
 
+@pytest.mark.parametrize("text, share", [
+    ("<think>2+4=6,1+3=4</think><answer>46</answer>", 1.0),           # the worked column addition
+    ("<think>2+4=6,1+3=5</think><answer>56</answer>", 0.5),           # the tens column wrong
+    ("<think>1+3=4,2+4=6</think><answer>46</answer>", 0.0),           # columns in the wrong order
+    ("<think>2+4=6,1+3=4,0+0=0</think><answer>46</answer>", 2 / 3),   # a step too many
+    ("<think>2+4=6</think><answer>46</answer>", 0.5),                 # a step missing
+    ("<answer>46</answer>", 0.0),                                     # no reasoning
+    ("<think></think><answer>46</answer>", 0.0),
+])
+def test_reasoning_steps_reward_grades_each_column(text, share):
+    assert R.reasoning_steps(text, ARITH) == pytest.approx(share)
+
+
+def test_reasoning_steps_reward_checks_each_equation():
+    """Countdown (and any task without column steps): an equation is valid when its expression, over the
+    task's numbers and earlier steps' results, equals the value it states."""
+    cd = {"task": "countdown", "prompt": "4,10,9:5=", "answer": "5", "numbers": [4, 10, 9]}
+    assert R.reasoning_steps("<think>4+10=14,14-9=5</think>", cd) == 1.0       # 14: an earlier step's result
+    assert R.reasoning_steps("<think>4+10=15,15-9=6</think>", cd) == 0.0       # a wrong step gives nothing
+    assert R.reasoning_steps("<think>4+10-9=5</think><answer>4+10-9</answer>", cd) == 1.0
+    assert R.reasoning_steps("<think>4+10-9=6</think>", cd) == 0.0
+    assert R.reasoning_steps("<think>4+4=8</think>", cd) == 0.0               # 4 used twice
+    assert R.reasoning_steps("<think>__import__('os')=0</think>", cd) == 0.0
+    sub = {"task": "arithmetic", "prompt": "57-12=", "answer": "45"}
+    assert R.reasoning_steps("<think>57-12=45</think><answer>45</answer>", sub) == 1.0
+    assert R.reasoning_steps("<think>57-12=44</think><answer>44</answer>", sub) == 0.0
+
+
 def test_language_and_repetition_and_countdown():
     assert R.language_consistency("<think>abc</think>", ARITH) == 1.0
     assert R.language_consistency("<think>ab数学</think>", ARITH) == pytest.approx(0.5)

@@ -113,6 +113,8 @@ class RewardConfig:
     accuracy: float = _field(1.0, "weight of correctness (1 for the right answer)")
     format_strict: float = _field(0.0, "weight of the exact <think>...</think><answer>...</answer> layout")
     format_lenient: float = _field(0.1, "weight of a <think> block then an <answer> block, anywhere in the text")
+    steps: float = _field(0.2, "weight of reasoning quality: the share of valid intermediate steps in <think> "
+                          "(addition's column steps, countdown's equations)")
     language: float = _field(0.0, "weight of language consistency (share of the reasoning's letters in its "
                             "dominant script)")
     repetition: float = _field(0.0, "weight of the repetition penalty (minus the share of repeated "

@@ -44,7 +44,8 @@ def _number(text: str):
 
 
 def _safe_eval(expression: str, allowed_numbers):
-    """Value of an expression of + - * / and parentheses over the given numbers, each used at most once."""
+    """Value of an expression of + - * / and parentheses over the given numbers, each used at most once
+    (``allowed_numbers`` None: any integers)."""
     if len(expression) > 200:
         raise ValueError("expression too long")
     tree = ast.parse(expression, mode="eval")
@@ -68,6 +69,8 @@ def _safe_eval(expression: str, allowed_numbers):
         raise ValueError(f"disallowed syntax: {type(node).__name__}")
 
     value = walk(tree)
+    if allowed_numbers is None:
+        return value
     remaining = Counter(allowed_numbers)
     remaining.subtract(Counter(used))
     if any(count < 0 for count in remaining.values()):
@@ -103,6 +106,45 @@ def format_strict(text: str, example: dict) -> float:
 
 def format_lenient(text: str, example: dict) -> float:
     return float(_LENIENT.search(text) is not None)
+
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ADDITION = re.compile(r"^(\d+)\+(\d+)=$")
+
+
+def reasoning_steps(text: str, example: dict) -> float:
+    """Reasoning quality: the share of valid intermediate steps in the <think> block (its comma-separated
+    steps; 0 without one). Addition (prompt "a+b="): step i must be column i of the worked column addition,
+    ones first ("7+8=15", then "4+3+1=8" for 47 + 38), over max(expected, given) steps. Otherwise (countdown,
+    the other operators, JSONL tasks): an equation "expression=value" is valid when the expression, of + - *
+    / and parentheses over the task's numbers and the results of earlier valid steps (any integers where the
+    task has no numbers), equals the value."""
+    from trainer.tasks import addition_steps
+
+    found = _THINK.search(text)
+    steps = [s.strip() for s in found.group(1).split(",") if s.strip()] if found else []
+    if not steps:
+        return 0.0
+    addition = _ADDITION.match(example.get("prompt", "").strip())
+    if example.get("task") == "arithmetic" and addition:
+        expected = addition_steps(int(addition.group(1)), int(addition.group(2)))
+        return sum(got == want for got, want in zip(steps, expected)) / max(len(steps), len(expected))
+    numbers = example.get("numbers")
+    available = None if numbers is None else list(numbers)
+    valid = 0
+    for step in steps:
+        left, sep, right = step.rpartition("=")
+        target = _number(right)
+        if not sep or target is None:
+            continue
+        try:
+            ok = abs(_safe_eval(left, available) - target) < 1e-9
+        except (ValueError, SyntaxError, ZeroDivisionError, RecursionError):
+            ok = False
+        valid += ok
+        if ok and available is not None and target.is_integer():
+            available.append(int(target))            # a step's result is a number the next steps may use
+    return valid / len(steps)
 
 
 def _script(ch: str):
@@ -148,7 +190,7 @@ class RewardModel:
 
 
 BUILTIN = {"accuracy": accuracy, "format_strict": format_strict, "format_lenient": format_lenient,
-           "language": language_consistency, "repetition": repetition}
+           "steps": reasoning_steps, "language": language_consistency, "repetition": repetition}
 
 
 def load_custom(entries) -> dict:

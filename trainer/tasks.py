@@ -16,8 +16,9 @@ def completion(reasoning: str, answer: str) -> str:
     return f"{THINK}{reasoning}{END_THINK}{ANSWER}{answer}{END_ANSWER}"
 
 
-def _addition_trace(a: int, b: int) -> str:
-    """Column addition, ones first: '7+8=15,4+3+1=8' for 47 + 38."""
+def addition_steps(a: int, b: int) -> list[str]:
+    """Column addition, ones first: ['7+8=15', '4+3+1=8'] for 47 + 38 (the SFT trace joins them with commas;
+    the reasoning-steps reward checks a completion's steps against them)."""
     steps, carry = [], 0
     da, db = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(da), len(db))):
@@ -26,7 +27,7 @@ def _addition_trace(a: int, b: int) -> str:
         total = x + y + carry
         steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
         carry = total // 10
-    return ",".join(steps)
+    return steps
 
 
 def arithmetic_example(rng: random.Random, digits: int, operators: str) -> dict:
@@ -35,7 +36,7 @@ def arithmetic_example(rng: random.Random, digits: int, operators: str) -> dict:
     if op == "-" and b > a:
         a, b = b, a
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    reasoning = _addition_trace(a, b) if op == "+" else f"{a}{op}{b}={value}"
+    reasoning = ",".join(addition_steps(a, b)) if op == "+" else f"{a}{op}{b}={value}"
     return {"task": "arithmetic", "prompt": f"{a}{op}{b}=", "answer": str(value),
             "trace": completion(reasoning, str(value))}
 
