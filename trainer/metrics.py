@@ -2,6 +2,8 @@
 bar in a terminal, a line every few steps in a log file), and at the end a summary table and a PNG plot."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -135,67 +137,72 @@ class MetricsLog:
         print(f"plot: {path}")
 
 
-class TensorBoardLog(MetricsLog):
+class _SinkLog(MetricsLog):
+    """The JSONL log and, on the main rank, an external sink: ``open_sink`` makes it, ``write`` gets each
+    row's finite numbers, ``finish`` the held-out accuracies before and after GRPO at the end."""
+
+    def __init__(self, cfg, world):
+        super().__init__(cfg, world)
+        self.sink = self.open_sink(cfg) if self.enabled else None
+
+    def log(self, row: dict, total: int):
+        super().log(row, total)
+        if self.sink is not None:
+            row = self.rows[-1]
+            self.write(row["phase"], row["step"], dict(_scalars(row)))
+
+    def summary(self, before: float, after: float, plot_path: str | None):
+        text = super().summary(before, after, plot_path)
+        if self.sink is not None:
+            self.finish({"eval/accuracy_before_grpo": before, "eval/accuracy_after_grpo": after})
+        return text
+
+
+def _optional(module: str, logger: str, install: str):
+    """The optional package a logger needs, or an ImportError that names the install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"log.logger = {logger!r} needs {install}") from None
+
+
+class TensorBoardLog(_SinkLog):
     """``log.logger = "tensorboard"``: the JSONL log, and every numeric metric as a TensorBoard scalar
     ``<phase>/<name>`` at its step, in ``<checkpoint.dir>/tensorboard`` (``tensorboard --logdir`` there).
     TensorBoard is an optional dependency (``pip install tensorboard``)."""
 
-    def __init__(self, cfg, world):
-        super().__init__(cfg, world)
-        self.writer = None
-        if self.enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ImportError("log.logger = 'tensorboard' needs TensorBoard: pip install tensorboard") from None
-            self.writer = SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"))
+    def open_sink(self, cfg):
+        tensorboard = _optional("torch.utils.tensorboard", "tensorboard", "TensorBoard: pip install tensorboard")
+        return tensorboard.SummaryWriter(os.path.join(cfg.checkpoint.dir, "tensorboard"))
 
-    def log(self, row: dict, total: int):
-        super().log(row, total)
-        if self.writer is not None:
-            row = self.rows[-1]
-            for name, value in _scalars(row):
-                self.writer.add_scalar(f"{row['phase']}/{name}", value, row["step"])
+    def write(self, phase: str, step: int, values: dict):
+        for name, value in values.items():
+            self.sink.add_scalar(f"{phase}/{name}", value, step)
 
-    def summary(self, before: float, after: float, plot_path: str | None):
-        text = super().summary(before, after, plot_path)
-        if self.writer is not None:
-            self.writer.add_scalar("eval/accuracy_before_grpo", before, 0)
-            self.writer.add_scalar("eval/accuracy_after_grpo", after, 0)
-            self.writer.close()
-        return text
+    def finish(self, final: dict):
+        for name, value in final.items():
+            self.sink.add_scalar(name, value, 0)
+        self.sink.close()
 
 
-class WandbLog(MetricsLog):
+class WandbLog(_SinkLog):
     """``log.logger = "wandb"``: the JSONL log, and every numeric metric to Weights & Biases (project
-    ``r1kernels``, the run's config attached). Offline with no network: ``WANDB_MODE=offline`` (then
-    ``wandb sync`` uploads later). wandb is an optional dependency (``pip install wandb``)."""
+    ``r1kernels`` or ``$WANDB_PROJECT``, the run's config attached). Offline with no network:
+    ``WANDB_MODE=offline`` (``wandb sync`` uploads later). wandb is an optional dependency
+    (``pip install wandb``)."""
 
-    def __init__(self, cfg, world):
-        super().__init__(cfg, world)
-        self.run = None
-        if self.enabled:
-            try:
-                import wandb
-            except ImportError:
-                raise ImportError("log.logger = 'wandb' needs Weights & Biases: pip install wandb "
-                                  "(WANDB_MODE=offline to log with no network)") from None
-            import dataclasses
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1kernels"), dir=cfg.checkpoint.dir,
-                                  config=dataclasses.asdict(cfg))
+    def open_sink(self, cfg):
+        wandb = _optional("wandb", "wandb", "Weights & Biases: pip install wandb (WANDB_MODE=offline to log "
+                          "with no network)")
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "r1kernels"), dir=cfg.checkpoint.dir,
+                          config=dataclasses.asdict(cfg))
 
-    def log(self, row: dict, total: int):
-        super().log(row, total)
-        if self.run is not None:
-            row = self.rows[-1]
-            self.run.log({f"{row['phase']}/{name}": value for name, value in _scalars(row)})
+    def write(self, phase: str, step: int, values: dict):
+        self.sink.log({f"{phase}/{name}": value for name, value in values.items()})
 
-    def summary(self, before: float, after: float, plot_path: str | None):
-        text = super().summary(before, after, plot_path)
-        if self.run is not None:
-            self.run.summary.update({"eval/accuracy_before_grpo": before, "eval/accuracy_after_grpo": after})
-            self.run.finish()
-        return text
+    def finish(self, final: dict):
+        self.sink.summary.update(final)
+        self.sink.finish()
 
 
 def _scalars(row: dict):
