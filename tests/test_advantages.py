@@ -258,6 +258,21 @@ def test_property_random_groups(sizes, seed, estimator, columns, offset, weighte
         assert_close_scaled(adv, ref, 1e-9 if dtype == torch.float64 else 1e-6, backend)
 
 
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8), seed=st.integers(0, 10_000))
+def test_property_expand_to_tokens(lengths, seed):
+    """Sequences of any lengths (empty and length-1 among them, as many tokens as sequences too): each
+    token of the packed layout and each unmasked token of the padded one carries its sequence's value."""
+    gen = torch.Generator().manual_seed(seed)
+    adv = torch.randn(len(lengths), generator=gen, dtype=torch.float64)
+    cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    expected = [adv[i].item() for i, n in enumerate(lengths) for _ in range(n)]
+    assert r1kernels.expand_to_tokens(adv, cu_seqlens=cu).tolist() == expected
+    mask = torch.arange(max(max(lengths), 1))[None, :] < torch.tensor(lengths)[:, None]
+    padded = r1kernels.expand_to_tokens(adv, mask=mask)
+    assert padded[mask].tolist() == expected and (padded[~mask] == 0).all()
+
+
 def test_compile_fullgraph_contiguous():
     rewards = torch.randn(32)
     f = torch.compile(lambda r: r1kernels.group_advantages(r, group_size=8), fullgraph=True, backend="aot_eager")
