@@ -18,6 +18,8 @@ import re
 import unicodedata
 from collections import Counter
 
+from trainer.tasks import addition_steps
+
 log = logging.getLogger(__name__)
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -119,8 +121,6 @@ def reasoning_steps(text: str, example: dict) -> float:
     the other operators, JSONL tasks): an equation "expression=value" is valid when the expression, of + - *
     / and parentheses over the task's numbers and the results of earlier valid steps (any integers where the
     task has no numbers), equals the value."""
-    from trainer.tasks import addition_steps
-
     found = _THINK.search(text)
     steps = [s.strip() for s in found.group(1).split(",") if s.strip()] if found else []
     if not steps:
