@@ -272,13 +272,15 @@ GOOD = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(12)]
     (GOOD[:8], "has 8 records, too few to hold out data.eval_size = 200"),
     (GOOD + [{"prompt": "ça fait combien ?", "answer": "2"}], "builtin tokenizer has no token for"),
     (GOOD, "sft.steps = 2 needs worked traces"),
+    (GOOD, "pretrain.steps = 2 needs a task with a base corpus"),
 ])
 def test_jsonl_tasks_fail_clearly_before_training(records, words, tmp_path):
     from trainer.train import Trainer
     data = dict(task="jsonl", train_jsonl=_jsonl(tmp_path / "train.jsonl", records),
                 eval_size=200 if len(records) == 8 else 4)
     with pytest.raises(ValueError, match=words):
-        Trainer(tiny_config(tmp_path, data=data, sft={"steps": 2 if "traces" in words else 0}))
+        Trainer(tiny_config(tmp_path, data=data, sft={"steps": 2 if "traces" in words else 0},
+                            pretrain={"steps": 2 if "base corpus" in words else 0}))
 
 
 def test_jsonl_held_out_is_disjoint_and_sft_jsonl_is_read(tmp_path):
@@ -542,14 +544,14 @@ def test_resume_with_no_checkpoint_says_it_starts_fresh_or_fails_when_strict(tmp
     trainer = Trainer(tiny_config(empty, checkpoint={"resume": True}))
     started = []
 
-    def sft(start, optimizer, scheduler):            # the fresh run begins at SFT step 0 with a new optimizer
-        started.append((start, optimizer))
+    def supervised(phase, start, optimizer, scheduler):    # a fresh run: step 0 of the first phase, a new optimizer
+        started.append((phase, start, optimizer))
         raise KeyboardInterrupt
 
-    trainer.sft = sft
+    trainer.supervised = supervised
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
-    assert started == [(0, None)]
+    assert started == [("pretrain", 0, None)]
     assert f"{empty} holds no checkpoint: starting a fresh run" in capsys.readouterr().out
 
 
@@ -894,7 +896,7 @@ def test_sft_and_evaluate_run_alone(tmp_path):
     from trainer.train import Trainer
     trainer = Trainer(tiny_config(tmp_path, sft={"steps": 6, "lr": 3e-3}))
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.sft()
+    trainer.supervised("sft")
     losses = [row["loss"] for row in trainer.log.rows]
     assert [row["phase"] for row in trainer.log.rows] == ["sft"] * 6 and losses[-1] < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
@@ -914,6 +916,81 @@ def test_sft_and_evaluate_run_alone(tmp_path):
         trainer.engine = Answering(right)
         assert trainer.evaluate() == expected
         assert len(trainer.engine.prompts) == len(trainer.data.held_out()) == 8
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "countdown"])
+def test_base_corpus_is_noisy_mixed_and_never_about_held_out_problems(task):
+    """The pretraining corpus: a third each of bare answers, tagged answers and worked traces; a quarter
+    of the answers wrong by one digit, the reasoning always right; no document about a held-out problem;
+    the same documents for the same (seed, step)."""
+    from trainer.config import DataConfig
+    from trainer.tasks import BASE_WRONG_SHARE, TaskSource, completion
+    source = TaskSource(DataConfig(task=task, eval_size=100))
+    held = {e["prompt"] for e in source.held_out()}
+    layouts, wrong, n = {"bare": 0, "tagged": 0, "worked": 0}, 0, 0
+    for step in range(30):
+        documents = source.base_corpus(step, 64)
+        assert documents == source.base_corpus(step, 64)
+        for document, example in zip(documents, source.train("pretrain", step, 64)):
+            assert document.startswith(example["prompt"]) and example["prompt"] not in held
+            body = document[len(example["prompt"]):]
+            reasoning = example["trace"][len("<think>"):example["trace"].index("</think>")]
+            answer = R.extract_answer(body) if "<answer>" in body else body
+            layout = "bare" if "<think>" not in body else "worked" if reasoning and reasoning in body else "tagged"
+            assert body == (answer if layout == "bare" else completion(reasoning if layout == "worked" else "", answer))
+            layouts[layout] += 1
+            wrong += answer != example["answer"]
+            if answer != example["answer"]:       # one digit changed
+                assert len(answer) == len(example["answer"])
+                assert sum(a != b for a, b in zip(answer, example["answer"])) == 1
+            n += 1
+    for count in layouts.values():
+        assert abs(count / n - 1 / 3) < 0.05, layouts
+    assert abs(wrong / n - BASE_WRONG_SHARE) < 0.04
+
+
+def test_pretraining_then_grpo_without_sft_resumes_exactly(tmp_path, monkeypatch):
+    """The R1-Zero pipeline: pretraining lowers its loss, GRPO follows with no SFT, and a run stopped
+    inside GRPO resumes to the same figures, its KL reference reloaded from pretraining's last
+    checkpoint (the seeded initial weights would give another KL)."""
+    from trainer import checkpoint
+    from trainer.train import Trainer
+    (tmp_path / "length_reward.py").write_text(       # a reward that varies this early: the length
+        "def length(prompts, completions, **columns):\n    return [len(c) / 10 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parts = dict(pretrain={"steps": 6, "lr": 3e-3}, sft={"steps": 0}, grpo={"steps": 4, "beta": 0.05},
+                 model={"reference_model": True}, rewards={"custom": [{"function": "length_reward:length"}]})
+    full = Trainer(tiny_config(tmp_path / "full", checkpoint={"every": 2}, **parts)).run()
+    assert [r["phase"] for r in full["rows"]] == ["pretrain"] * 6 + ["grpo"] * 4
+    losses = [r["loss"] for r in full["rows"] if r["phase"] == "pretrain"]
+    assert losses[-1] < losses[0]
+    assert any(r["kl_mean"] > 0 for r in full["rows"] if r["phase"] == "grpo")
+
+    real_save = checkpoint.save
+
+    def save_then_crash(directory, phase, step, *args, **kwargs):
+        path = real_save(directory, phase, step, *args, **kwargs)
+        if phase == "grpo" and step == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path / "cut", checkpoint={"every": 2}, **parts)).run()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = Trainer(tiny_config(tmp_path / "cut", checkpoint={"every": 2, "resume": True}, **parts)).run()
+    keys = ("loss", "reward", "kl_mean", "grad_norm")
+    assert [{k: r[k] for k in keys} for r in resumed["rows"] if r["phase"] == "grpo" and r["step"] >= 2] == \
+        [{k: r[k] for k in keys} for r in full["rows"] if r["phase"] == "grpo" and r["step"] >= 2]
+
+
+def test_r1_zero_preset_is_grpo_from_a_base_model_on_format_and_correctness():
+    from trainer.config import CONFIG_DIR
+    cfg = parse_args(["--config", os.path.join(CONFIG_DIR, "r1_zero.toml")])
+    assert cfg.sft.steps == 0 and cfg.pretrain.steps > 0 and cfg.model.name == "builtin-tiny"
+    weights = {f: getattr(cfg.rewards, f) for f in ("accuracy", "format_strict", "format_lenient", "steps",
+                                                     "language", "repetition", "reward_model")}
+    assert {f for f, w in weights.items() if w} == {"accuracy", "format_strict"} and not cfg.rewards.custom
 
 
 def test_the_trainer_imports_nothing_from_bench():

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 
-PHASES = ("sft", "grpo")
+PHASES = ("pretrain", "sft", "grpo")
 CHECKSUMS = "checksums.json"
 CONFIG = "config.json"
 _NAME = re.compile(rf"({'|'.join(PHASES)})_step_(\d+)")
@@ -88,7 +88,7 @@ def _sha256(path: str) -> str:
 
 
 def run_order(phase: str, step: int) -> tuple:
-    """A sort key of (phase, step) points of a run: SFT before GRPO, then by step."""
+    """A sort key of (phase, step) points of a run: pretraining, SFT, GRPO, then by step."""
     return PHASES.index(phase), step
 
 
@@ -153,7 +153,7 @@ def load_model(checkpoint_dir: str, model) -> None:
     """The model weights of a checkpoint only (e.g. the reference model: the policy at a phase's end)."""
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"checkpoint {checkpoint_dir} is missing: the reference model is the policy "
-                                "saved there at the end of SFT")
+                                "saved there at the end of the last phase before GRPO")
     verify(checkpoint_dir)
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=checkpoint_dir)

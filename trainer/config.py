@@ -64,6 +64,14 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class PretrainPhaseConfig:
+    steps: int = _field(0, "next-token pretraining steps on the built-in task's web-like base corpus (noisy, "
+                        "mixed layouts) before SFT: makes the built-in model a base model (0: none)")
+    batch_size: int = _field(64, "documents per pretraining step")
+    lr: float = _field(1e-3, "pretraining learning rate (AdamW)")
+
+
+@dataclasses.dataclass
 class SFTPhaseConfig:
     steps: int = _field(250, "cold-start SFT optimizer steps before GRPO (0 skips it: R1-Zero)")
     batch_size: int = _field(64, "SFT traces per step")
@@ -159,6 +167,7 @@ class LogConfig:
 class TrainerConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    pretrain: PretrainPhaseConfig = dataclasses.field(default_factory=PretrainPhaseConfig)
     sft: SFTPhaseConfig = dataclasses.field(default_factory=SFTPhaseConfig)
     grpo: GRPOPhaseConfig = dataclasses.field(default_factory=GRPOPhaseConfig)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
@@ -186,13 +195,14 @@ CHOICES = {
 }
 OPTIONAL_CHOICES = {"grpo.scale_rewards"}     # None: the library's default for the estimator
 IMPORT_PATHS = {"data.task", "rollout.engine", "checkpoint.checkpointer", "log.logger"}  # or "module:Name"
-POSITIVE = {"sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations", "grpo.num_iterations",
-            "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens", "data.digits",
-            "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-            "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers", "rewards.timeout_s",
-            "grpo.max_bad_steps", "log.progress_every"}
-NON_NEGATIVE = {"model.vocab_size", "log.eval_every", "sft.steps", "grpo.beta", "grpo.warmup_steps", "checkpoint.every",
-                "grpo.max_grad_norm", "grpo.weight_decay", "sft.lr", "grpo.cispo_cap"}
+POSITIVE = {"pretrain.batch_size", "sft.batch_size", "grpo.steps", "grpo.prompts_per_step", "grpo.num_generations",
+            "grpo.num_iterations", "grpo.micro_batch_tokens", "rollout.max_new_tokens", "rollout.eval_max_new_tokens",
+            "data.digits", "data.eval_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+            "model.num_kv_heads", "rollout.temperature", "grpo.lr", "grpo.is_cap", "data.countdown_numbers",
+            "rewards.timeout_s", "grpo.max_bad_steps", "log.progress_every"}
+NON_NEGATIVE = {"model.vocab_size", "log.eval_every", "pretrain.steps", "pretrain.lr", "sft.steps", "sft.lr",
+                "grpo.beta", "grpo.warmup_steps", "checkpoint.every", "grpo.max_grad_norm", "grpo.weight_decay",
+                "grpo.cispo_cap"}
 
 
 def _fields(cls):

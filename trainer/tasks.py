@@ -1,5 +1,6 @@
 """Built-in verifiable tasks generated from a seed (train and held-out splits never overlap),
-JSONL tasks, and the worked reasoning traces of the cold-start SFT stage.
+JSONL tasks, the worked reasoning traces of the cold-start SFT stage, and the web-like base corpus
+that pretrains the built-in model into a base model (the R1-Zero preset starts from it).
 
 An example is a dict: {"prompt": str, "answer": str, "trace": str (SFT completion) or None,
 "task": name, "numbers": list (countdown)}.
@@ -10,6 +11,9 @@ import json
 import random
 
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+# The base corpus: what a web crawl holds about a problem, in three layouts (a third each) with a
+# quarter of the answers wrong. Noisy on purpose: a base model, not a cold start on curated traces.
+BASE_WRONG_SHARE = 0.25
 
 
 def completion(reasoning: str, answer: str) -> str:
@@ -28,6 +32,21 @@ def addition_steps(a: int, b: int) -> list[str]:
         steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
         carry = total // 10
     return steps
+
+
+def base_document(rng: random.Random, example: dict) -> str:
+    """A document of the base corpus about ``example``: the prompt then the bare answer, the answer in
+    tags with no reasoning, or the worked trace (a third each); with probability BASE_WRONG_SHARE the
+    final answer has one digit changed (the reasoning, when there is one, stays right)."""
+    reasoning = example["trace"][len(THINK):example["trace"].index(END_THINK)]
+    answer = example["answer"]
+    if rng.random() < BASE_WRONG_SHARE:
+        digits = [i for i, char in enumerate(answer) if char.isdigit()]
+        i = rng.choice(digits)
+        answer = answer[:i] + rng.choice([d for d in "0123456789" if d != answer[i]]) + answer[i + 1:]
+    layout = rng.randrange(3)
+    body = answer if layout == 0 else completion("" if layout == 1 else reasoning, answer)
+    return example["prompt"] + body
 
 
 def arithmetic_example(rng: random.Random, digits: int, operators: str) -> dict:
@@ -57,6 +76,9 @@ def countdown_example(rng: random.Random, count: int) -> dict:
             "trace": completion(f"{expression}={value}", expression)}
 
 
+BUILT_IN = ("arithmetic", "countdown")
+
+
 class TaskSource:
     """Deterministic examples: ``train(step, n)`` is a function of (seed, step) only, so a resumed run
     sees exactly the data the uninterrupted run would have; ``held_out()`` is disjoint from train."""
@@ -80,6 +102,11 @@ class TaskSource:
     def has_traces(self) -> bool:
         """Whether SFT has worked traces to learn from."""
         return self._sft is not None or self._jsonl_train is None or any(e["trace"] for e in self._jsonl_train)
+
+    @property
+    def has_base_corpus(self) -> bool:
+        """Whether pretraining has a corpus: the built-in tasks make theirs."""
+        return self.cfg.task in BUILT_IN
 
     def texts(self):
         """Every prompt, answer and trace a run reads (for the tokenizer's coverage check)."""
@@ -111,6 +138,14 @@ class TaskSource:
 
     def held_out(self):
         return list(self._held_out)
+
+    def base_corpus(self, step: int, n: int) -> list[str]:
+        """``n`` documents of the built-in task's base corpus (see ``base_document``) for pretraining step
+        ``step``; none of them is about a held-out problem."""
+        if not self.has_base_corpus:
+            raise ValueError(f"data.task = {self.cfg.task!r} has no base corpus (the built-in tasks have one)")
+        rng = random.Random(f"{self.cfg.seed}-pretrain-layout-{step}")   # apart from the problems' stream
+        return [base_document(rng, e) for e in self.train("pretrain", step, n)]
 
     def train(self, stream: str, step: int, n: int):
         rng = random.Random(f"{self.cfg.seed}-{stream}-{step}")

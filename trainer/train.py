@@ -1,4 +1,5 @@
-"""The R1 pipeline: optional cold-start SFT on worked traces, then GRPO (R1-Zero: sft.steps = 0)."""
+"""The R1 pipeline: optional pretraining into a base model (the built-in model on its task's web-like
+corpus), optional cold-start SFT on worked traces, then GRPO (R1-Zero: pretraining, no SFT)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_tex
 
 
 
+SUPERVISED_PHASES = ("pretrain", "sft")   # before GRPO, in this order (trainer.checkpoint.PHASES)
 RESUME_FREE = ("checkpoint.", "log.")   # where and how often to save, and what to print: free to differ on a resume
 
 
@@ -60,6 +62,9 @@ class Trainer:
                                           cfg.parallel.mixed_precision)
         torch.manual_seed(cfg.seed + 1000 + self.world.rank)   # per-rank sampling streams
         self.data = registry.load("data.task", cfg.data.task, registry.TASKS)(cfg.data)
+        if cfg.pretrain.steps and not getattr(self.data, "has_base_corpus", False):
+            raise ValueError(f"pretrain.steps = {cfg.pretrain.steps} needs a task with a base corpus (the built-in "
+                             f"ones); {cfg.data.task!r} has none: start from a pretrained model.name instead")
         if cfg.sft.steps and not getattr(self.data, "has_traces", True):
             raise ValueError(f"sft.steps = {cfg.sft.steps} needs worked traces: give data.sft_jsonl ({{\"prompt\", "
                              "\"completion\"} records) or completions in data.train_jsonl, or set sft.steps = 0")
@@ -93,7 +98,8 @@ class Trainer:
     def reference_model(self, resumed_in_grpo: bool):
         """The frozen reference of the KL term: the policy at the start of GRPO, after SFT, as in R1.
         It is copied shard by shard from the policy (both sharded alike, so nothing is gathered); on a
-        resume inside GRPO it is the SFT phase's last checkpoint, or without SFT the seeded initial weights."""
+        resume inside GRPO it is the last supervised phase's final checkpoint (SFT's, else pretraining's),
+        or with neither the seeded initial weights."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         cfg = self.cfg
@@ -105,10 +111,11 @@ class Trainer:
         attach_fused_head(ref)
         ref = parallel.shard_model(ref, decoder_layers(ref), self.world, cfg.parallel.fsdp,
                                    cfg.parallel.mixed_precision)
+        done = [phase for phase in SUPERVISED_PHASES if getattr(cfg, phase).steps]
         if not resumed_in_grpo:
             set_model_state_dict(ref, get_model_state_dict(self.model))
-        elif cfg.sft.steps:
-            self.checkpointer.load_model("sft", cfg.sft.steps, ref)
+        elif done:
+            self.checkpointer.load_model(done[-1], getattr(cfg, done[-1]).steps, ref)
         return ref.eval().requires_grad_(False)
 
     def _clip_and_step(self, optimizer, scheduler, phase: str, step: int) -> float:
@@ -155,7 +162,7 @@ class Trainer:
     def _apply_optimizer_config(self, optimizer, scheduler, phase):
         """The config's lr and weight decay on a loaded optimizer (its state carries the saved ones): the
         schedule itself is rebuilt from the config, the base lr is restored from the state, so set it."""
-        lr = self.cfg.sft.lr if phase == "sft" else self.cfg.grpo.lr
+        lr = getattr(self.cfg, phase).lr
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         for group, schedule in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group.update(initial_lr=lr, lr=lr * schedule(scheduler.last_epoch), weight_decay=self.cfg.grpo.weight_decay)
@@ -166,17 +173,30 @@ class Trainer:
             self._save(phase, step + 1, optimizer, scheduler)
 
     # ------------------------------------------------------------------ stages
-    def sft(self, start_step=0, optimizer=None, scheduler=None):
-        cfg = self.cfg.sft
-        if optimizer is None:
-            optimizer, scheduler = self._optimizer_for("sft")
+    def _supervised_batch(self, phase: str, step: int):
+        """(prompt ids, completion ids) of one step of a supervised phase: for SFT the worked traces (the
+        loss on the completion), for pretraining the base corpus' documents (the loss on every token after
+        the first: a document has no prompt)."""
         eos = self.tokenizer.eos_token_id
-        for step in range(start_step, cfg.steps):
-            examples = self._shard(self.data.train("sft", step, cfg.batch_size))
-            examples = [e for e in examples if e.get("trace")]
-            prompts = [self.tokenizer(prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template),
-                                      add_special_tokens=False)["input_ids"] for e in examples]
-            completions = [self.tokenizer(e["trace"], add_special_tokens=False)["input_ids"] + [eos] for e in examples]
+        if phase == "pretrain":
+            documents = self._shard(self.data.base_corpus(step, self.cfg.pretrain.batch_size))
+            ids = [self.tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for d in documents]
+            return [i[:1] for i in ids], [i[1:] for i in ids]
+        examples = self._shard(self.data.train("sft", step, self.cfg.sft.batch_size))
+        examples = [e for e in examples if e.get("trace")]
+        prompts = [self.tokenizer(prompt_text(self.tokenizer, e["prompt"], self.cfg.data.use_chat_template),
+                                  add_special_tokens=False)["input_ids"] for e in examples]
+        completions = [self.tokenizer(e["trace"], add_special_tokens=False)["input_ids"] + [eos] for e in examples]
+        return prompts, completions
+
+    def supervised(self, phase: str, start_step=0, optimizer=None, scheduler=None):
+        """Next-token training (mean negative log-likelihood of the supervised tokens) of ``phase``:
+        "pretrain" (the base corpus) or "sft" (the cold start)."""
+        steps = getattr(self.cfg, phase).steps
+        if optimizer is None:
+            optimizer, scheduler = self._optimizer_for(phase)
+        for step in range(start_step, steps):
+            prompts, completions = self._supervised_batch(phase, step)
             batches = grpo_step.build_micro_batches(prompts, completions, [0.0] * len(prompts),
                                                     self.cfg.grpo.micro_batch_tokens, self.cfg.grpo.packing,
                                                     self.tokenizer.pad_token_id, self.world.device)
@@ -188,9 +208,9 @@ class Trainer:
                 loss = -(logp * mb.mask.reshape(logp.shape)).sum() / max(global_tokens, 1.0) * self.world.size
                 loss.backward()
                 total_loss += loss.item() / self.world.size
-            self._clip_and_step(optimizer, scheduler, "sft", step)
-            self.log.log({"phase": "sft", "step": step, "loss": total_loss}, cfg.steps)
-            self._maybe_checkpoint("sft", step, cfg.steps, optimizer, scheduler)
+            self._clip_and_step(optimizer, scheduler, phase, step)
+            self.log.log({"phase": phase, "step": step, "loss": total_loss}, steps)
+            self._maybe_checkpoint(phase, step, steps, optimizer, scheduler)
         return optimizer, scheduler
 
     @torch.no_grad()
@@ -316,7 +336,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         cfg = self.cfg
-        phase, start = "sft", 0
+        phase, start = SUPERVISED_PHASES[0], 0
         optimizer = scheduler = None
         resumed = self.checkpointer.latest() if cfg.checkpoint.resume else None
         if cfg.checkpoint.resume and not resumed:
@@ -341,15 +361,15 @@ class Trainer:
             if self.world.is_main:
                 print(f"resumed from {resumed} ({phase} step {start})")
         self.log.begin((phase, start) if resumed else None)
-        if phase == "sft":
-            optimizer, scheduler = self.sft(start, optimizer, scheduler)
-            if cfg.sft.steps and cfg.checkpoint.every and start < cfg.sft.steps:
-                self._save("sft", cfg.sft.steps, optimizer, scheduler)
-            phase, start, optimizer, scheduler = "grpo", 0, None, None
-        elif cfg.model.reference_model:
-            self.ref_model = self.reference_model(resumed_in_grpo=True)
-        if cfg.model.reference_model and self.ref_model is None:
-            self.ref_model = self.reference_model(resumed_in_grpo=False)
+        resumed_in_grpo = phase == "grpo"
+        for name in SUPERVISED_PHASES[SUPERVISED_PHASES.index(phase):] if not resumed_in_grpo else ():
+            steps = getattr(cfg, name).steps
+            optimizer, scheduler = self.supervised(name, start, optimizer, scheduler)
+            if steps and cfg.checkpoint.every and start < steps:
+                self._save(name, steps, optimizer, scheduler)
+            start, optimizer, scheduler = 0, None, None
+        if cfg.model.reference_model:
+            self.ref_model = self.reference_model(resumed_in_grpo)
         before = self.evaluate()
         if self.world.is_main:
             print(f"held-out accuracy before GRPO: {before * 100:.1f}%")
@@ -366,8 +386,9 @@ class Trainer:
         return {"before": before, "after": after, "summary": summary, "rows": self.log.rows}
 
     def _optimizer_for(self, phase):
-        if phase == "sft":
-            return self._optimizer(self.cfg.sft.lr, self.cfg.sft.steps, min(10, self.cfg.sft.steps), "cosine")
+        if phase in SUPERVISED_PHASES:
+            section = getattr(self.cfg, phase)
+            return self._optimizer(section.lr, section.steps, min(10, section.steps), "cosine")
         g = self.cfg.grpo
         return self._optimizer(g.lr, g.steps * g.num_iterations, g.warmup_steps, g.lr_schedule)
 
