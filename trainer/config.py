@@ -73,7 +73,7 @@ class PretrainPhaseConfig:
 
 @dataclasses.dataclass
 class SFTPhaseConfig:
-    steps: int = _field(250, "cold-start SFT optimizer steps before GRPO (0 skips it: R1-Zero)")
+    steps: int = _field(250, "cold-start SFT optimizer steps before GRPO (0 skips it, as R1-Zero does)")
     batch_size: int = _field(64, "SFT traces per step")
     lr: float = _field(1e-3, "SFT learning rate (AdamW)")
 
