@@ -419,12 +419,10 @@ def test_fused_head_sees_only_the_completion_rows(packing, monkeypatch, tmp_path
 
 
 # ------------------------------------------------------------------ checkpoints and ranks
-def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
+def _run_until_crash_after_grpo_step_2(cfg, monkeypatch):
+    """Run ``cfg`` until the checkpoint of GRPO step 2 is written, then stop it as a crash would."""
     from trainer import checkpoint
     from trainer.train import Trainer
-
-    full = Trainer(tiny_config(tmp_path / "full", grpo={"steps": 4}, checkpoint={"every": 2})).run()
-
     real_save = checkpoint.save
 
     def save_then_crash(directory, phase, step, *args, **kwargs):
@@ -435,8 +433,18 @@ def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(tmp_path / "cut", grpo={"steps": 4}, checkpoint={"every": 2})).run()
+        Trainer(cfg).run()
     monkeypatch.setattr(checkpoint, "save", real_save)
+
+
+def test_save_stop_resume_reproduces_the_run(tmp_path, monkeypatch):
+    from trainer import checkpoint
+    from trainer.train import Trainer
+
+    full = Trainer(tiny_config(tmp_path / "full", grpo={"steps": 4}, checkpoint={"every": 2})).run()
+
+    _run_until_crash_after_grpo_step_2(tiny_config(tmp_path / "cut", grpo={"steps": 4}, checkpoint={"every": 2}),
+                                       monkeypatch)
     assert checkpoint.latest(str(tmp_path / "cut")).endswith("grpo_step_000002")
     resumed = Trainer(tiny_config(tmp_path / "cut", grpo={"steps": 4},
                                   checkpoint={"every": 2, "resume": True})).run()
@@ -953,7 +961,6 @@ def test_pretraining_then_grpo_without_sft_resumes_exactly(tmp_path, monkeypatch
     """The R1-Zero pipeline: pretraining lowers its loss, GRPO follows with no SFT, and a run stopped
     inside GRPO resumes to the same figures, its KL reference reloaded from pretraining's last
     checkpoint (the seeded initial weights would give another KL)."""
-    from trainer import checkpoint
     from trainer.train import Trainer
     (tmp_path / "length_reward.py").write_text(       # a reward that varies this early: the length
         "def length(prompts, completions, **columns):\n    return [len(c) / 10 for c in completions]\n")
@@ -966,18 +973,7 @@ def test_pretraining_then_grpo_without_sft_resumes_exactly(tmp_path, monkeypatch
     assert losses[-1] < losses[0]
     assert any(r["kl_mean"] > 0 for r in full["rows"] if r["phase"] == "grpo")
 
-    real_save = checkpoint.save
-
-    def save_then_crash(directory, phase, step, *args, **kwargs):
-        path = real_save(directory, phase, step, *args, **kwargs)
-        if phase == "grpo" and step == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(tmp_path / "cut", checkpoint={"every": 2}, **parts)).run()
-    monkeypatch.setattr(checkpoint, "save", real_save)
+    _run_until_crash_after_grpo_step_2(tiny_config(tmp_path / "cut", checkpoint={"every": 2}, **parts), monkeypatch)
     resumed = Trainer(tiny_config(tmp_path / "cut", checkpoint={"every": 2, "resume": True}, **parts)).run()
     keys = ("loss", "reward", "kl_mean", "grad_norm")
     assert [{k: r[k] for k in keys} for r in resumed["rows"] if r["phase"] == "grpo" and r["step"] >= 2] == \
