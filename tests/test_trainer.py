@@ -980,6 +980,12 @@ def test_pretraining_then_grpo_without_sft_resumes_exactly(tmp_path, monkeypatch
         [{k: r[k] for k in keys} for r in full["rows"] if r["phase"] == "grpo" and r["step"] >= 2]
 
 
+def test_cpu_default_preset_is_the_embedded_default():
+    """trainer/configs/cpu_default.toml spells out what no config gives: the two cannot drift apart."""
+    from trainer.config import CONFIG_DIR, TrainerConfig
+    assert parse_args(["--config", os.path.join(CONFIG_DIR, "cpu_default.toml")]) == TrainerConfig()
+
+
 def test_r1_zero_preset_is_grpo_from_a_base_model_on_format_and_correctness():
     from trainer.config import CONFIG_DIR
     cfg = parse_args(["--config", os.path.join(CONFIG_DIR, "r1_zero.toml")])
