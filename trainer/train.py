@@ -13,13 +13,14 @@ import torch
 import r1kernels
 from r1kernels import hardware
 from trainer import parallel, registry, rewards as reward_fns, step as grpo_step
+from trainer.checkpoint import PHASES
 from trainer.metrics import peak_memory_bytes
 from trainer.model import BUILTIN_MODELS, attach_fused_head, build_model, decoder_layers
 from trainer.tokenizer import CHARS as BUILTIN_CHARS, load_tokenizer, prompt_text
 
 
 
-SUPERVISED_PHASES = ("pretrain", "sft")   # before GRPO, in this order (trainer.checkpoint.PHASES)
+SUPERVISED_PHASES = PHASES[:PHASES.index("grpo")]   # pretrain, sft: next-token phases before GRPO
 RESUME_FREE = ("checkpoint.", "log.")   # where and how often to save, and what to print: free to differ on a resume
 
 
@@ -193,6 +194,8 @@ class Trainer:
         """Next-token training (mean negative log-likelihood of the supervised tokens) of ``phase``:
         "pretrain" (the base corpus) or "sft" (the cold start)."""
         steps = getattr(self.cfg, phase).steps
+        if start_step >= steps:           # a skipped phase (0 steps) builds no optimizer
+            return optimizer, scheduler
         if optimizer is None:
             optimizer, scheduler = self._optimizer_for(phase)
         for step in range(start_step, steps):
