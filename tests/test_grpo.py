@@ -67,6 +67,81 @@ def test_kl_estimators_and_per_token_advantages_and_is_ratio(estimator):
     assert_close_scaled(lp.grad, ref_lp.grad, 1e-12)
 
 
+# is_ratio as the samplers' corrections hand it: per token (TRL's token_* modes, verl's token-level weights),
+# one per sequence as [B, 1] (TRL's sequence_* modes) or [B]; packed [N], [S] or [S, 1]
+IS_SHAPES = ("per token", "per sequence [B, 1]", "per sequence [B]")
+
+
+@pytest.mark.parametrize("shape", IS_SHAPES)
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_is_ratio_in_every_shape_matches_reference_padded_and_packed(loss_type, shape):
+    """Loss and gradient against the float64 reference, padded and packed (where a per-sequence ratio
+    is given as [S] or [S, 1]), with ratios that a mask mode zeroed (0) and a truncation capped (3.0)."""
+    d = loss_batch()
+    opts = loss_options_of(loss_type, "sequence" if loss_type == "luspo" else "token", 0.04, None, None)
+    gen = torch.Generator().manual_seed(3)
+    is_ratio = (torch.rand(B, T, generator=gen, dtype=torch.float64) * 1.5 + 0.3) if shape == "per token" else \
+        torch.rand(B, 1, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+    is_ratio[0, 0], is_ratio[5, 0] = 0.0, 3.0
+    if shape == "per sequence [B]":
+        is_ratio = is_ratio[:, 0]
+    lp = d["logp"].clone().requires_grad_()
+    out = r1kernels.policy_loss(lp, d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                is_ratio=is_ratio, **opts)
+    ref_lp = d["logp"].clone().requires_grad_()
+    ref = grpo_loss_ref(ref_lp, d["adv"], d["mask"], d["old"], d["ref"], is_ratio=is_ratio, **reference_options(opts))
+    (grad,), (ref_grad,) = torch.autograd.grad(out.loss, lp), torch.autograd.grad(ref, ref_lp)
+    assert_close_scaled(out.loss, ref, 1e-12, "loss")
+    assert_close_scaled(grad, ref_grad, 1e-12, "d logprobs")
+
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = d["lengths"].cumsum(0)
+    packed_lp = to_packed(d["logp"], d["lengths"]).requires_grad_()
+    packed_is = to_packed(is_ratio, d["lengths"]) if shape == "per token" else is_ratio
+    packed = r1kernels.policy_loss(packed_lp, d["adv"], to_packed(d["mask"], d["lengths"]), cu_seqlens=cu,
+                                   old_logprobs=to_packed(d["old"], d["lengths"]),
+                                   ref_logprobs=to_packed(d["ref"], d["lengths"]), is_ratio=packed_is, **opts)
+    assert_close_scaled(packed.loss, ref, 1e-12, "packed loss")
+    assert_close_scaled(torch.autograd.grad(packed.loss, packed_lp)[0], to_packed(ref_grad, d["lengths"]), 1e-12,
+                        "packed d logprobs")
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_TYPES))
+def test_a_sequence_ratio_means_its_tokens_ratio_product(loss_type):
+    """What one ratio per sequence means, without the reference: for the types that scale each token's
+    loss, the ratio on every token (TRL's [B, 1] broadcast); for vespo, whose weight is the sequence's
+    ratio, the ratio counted once: the same as a per-token ratio holding it on one token and 1 elsewhere
+    (not r^L, which spreading it over the tokens would give)."""
+    d = loss_batch()
+    opts = loss_options_of(loss_type, "sequence" if loss_type == "luspo" else "token", 0.0, None, None)
+    per_seq = torch.rand(B, 1, dtype=torch.float64) + 0.5
+    if LOSS_TYPES[loss_type].whole_sequence:
+        per_token = torch.ones(B, T, dtype=torch.float64)
+        per_token[:, :1] = per_seq       # every non-empty sequence's first token is unmasked
+    else:
+        per_token = per_seq.expand(B, T)
+    lp = d["logp"].clone().requires_grad_()
+
+    def loss(is_ratio):
+        out = r1kernels.policy_loss(lp, d["adv"], d["mask"], old_logprobs=d["old"], is_ratio=is_ratio, **opts)
+        return out.loss, torch.autograd.grad(out.loss, lp)[0], out.metrics
+
+    (seq_loss, seq_grad, seq_metrics), (tok_loss, tok_grad, tok_metrics) = loss(per_seq), loss(per_token)
+    assert_close_scaled(seq_loss, tok_loss, 1e-12, "loss")
+    assert_close_scaled(seq_grad, tok_grad, 1e-12, "d logprobs")
+    if LOSS_TYPES[loss_type].whole_sequence:
+        spread = loss(per_seq.expand(B, T))
+        assert not torch.allclose(spread[0], seq_loss), "r counted once per token must differ from r counted once"
+        torch.testing.assert_close(seq_metrics["sequence_weight_mean"], tok_metrics["sequence_weight_mean"])
+
+
+def test_is_ratio_of_a_wrong_shape_names_the_shapes():
+    with pytest.raises(ValueError, match=r"is_ratio must have shape \(2, 3\), \(2,\) or \(2, 1\), got \(2, 2\)"):
+        r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), is_ratio=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"is_ratio must have shape \(2,\) or \(2, 1\) with per_sequence=True"):
+        r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), is_ratio=torch.ones(2, 3), per_sequence=True)
+
+
 def test_on_policy_ratio_is_one_and_gradient_flows():
     d = loss_batch()
     lp = d["logp"].clone().requires_grad_()

@@ -185,9 +185,9 @@ def test_patch_refuses_trl_outside_the_supported_range(version, ok, monkeypatch)
     assert not r1k_trl.is_patched()
 
 
-def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory, **overrides):
-    """A few steps of TRL's GRPOTrainer on a tiny random Qwen2 with a local character tokenizer:
-    (every completion generated, logged losses, final parameters, the logged rows)."""
+def _grpo_trainer(directory, reward, **options):
+    """TRL's GRPOTrainer on a tiny random Qwen2 (saved under ``directory``, loaded by path: beta > 0 loads a
+    reference copy) with a local character tokenizer, 4 prompts a step of 4 generations each."""
     import datasets
     from trl import GRPOTrainer
 
@@ -198,32 +198,141 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)   # by path: beta > 0 loads a reference copy
+    transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
+    args = _grpo_config(**{**dict(output_dir=str(directory / "out"), per_device_train_batch_size=4,
+                                  num_generations=4, max_completion_length=8, max_steps=3, logging_steps=1,
+                                  save_strategy="no", seed=0, learning_rate=1e-3), **options})
+    dataset = datasets.Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(24)]})
+    return GRPOTrainer(model=str(directory), reward_funcs=reward, args=args, train_dataset=dataset,
+                       processing_class=tokenizer)
+
+
+def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory, **overrides):
+    """A few steps of TRL's GRPOTrainer (``_grpo_trainer``): (every completion generated, logged losses,
+    final parameters, the logged rows)."""
     generated = []
 
     def reward(completions, **kwargs):
         generated.extend(completions)
         return [len(c) / 10 - 0.3 * c.count("1") for c in completions]
 
-    options = dict(output_dir=str(directory / "out"), per_device_train_batch_size=4, num_generations=4,
-                   max_completion_length=8, max_steps=3, logging_steps=1, save_strategy="no", seed=0,
-                   learning_rate=1e-3)
-    options.update(LOSS_CONFIGS[loss_type])
+    options = dict(LOSS_CONFIGS[loss_type])
     options.update(loss_type=loss_type, beta=beta, num_iterations=num_iterations, importance_sampling_level=level)
     options.update(overrides)
-    args = _grpo_config(**options)
-    dataset = datasets.Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(24)]})
     if patched:
         r1k_trl.patch(loss=True)
     try:
-        trainer = GRPOTrainer(model=str(directory), reward_funcs=reward, args=args, train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = _grpo_trainer(directory, reward, **options)
         trainer.train()
     finally:
         r1k_trl.unpatch()
     rows = [h for h in trainer.state.log_history if "loss" in h]
     return (generated, [h["loss"] for h in rows], {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
             rows)
+
+
+# TRL's vLLM importance-sampling correction (use_vllm=True): its modes; a (B, 1) ratio in the sequence_*
+# modes, (B, T) in the token_* ones. TRL refuses vespo with the sequence_* modes.
+IS_MODES = ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask")
+IS_CASES = [(loss_type, mode) for loss_type in LOSS_CONFIGS for mode in IS_MODES
+            if not (loss_type == "vespo" and mode.startswith("sequence"))]
+
+
+def _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """The ratio as TRL 1.16's _generate_and_score_completions builds it: exp(old - sampling) over the loss
+    mask (unscored NaN tokens count as 0), summed per sequence in the sequence_* modes, then clamped
+    (*_truncate) or zeroed outside [clip_min, clip_max] (*_mask)."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    ratio = torch.exp(diff.sum(-1, keepdim=True) if mode.startswith("sequence") else diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    return ratio.masked_fill((ratio < clip_min) | (ratio > clip_max), 0.0)
+
+
+def _vllm_batch(trainer, mode, tool_mask, seed=0):
+    """One batch of GRPOTrainer's inputs as TRL hands them to _compute_loss with vLLM rollouts: padded
+    prompts and completions of lengths 6, 3, 1 and 5, old log-probs far from the policy's (ratios beyond
+    the clip range), the sampler's log-probs (one token unscored: NaN) and TRL's importance-sampling ratio,
+    whose clip range [0.6, 1.6] both truncates and masks here."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, prompt, length = 4, 3, 6
+    vocab = trainer.model.config.vocab_size
+    prompt_ids = torch.randint(5, vocab, (batch, prompt), generator=gen)
+    prompt_mask = torch.ones(batch, prompt, dtype=torch.long)
+    prompt_mask[0, 0] = 0                                         # a left-padded prompt
+    completion_ids = torch.randint(5, vocab, (batch, length), generator=gen)
+    completion_mask = (torch.arange(length)[None] < torch.tensor([6, 3, 1, 5])[:, None]).long()
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.7, 0.3, -1.2]))
+    loss_mask = completion_mask
+    if tool_mask:                                                  # tool results inside completions
+        inputs["tool_mask"] = torch.ones(batch, length, dtype=torch.long)
+        inputs["tool_mask"][0, 2:4] = 0
+        inputs["tool_mask"][3, 1] = 0
+        loss_mask = completion_mask * inputs["tool_mask"]
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
+            length)
+    old = logp + 0.4 * torch.randn(batch, length, generator=gen)
+    sampling = old + 0.3 * torch.randn(batch, length, generator=gen)
+    sampling[1, 0] = float("nan")
+    inputs.update(old_per_token_logps=old, sampling_per_token_logps=sampling,
+                  importance_sampling_ratio=_trl_is_ratio(old, sampling, loss_mask, mode, 0.6, 1.6),
+                  num_items_in_batch=loss_mask.sum())
+    if trainer.beta:
+        inputs["ref_per_token_logps"] = logp + 0.2 * torch.randn(batch, length, generator=gen)
+    return inputs
+
+
+@pytest.mark.parametrize("loss_type, mode", IS_CASES, ids=[f"{t}-{m}" for t, m in IS_CASES])
+def test_trl_compute_loss_with_vllm_is_ratio_equals_patched(loss_type, mode, tmp_path, monkeypatch):
+    """One batch of TRL's own compute_loss with vLLM's importance-sampling ratio, every loss type TRL admits
+    with each mode, against compute_loss under patch(loss=True): the same loss, every parameter's gradient
+    and every metric TRL logs, with and without tool_mask, without and with gradient accumulation (GA 2 of
+    a generation batch of 4 micro-batches)."""
+    trainer = _grpo_trainer(tmp_path, lambda completions, **kwargs: [0.0] * len(completions),
+                            **{**LOSS_CONFIGS[loss_type], "loss_type": loss_type},
+                            vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.6,
+                            vllm_importance_sampling_clip_max=1.6)
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = True     # as with use_vllm=True
+    model = trainer.model
+    calls = []
+    original = r1kernels.grpo.linear_grpo_loss
+    monkeypatch.setattr(r1kernels.grpo, "linear_grpo_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    def compute(inputs):
+        trainer._metrics["train"].clear()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
+
+    for tool_mask in (False, True):
+        for accumulation, per_generation in ((1, 1), (2, 4)):
+            trainer.current_gradient_accumulation_steps = accumulation
+            trainer.args.steps_per_generation = per_generation
+            inputs = _vllm_batch(trainer, mode, tool_mask)
+            ratio = inputs["importance_sampling_ratio"]
+            assert ratio.shape == ((4, 1) if mode.startswith("sequence") else (4, 6))
+            bound = (ratio == 0) if mode.endswith("mask") else (ratio == 0.6) | (ratio == 1.6)
+            assert bound.any() and ((ratio > 0.6) & (ratio < 1.6) & (ratio != 1)).any(), ratio
+            case = f"tool_mask={tool_mask}, GA={accumulation}"
+            theirs = compute(inputs)
+            r1k_trl.patch(loss=True)
+            try:
+                ours = compute(inputs)
+            finally:
+                r1k_trl.unpatch()
+            torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=1e-5, msg=case)
+            assert ours[1].keys() == theirs[1].keys() and "lm_head.weight" in ours[1]
+            for name, grad in theirs[1].items():
+                torch.testing.assert_close(ours[1][name], grad, atol=1e-6, rtol=1e-4, msg=f"{case}: {name}")
+            assert ours[2].keys() == theirs[2].keys(), sorted(set(ours[2]) ^ set(theirs[2]))
+            for name, values in theirs[2].items():
+                assert ours[2][name] == pytest.approx(values, rel=1e-5, abs=1e-6, nan_ok=True), f"{case}: {name}"
+    assert len(calls) == 4, "every patched compute_loss must go through linear_grpo_loss"
 
 
 # what TRL's _compute_loss logs (the rest of a row, rewards, lengths, timings, comes from elsewhere in TRL)

@@ -173,7 +173,7 @@ def _batch(rows=8, length=7, seed=0, ratio_at_least_one=False, dtype=torch.float
     return logp, old, adv.contiguous(), mask
 
 
-def _verl_step(loss_fn, logp, old, adv, mask, config, dp_size=2, micro=2):
+def _verl_step(loss_fn, logp, old, adv, mask, config, dp_size=2, micro=2, rollout_is_weights=None):
     """The loss a verl update differentiates, split as verl splits it: dp_size ranks of micro-batches of
     `micro` rows, each micro-batch normalised by the global batch, summed per rank, the ranks averaged."""
     config.global_batch_info.update(dp_size=dp_size, batch_num_tokens=int(mask.sum()),
@@ -182,10 +182,24 @@ def _verl_step(loss_fn, logp, old, adv, mask, config, dp_size=2, micro=2):
     total = 0.0
     for rows in rank_rows:
         for micro_rows in rows.split(micro):
+            weights = None if rollout_is_weights is None else rollout_is_weights[micro_rows]
             loss, metrics = loss_fn(old_log_prob=old[micro_rows], log_prob=logp[micro_rows], advantages=adv[micro_rows],
-                                    response_mask=mask[micro_rows], loss_agg_mode=config.loss_agg_mode, config=config)
+                                    response_mask=mask[micro_rows], loss_agg_mode=config.loss_agg_mode, config=config,
+                                    rollout_is_weights=weights)
             total = total + loss
     return total / dp_size, metrics
+
+
+def _rollout_is_weights(old, mask, level, threshold, seed=1):
+    """verl's own rollout-correction weights (pi_old / pi_rollout, [B, R] at both levels) for a rollout
+    policy near the old one; a threshold "lower_upper" is IcePop (weights outside it zeroed), one number TIS."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    g = torch.Generator().manual_seed(seed)
+    rollout = old + 0.25 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+    weights, _ = compute_rollout_correction_weights((old - rollout) * mask, mask, rollout_is=level,
+                                                    rollout_is_threshold=threshold)
+    return weights
 
 
 def _reference_options(name: str, config: ActorConfig, mask) -> dict:
@@ -242,6 +256,81 @@ def test_registered_loss_equals_verl_where_verl_has_the_mode(ours_mode, verl_mod
     assert ours_metrics["actor/ppo_kl"] == pytest.approx(their_metrics["actor/ppo_kl"], abs=1e-6)
     if ours_mode not in ("r1k_gspo", "r1k_sapo", "r1k_cispo"):     # those count their clips differently
         assert ours_metrics["actor/pg_clipfrac"] == pytest.approx(their_metrics["actor/pg_clipfrac"], abs=1e-6)
+
+
+ROLLOUT_CORRECTIONS = [("token", 2.0), ("token", "0.8_1.25"), ("sequence", 2.0), ("sequence", "0.5_2.0")]
+
+
+@pytest.mark.parametrize("level, threshold", ROLLOUT_CORRECTIONS, ids=lambda x: str(x))
+@pytest.mark.parametrize("ours_mode, verl_mode, agg", SAME_AS_VERL)
+def test_rollout_is_weights_as_verl_applies_them(ours_mode, verl_mode, agg, level, threshold):
+    """verl's rollout correction (its own weights at both levels, truncated or IcePop-masked, [B, R] with
+    0 on padding) scales each token's loss as in verl's own losses: the same loss and gradient in fp32.
+    One exception, by design: r1k_gspo is TRL's GSPO, whose sequence ratio's gradient reaches every token
+    of the sequence, so per-token weights that differ within a sequence spread it by their mean; verl's
+    gspo (GSPO-token) weighs each token's gradient by its own weight. Same loss, different gradient there."""
+    config = _actor(loss_scale_factor=7, loss_agg_mode=agg)
+    logp, old, adv, mask = _batch(ratio_at_least_one=ours_mode == "r1k_cispo", dtype=torch.float32)
+    weights = _rollout_is_weights(old, mask, level, threshold)
+    assert ((weights > 0) & (weights != 1) & mask).any() and tuple(weights.shape) == tuple(mask.shape)
+    results = []
+    for mode in (ours_mode, verl_mode):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = _verl_step(core_algos.get_policy_loss_fn(mode), x, old, adv, mask, config, rollout_is_weights=weights)
+        results.append((loss, torch.autograd.grad(loss, x)[0]))
+    (ours, ours_grad), (theirs, their_grad) = results
+    plain, _ = _verl_step(core_algos.get_policy_loss_fn(ours_mode), logp, old, adv, mask, config)
+    assert abs(plain.item() - ours.item()) > 1e-4, "the weights must change the loss"
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    if ours_mode == "r1k_gspo" and level == "token":
+        assert (ours_grad - their_grad).abs().max() > 1e-4
+        return
+    torch.testing.assert_close(ours_grad, their_grad, atol=1e-6, rtol=0.0)
+
+
+@pytest.mark.parametrize("level, threshold", ROLLOUT_CORRECTIONS, ids=lambda x: str(x))
+@pytest.mark.parametrize("name", sorted(r1k_verl.POLICY_LOSSES))
+def test_rollout_is_weights_equal_float64_reference(name, level, threshold):
+    """Every registered loss (vespo told the level) with verl's weights against the float64 reference given
+    the ratio per token (verl's token level) or once per sequence (its sequence level)."""
+    config = _actor(loss_scale_factor=7)
+    logp, old, adv, mask = _batch()
+    weights = _rollout_is_weights(old, mask, level, threshold)
+    options = r1k_verl.POLICY_LOSSES[name]
+    fn = r1k_verl.make_policy_loss(level, **options) if options["loss_type"] == "vespo" \
+        else core_algos.get_policy_loss_fn(name)
+    logp.requires_grad_(True)
+    loss, _ = _verl_step(fn, logp, old, adv, mask, config, rollout_is_weights=weights)
+    (grad,) = torch.autograd.grad(loss, logp)
+    reference_logp = logp.detach().clone().requires_grad_(True)
+    is_ratio = weights if level == "token" else weights.amax(-1)
+    reference = grpo_loss_ref(reference_logp, adv, mask.double(), old, is_ratio=is_ratio,
+                              **_reference_options(name, config, mask))
+    (reference_grad,) = torch.autograd.grad(reference, reference_logp)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-12)
+    torch.testing.assert_close(grad, reference_grad, atol=1e-12, rtol=0.0)
+
+
+def test_vespo_must_be_told_the_rollout_is_level():
+    """verl's sequence-level weights spread over a response would count its ratio once per token in vespo's
+    sequence weight: r1k_vespo given weights raises until registered with the level, and a sequence level
+    given per-token weights raises."""
+    config = _actor()
+    logp, old, adv, mask = _batch()
+    with pytest.raises(ValueError, match="rollout_is='token' or 'sequence'"):
+        _verl_step(core_algos.get_policy_loss_fn("r1k_vespo"), logp, old, adv, mask, config,
+                   rollout_is_weights=_rollout_is_weights(old, mask, "sequence", 2.0))
+    with pytest.raises(ValueError, match="differ within a response"):
+        _verl_step(r1k_verl.make_policy_loss("sequence", loss_type="vespo"), logp, old, adv, mask, config,
+                   rollout_is_weights=_rollout_is_weights(old, mask, "token", 2.0))
+    with pytest.raises(ValueError, match="rollout_is must be one of"):
+        r1k_verl.make_policy_loss("seq", loss_type="vespo")
+    sequence_fn = r1k_verl.register_policy_loss("r1k_test_vespo_seq", loss_type="vespo", rollout_is="sequence")
+    weights = _rollout_is_weights(old, mask, "sequence", 2.0)
+    counted_once, _ = _verl_step(sequence_fn, logp, old, adv, mask, config, rollout_is_weights=weights)
+    per_token, _ = _verl_step(r1k_verl.make_policy_loss("token", loss_type="vespo"), logp, old, adv, mask, config,
+                              rollout_is_weights=weights)
+    assert abs(counted_once.item() - per_token.item()) > 1e-4
 
 
 def test_cispo_caps_above_only_as_trl():

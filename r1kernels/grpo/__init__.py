@@ -65,30 +65,41 @@ class _Layout:
 
     def per_token(self, name: str, x: Optional[Tensor], allow_per_seq: bool = False,
                   per_sequence: Optional[bool] = None) -> Optional[Tensor]:
-        """A per-token input flattened to [N]; per-sequence ([S]) inputs broadcast when allowed.
-        ``per_sequence`` says which the input is (None: told by its shape, which cannot tell a packed
-        batch with as many tokens as sequences)."""
+        """A per-token input flattened to [N]; per-sequence inputs ([S] or [S, 1]) broadcast to their
+        tokens when allowed (see ``per_token_or_sequence``)."""
         if x is None:
             return None
+        if not allow_per_seq:
+            if tuple(_checks.tensor(name, x).shape) != self.shape:
+                raise ValueError(f"{name} must have shape {self.shape}, got {tuple(x.shape)}")
+            return x.reshape(-1)
+        values, one_per_sequence = self.per_token_or_sequence(name, x, per_sequence)
+        return values[self.seq_ids] if one_per_sequence else values
+
+    def per_token_or_sequence(self, name: str, x: Tensor, per_sequence: Optional[bool] = None) -> tuple[Tensor, bool]:
+        """(values, one per sequence?): ``x`` as [N] per token, or as [S] when it holds one value per
+        sequence, given [S] or [S, 1] (TRL's sequence-level importance ratio is [B, 1]). ``per_sequence``
+        says which ``x`` is (None: told by its shape, which cannot tell a packed batch with as many tokens
+        as sequences; a padded [B, 1] batch is read per token, which means the same)."""
         _checks.tensor(name, x)
-        if allow_per_seq and per_sequence is not None:
-            expected = (self.num_seqs,) if per_sequence else self.shape
-            if tuple(x.shape) != expected:
-                raise ValueError(f"{name} must have shape {expected} with per_sequence={per_sequence}, "
-                                 f"got {tuple(x.shape)}")
-            return x[self.seq_ids] if per_sequence else x.reshape(-1)
-        if tuple(x.shape) == self.shape:
-            if allow_per_seq and not self.padded and self.shape == (self.num_seqs,) and not bool(
+        shape, per_seq_shapes = tuple(x.shape), ((self.num_seqs,), (self.num_seqs, 1))
+        if per_sequence is not None:
+            if (shape in per_seq_shapes) if per_sequence else shape == self.shape:
+                return x.reshape(-1), per_sequence
+            expected = f"({self.num_seqs},) or ({self.num_seqs}, 1)" if per_sequence else f"{self.shape}"
+            raise ValueError(f"{name} must have shape {expected} with per_sequence={per_sequence}, got {shape}")
+        if shape == self.shape:
+            if not self.padded and self.shape == (self.num_seqs,) and not bool(
                     (self.seq_ids == torch.arange(self.num_seqs, device=self.seq_ids.device)).all()):
                 # as many tokens as sequences, some of them empty: [S] and [N] cannot be told apart
                 raise ValueError(f"{name} has {self.num_seqs} values, both the number of tokens and of sequences "
                                  "(some sequences are empty), so it could be per-token or per-sequence: say which "
                                  "with per_sequence=True (a value per sequence) or per_sequence=False (per token)")
-            return x.reshape(-1)
-        if allow_per_seq and tuple(x.shape) == (self.num_seqs,):
-            return x[self.seq_ids]
-        expected = f"{self.shape}" + (f" or ({self.num_seqs},)" if allow_per_seq else "")
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+            return x.reshape(-1), False
+        if shape in per_seq_shapes:
+            return x.reshape(-1), True
+        raise ValueError(f"{name} must have shape {self.shape}, ({self.num_seqs},) or ({self.num_seqs}, 1), "
+                         f"got {shape}")
 
 
 def _layout(logprobs: Tensor, mask: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> _Layout:
@@ -137,11 +148,12 @@ class _Terms:
     adv: Tensor               # [N]
     old: Optional[Tensor]     # [N] or None (on-policy: the current log-probs, detached)
     ref: Optional[Tensor]
-    is_ratio: Optional[Tensor]
+    is_ratio: Optional[Tensor]  # [N], a per-sequence ratio broadcast to its tokens
     tokens_per_seq: Tensor    # [S]
     options: dict
     sampling: Optional[Tensor] = None   # [N] the sampler's log-probs (off_policy_mask_threshold), else old
     seq_weight: Optional[Tensor] = None  # [N] the loss type's per-sequence weight (vespo), set by _loss_from_terms
+    is_ratio_per_seq: Optional[Tensor] = None  # [S] when is_ratio was given one per sequence (vespo counts it once)
 
 
 def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_logprobs, cu_seqlens, is_ratio,
@@ -156,12 +168,17 @@ def _prepare(shape_like: Tensor, advantages: Tensor, mask, old_logprobs, ref_log
     adv = layout.per_token("advantages", advantages, allow_per_seq=True, per_sequence=per_sequence).to(acc)
     old = layout.per_token("old_logprobs", old_logprobs)
     ref = layout.per_token("ref_logprobs", ref_logprobs)
-    is_ratio = layout.per_token("is_ratio", is_ratio, allow_per_seq=True, per_sequence=per_sequence)
+    is_ratio_per_seq = None
+    if is_ratio is not None:
+        is_ratio, one_per_sequence = layout.per_token_or_sequence("is_ratio", is_ratio, per_sequence)
+        is_ratio = is_ratio.to(acc)
+        if one_per_sequence:
+            is_ratio_per_seq, is_ratio = is_ratio, is_ratio[layout.seq_ids]
     sampling = layout.per_token("sampling_logprobs", sampling_logprobs)
     m = layout.mask.to(acc)
     return _Terms(layout, m, adv, None if old is None else old.to(acc), None if ref is None else ref.to(acc),
-                  None if is_ratio is None else is_ratio.to(acc), layout.seq_sum(m), options.as_dict(),
-                  None if sampling is None else sampling.to(acc))
+                  is_ratio, layout.seq_sum(m), options.as_dict(), None if sampling is None else sampling.to(acc),
+                  is_ratio_per_seq=is_ratio_per_seq)
 
 
 def _per_token_loss(t: _Terms, logp: Tensor, log_ratio: Tensor, keep: Optional[Tensor] = None, rows=slice(None)):
@@ -243,10 +260,11 @@ def policy_loss(logprobs: Tensor, advantages: Tensor, mask: Optional[Tensor] = N
     Layouts: padded ``logprobs [B, T]`` with ``mask [B, T]`` and ``advantages [B]`` or ``[B, T]``;
     or packed ``logprobs [N]`` with ``cu_seqlens [S+1]`` (int32, flash-attn convention; zero-length
     sequences allowed), optional ``mask [N]``, ``advantages [S]`` or ``[N]``. ``old_logprobs``,
-    ``ref_logprobs``, ``entropy`` take the logprobs' shape; ``is_ratio`` that shape or one per sequence.
-    ``per_sequence`` (True / False) says whether ``advantages`` and ``is_ratio`` hold a value per sequence
-    or per token; None tells by shape, which a packed batch with as many tokens as sequences (some empty)
-    cannot, and then raises.
+    ``ref_logprobs``, ``entropy`` take the logprobs' shape; ``is_ratio`` (the sampler's importance-sampling
+    correction) that shape or one per sequence, ``[S]`` or ``[S, 1]`` (TRL's sequence modes): it scales
+    each token's loss, and vespo counts a per-sequence ratio once in its sequence weight. ``per_sequence``
+    (True / False) says whether ``advantages`` and ``is_ratio`` hold a value per sequence or per token; None
+    tells by shape, which a packed batch with as many tokens as sequences (some empty) cannot, and then raises.
 
     ``old_logprobs=None`` is on-policy (ratio 1, gradient still flows). ``epsilon_low`` defaults
     to 0.2 and ``epsilon_high`` to ``epsilon_low`` for the clipped types; cispo needs ``epsilon_high``

@@ -59,14 +59,18 @@ _LOG_MIN_WEIGHT = -18.420680743952367      # log(1e-8), TRL's floor on log w
 
 def _vespo_weight(t, log_ratio: Tensor) -> Tensor:
     """phi(w) = e^lambda w^k e^(-lambda w) per token, from its sequence's ratio w = exp(sum over the
-    sequence's tokens of clamp(logp - old, -20, 20) + log is_ratio) clamped to [1e-8, e^20]; k and
-    lambda by the advantage's sign (vespo_k_pos / vespo_lambda_pos for A >= 0, the _neg pair else)."""
-    o, m = t.options, t.m
-    log_w = t.layout.seq_sum(torch.clamp(log_ratio.detach(), -20.0, 20.0) * m)[t.layout.seq_ids]
-    if t.is_ratio is not None:     # the sampler's correction folds into w (and is not applied again)
-        log_is = torch.clamp(torch.log(t.is_ratio), _LOG_MIN_WEIGHT, 20.0) * m
-        log_w = log_w + t.layout.seq_sum(log_is)[t.layout.seq_ids]
-    log_w = torch.clamp(log_w, _LOG_MIN_WEIGHT, 20.0)
+    sequence's tokens of clamp(logp - old, -20, 20), plus log is_ratio) clamped to [1e-8, e^20]; k and
+    lambda by the advantage's sign (vespo_k_pos / vespo_lambda_pos for A >= 0, the _neg pair else).
+    A per-token is_ratio adds the sum over the tokens of clamp(log r_t, log 1e-8, 20) (TRL's token
+    modes); one given per sequence is already the sequence's ratio and adds clamp(log r, log 1e-8, 20)
+    once (TRL refuses its sequence modes with vespo; spreading r over the tokens would count it L times)."""
+    o, m, layout = t.options, t.m, t.layout
+    seq_log_w = layout.seq_sum(torch.clamp(log_ratio.detach(), -20.0, 20.0) * m)
+    if t.is_ratio_per_seq is not None:     # the sampler's correction folds into w (and is not applied again)
+        seq_log_w = seq_log_w + torch.clamp(torch.log(t.is_ratio_per_seq), _LOG_MIN_WEIGHT, 20.0)
+    elif t.is_ratio is not None:
+        seq_log_w = seq_log_w + layout.seq_sum(torch.clamp(torch.log(t.is_ratio), _LOG_MIN_WEIGHT, 20.0) * m)
+    log_w = torch.clamp(seq_log_w[layout.seq_ids], _LOG_MIN_WEIGHT, 20.0)
     positive = t.adv >= 0
 
     def by_sign(name):      # in the accumulation dtype (TRL's torch.where of two floats is float32)

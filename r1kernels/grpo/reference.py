@@ -14,8 +14,12 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
                   kl_estimator="k3", entropy_coef=0.0, tau_pos=1.0, tau_neg=1.05, use_bias_correction_kl=True,
                   off_policy_mask_threshold=None, top_entropy_quantile=1.0, sampling=None, vespo_k_pos=2.0,
                   vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0):
-    """Scalar loss in the inputs' dtype (use float64)."""
-    batch, _ = logp.shape
+    """Scalar loss in the inputs' dtype (use float64). ``is_ratio``: [B, T] per token, or [B] / [B, 1]
+    one per sequence (multiplying each of its tokens' loss; vespo counts it once in the sequence's ratio)."""
+    batch, length = logp.shape
+    per_sequence_is = is_ratio is not None and tuple(is_ratio.shape) != (batch, length)
+    if per_sequence_is:
+        is_ratio = is_ratio.reshape(batch)
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     old = logp.detach() if old is None else old
     high_entropy = torch.ones_like(mask, dtype=torch.bool)
@@ -44,7 +48,9 @@ def grpo_loss_ref(logp, advantages, mask, old=None, ref=None, entropy=None, *, l
         elif loss_type == "vespo":      # TRL's get_gamma_weights: phi(w) of the sequence's ratio, detached
             floor = math.log(1e-8)
             log_w = (torch.clamp((logp[b] - old[b]).detach(), -20, 20) * m).sum()
-            if is_ratio is not None:
+            if is_ratio is not None and per_sequence_is:      # the sequence's ratio, counted once
+                log_w = log_w + torch.clamp(torch.log(is_ratio[b]), floor, 20)
+            elif is_ratio is not None:                         # per token: the sum of their logs
                 log_w = log_w + (torch.clamp(torch.log(is_ratio[b]), floor, 20) * m).sum()
             log_w = torch.clamp(log_w, floor, 20)
             a_full = a * torch.ones_like(r)

@@ -162,17 +162,49 @@ def _options_from_actor(loss_type: str, config) -> dict:
 
 
 _CONFIG_GIVES = {"max_completion_length": 1, "epsilon_high": 1.2}   # stand-ins for the check
+ROLLOUT_IS_LEVELS = ("token", "sequence")   # verl's algorithm.rollout_correction.rollout_is
 
 
-def make_policy_loss(**options):
+def _is_ratio_from_verl(weights, response_mask, rollout_is, loss_type):
+    """verl's ``rollout_is_weights`` as ``policy_loss``'s ``is_ratio``. verl hands [mb, R] at both of its
+    levels: a ratio per token, or (``rollout_is="sequence"``) the sequence's ratio on each of its tokens,
+    0 on padding. Every loss type but vespo multiplies each token's loss by it, the same either way; vespo
+    folds it into the sequence's weight (the per-token ratios' product), where r on each of L tokens would
+    count r^L: it must be told the level. At "sequence" each row's one value is taken (a row whose tokens
+    differ raises: those are per-token weights)."""
+    if rollout_is is None:
+        if LOSS_TYPES[loss_type].whole_sequence:
+            raise ValueError("vespo folds verl's rollout_is_weights into each sequence's weight, and verl hands "
+                             "them as [B, R] at both of its levels (algorithm.rollout_correction.rollout_is "
+                             "token or sequence): say which, registering the loss with "
+                             "r1kernels.integrations.verl.register_policy_loss(name, loss_type='vespo', "
+                             "rollout_is='token' or 'sequence')")
+        return weights
+    if rollout_is == "token":
+        return weights
+    mask = response_mask.bool()
+    per_sequence = (weights * mask).amax(-1, keepdim=True)       # weights are >= 0
+    spread = ((weights - per_sequence).abs() * mask).amax()
+    if spread > 1e-6 * per_sequence.amax().clamp(min=1.0):
+        raise ValueError(f"rollout_is='sequence', but rollout_is_weights differ within a response (by {spread:.3g}): "
+                         "these are verl's per-token weights (rollout_is='token')")
+    return per_sequence
+
+
+def make_policy_loss(rollout_is=None, **options):
     """A verl policy-loss function computing ``policy_loss`` with these LossOptions (``loss_type`` and any
     other; they win over those taken from verl's actor config). Called by verl per micro-batch on padded
     [mb, R] tensors: returns (loss_sum / ``verl_normaliser``, metrics), with verl's ``actor/ppo_kl`` and
     ``actor/pg_clipfrac`` (the tokens whose clip binds) and our metrics under ``actor/r1k/``.
+    ``rollout_is_weights`` (verl's rollout correction) multiply each token's loss, as in verl's own losses;
+    ``rollout_is`` ("token" / "sequence", verl's ``algorithm.rollout_correction.rollout_is``) says which
+    level verl computed them at, which vespo needs (see ``_is_ratio_from_verl``).
     ``loss_agg_mode`` is not read: the loss type fixes the policy term's normalisation, as in TRL (verl
     still aggregates its entropy and KL terms with it). TRL's types have no dual clip, so
     ``actor/pg_clipfrac_lower`` is not reported."""
     loss_type = options.get("loss_type", "grpo")
+    if rollout_is not in (None, *ROLLOUT_IS_LEVELS):
+        raise ValueError(f"rollout_is must be one of {ROLLOUT_IS_LEVELS} or None, got {rollout_is!r}")
     # what verl's config gives at each call (dr_grpo's horizon, cispo's cap) is filled in to check the rest now
     check_options(**{**{name: _CONFIG_GIVES[name] for name in LOSS_TYPES[loss_type].needs}, **options})
 
@@ -183,8 +215,10 @@ def make_policy_loss(**options):
         given = _options_from_actor(loss_type, config)
         if LOSS_TYPES[loss_type].needs_max_completion_length:
             given["max_completion_length"] = info["loss_scale_factor"]
-        out = policy_loss(log_prob, advantages, response_mask, old_logprobs=old_log_prob,
-                          is_ratio=rollout_is_weights, **{**given, **options})
+        is_ratio = None if rollout_is_weights is None else _is_ratio_from_verl(rollout_is_weights, response_mask,
+                                                                                 rollout_is, loss_type)
+        out = policy_loss(log_prob, advantages, response_mask, old_logprobs=old_log_prob, is_ratio=is_ratio,
+                          **{**given, **options})
         loss = out.loss_sum / normaliser
         with torch.no_grad():
             mask = response_mask.to(log_prob.dtype)
@@ -201,12 +235,13 @@ POLICY_LOSSES = {**{f"r1k_{name}": {"loss_type": name} for name in LOSS_TYPES},
                  "r1k_gspo": {"loss_type": "grpo", "importance_sampling_level": "sequence"}}
 
 
-def register_policy_loss(name: str, **options):
-    """Register ``make_policy_loss(**options)`` with verl as loss_mode ``name`` (in a module of your own
-    named by ``external_lib``: e.g. ``register_policy_loss("grpo_delta", loss_type="grpo", delta=4.0)``)."""
+def register_policy_loss(name: str, rollout_is=None, **options):
+    """Register ``make_policy_loss(rollout_is, **options)`` with verl as loss_mode ``name`` (in a module of
+    your own named by ``external_lib``: e.g. ``register_policy_loss("grpo_delta", loss_type="grpo",
+    delta=4.0)``, or ``register_policy_loss("vespo_seq_is", loss_type="vespo", rollout_is="sequence")``)."""
     from verl.trainer.ppo import core_algos
 
-    return core_algos.register_policy_loss(name)(make_policy_loss(**options))
+    return core_algos.register_policy_loss(name)(make_policy_loss(rollout_is, **options))
 
 
 # TRL's KL term with use_bias_correction_kl (its default): k3(ref, logp) times the importance ratio
