@@ -135,6 +135,17 @@ def test_a_sequence_ratio_means_its_tokens_ratio_product(loss_type):
         torch.testing.assert_close(seq_metrics["sequence_weight_mean"], tok_metrics["sequence_weight_mean"])
 
 
+def test_advantages_of_shape_b_1_are_per_sequence():
+    """TRL unsqueezes its (B,) advantages to (B, 1): that shape means one value per sequence too."""
+    d = loss_batch()
+    lp = d["logp"].clone().requires_grad_()
+    flat = r1kernels.policy_loss(lp, d["adv"], d["mask"], old_logprobs=d["old"])
+    column = r1kernels.policy_loss(lp, d["adv"][:, None], d["mask"], old_logprobs=d["old"])
+    assert_close_scaled(column.loss, flat.loss, 1e-12, "loss")
+    assert_close_scaled(torch.autograd.grad(column.loss, lp)[0], torch.autograd.grad(flat.loss, lp)[0], 1e-12,
+                        "d logprobs")
+
+
 def test_is_ratio_of_a_wrong_shape_names_the_shapes():
     with pytest.raises(ValueError, match=r"is_ratio must have shape \(2, 3\), \(2,\) or \(2, 1\), got \(2, 2\)"):
         r1kernels.policy_loss(torch.randn(2, 3), torch.randn(2), is_ratio=torch.ones(2, 2))
@@ -738,6 +749,36 @@ def test_one_pass_matches_float64(backend, layout, case, monkeypatch):
     assert out.logprobs.requires_grad is False
     assert_close_scaled(out.logprobs[mask] if layout == "padded" else out.logprobs, rlp[mask] if layout == "padded"
                         else to_packed(torch.where(mask, rlp, 0.0), d["lengths"]), tol, "logprobs")
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "vespo"])
+@pytest.mark.parametrize("backend", cpu_backends("linear_logprobs"))
+def test_linear_grpo_loss_takes_a_sequence_ratio_of_shape_b_1(backend, loss_type, monkeypatch):
+    """TRL's (B, 1) importance-sampling ratio through the fused lm_head + loss, on the one-pass route (dapo,
+    grpo) and the two-pass one (vespo): loss and d hidden / d weight / d bias against the float64 reference."""
+    dtype = torch.float64 if backend in exact_backends("linear_logprobs") else torch.float32
+    monkeypatch.setenv("R1K_CHUNK_BYTES", str(5 * V * torch.finfo(dtype).bits // 8))   # 5-token chunks
+    d = loss_batch(dtype=dtype)
+    hidden, weight, bias, targets = _inputs(dtype)
+    is_ratio = torch.rand(B, 1, dtype=dtype) * 1.5 + 0.3
+    opts = loss_options_of(loss_type, "token", 0.04, None, None)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    with r1kernels.use_backend(backend):
+        out = r1kernels.linear_grpo_loss(leaves[0], leaves[1], targets, d["adv"], d["mask"], bias=leaves[2],
+                                         old_logprobs=d["old"], ref_logprobs=d["ref"], temperature=0.9,
+                                         is_ratio=is_ratio, **opts)
+    one_pass = type(out.loss.grad_fn).__name__ == "_LossWithGradientsBackward"
+    assert one_pass == (not LOSS_TYPES[loss_type].whole_sequence)
+    out.loss.backward()
+    ref_leaves = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+    rlp, _ = linear_token_logprobs_ref(*ref_leaves[:2], targets, ref_leaves[2], 0.9)
+    ref = grpo_loss_ref(rlp, d["adv"], d["mask"] & (targets != -100), d["old"].double(), d["ref"].double(),
+                        is_ratio=is_ratio.double(), **reference_options(opts))
+    ref.backward()
+    tol = 1e-10 if dtype == torch.float64 else 5e-5
+    assert_close_scaled(out.loss, ref, tol, "loss")
+    for name, g, r in zip(("d hidden", "d weight", "d bias"), leaves, ref_leaves):
+        assert_close_scaled(g.grad, r.grad, tol, name)
 
 
 def test_one_pass_is_three_gemms_and_nothing_under_no_grad(monkeypatch):

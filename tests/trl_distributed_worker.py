@@ -79,7 +79,7 @@ def _shard_by_hand(trainer):
     trainer.model_wrapped = model
 
 
-def _full_parameters(trainer):
+def full_parameters(trainer):
     """Every parameter, whole, by name (on every rank: the gathers are collective)."""
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     full = {}
@@ -163,7 +163,7 @@ def main():
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     persistent = getattr(unwrapped.get_output_embeddings().weight, "ds_persist", None)
     errors = _released_weight_errors(trainer)
-    parameters = _full_parameters(trainer)
+    parameters = full_parameters(trainer)
     rank = trainer.accelerator.process_index
     if rank == 0:
         rows = [h for h in trainer.state.log_history if "loss" in h]

