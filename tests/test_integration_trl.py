@@ -234,8 +234,10 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
 # TRL's vLLM importance-sampling correction (use_vllm=True): its modes; a (B, 1) ratio in the sequence_*
 # modes, (B, T) in the token_* ones. TRL refuses vespo with the sequence_* modes.
 IS_MODES = ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask")
-IS_CASES = [(loss_type, mode) for loss_type in LOSS_CONFIGS for mode in IS_MODES
-            if not (loss_type == "vespo" and mode.startswith("sequence"))]
+# every loss type TRL admits with each mode, and GSPO (grpo with a sequence-level ratio, and the KL term)
+IS_CONFIGS = {**LOSS_CONFIGS, "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04)}
+IS_CASES = [(name, mode) for name in IS_CONFIGS for mode in IS_MODES
+            if not (name == "vespo" and mode.startswith("sequence"))]
 
 
 def _trl_is_ratio(old, sampling, mask, mode, clip_min, clip_max):
@@ -285,14 +287,14 @@ def _vllm_batch(trainer, mode, tool_mask, seed=0):
     return inputs
 
 
-@pytest.mark.parametrize("loss_type, mode", IS_CASES, ids=[f"{t}-{m}" for t, m in IS_CASES])
-def test_trl_compute_loss_with_vllm_is_ratio_equals_patched(loss_type, mode, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case, mode", IS_CASES, ids=[f"{t}-{m}" for t, m in IS_CASES])
+def test_trl_compute_loss_with_vllm_is_ratio_equals_patched(case, mode, tmp_path, monkeypatch):
     """One batch of TRL's own compute_loss with vLLM's importance-sampling ratio, every loss type TRL admits
-    with each mode, against compute_loss under patch(loss=True): the same loss, every parameter's gradient
+    with each mode (34 cases with GSPO), against compute_loss under patch(loss=True): the same loss, every parameter's gradient
     and every metric TRL logs, with and without tool_mask, without and with gradient accumulation (GA 2 of
     a generation batch of 4 micro-batches)."""
     trainer = _grpo_trainer(tmp_path, lambda completions, **kwargs: [0.0] * len(completions),
-                            **{**LOSS_CONFIGS[loss_type], "loss_type": loss_type},
+                            **{"loss_type": case, **IS_CONFIGS[case]},
                             vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.6,
                             vllm_importance_sampling_clip_max=1.6)
     trainer.use_vllm = trainer.vllm_importance_sampling_correction = True     # as with use_vllm=True
