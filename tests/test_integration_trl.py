@@ -290,9 +290,9 @@ def _vllm_batch(trainer, mode, tool_mask, seed=0):
 @pytest.mark.parametrize("case, mode", IS_CASES, ids=[f"{t}-{m}" for t, m in IS_CASES])
 def test_trl_compute_loss_with_vllm_is_ratio_equals_patched(case, mode, tmp_path, monkeypatch):
     """One batch of TRL's own compute_loss with vLLM's importance-sampling ratio, every loss type TRL admits
-    with each mode (34 cases with GSPO), against compute_loss under patch(loss=True): the same loss, every parameter's gradient
-    and every metric TRL logs, with and without tool_mask, without and with gradient accumulation (GA 2 of
-    a generation batch of 4 micro-batches)."""
+    with each mode (34 cases with GSPO), against compute_loss under patch(loss=True): the same loss, every
+    parameter's gradient and every metric TRL logs, with and without tool_mask, without and with gradient
+    accumulation (GA 2 of a generation batch of 4 micro-batches)."""
     trainer = _grpo_trainer(tmp_path, lambda completions, **kwargs: [0.0] * len(completions),
                             **{"loss_type": case, **IS_CONFIGS[case]},
                             vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.6,
