@@ -7,7 +7,7 @@
 # DeepSpeed is built without isolation (its setup imports torch: an isolated build would fetch a CUDA torch).
 #   R1K_DISTRIBUTED_ENV moves it.
 set -euo pipefail
-DEEPSPEED=0.19.8
+. "$(dirname "$0")/new_venv.sh"      # DEEPSPEED, install_deepspeed, new_venv
 OLD_ACCELERATE=1.13.0
 ENV=${R1K_DISTRIBUTED_ENV:-${XDG_CACHE_HOME:-$HOME/.cache}/r1kernels/distributed-trl}
 ready() {
@@ -18,10 +18,9 @@ assert os.path.isfile(os.path.join(sys.argv[2], f"accelerate-{sys.argv[3]}.dist-
 PYEOF
 }
 if ! ready; then
-  . "$(dirname "$0")/new_venv.sh"
   new_venv "$ENV" "DeepSpeed's environment for the distributed TRL tests (R1K_DISTRIBUTED_ENV moves it)" \
     --system-site-packages
-  DS_BUILD_OPS=0 DS_ACCELERATOR=cpu "$ENV/bin/pip" install -q --no-build-isolation "deepspeed==$DEEPSPEED" >&2
+  install_deepspeed "$ENV"
   "$ENV/bin/pip" install -q --no-deps --target "$ENV/accelerate-$OLD_ACCELERATE" "accelerate==$OLD_ACCELERATE" >&2
 fi
 echo "$ENV/bin/python"

@@ -1,4 +1,5 @@
-# Sourced by the scripts that keep an environment of their own (vllm_cpu_env.sh, triton_env.sh).
+# Sourced by the scripts that keep an environment of their own (vllm_cpu_env.sh, triton_env.sh,
+# distributed_trl_env.sh, verl_env.sh).
 # new_venv ENV WHAT [venv options...]: replace ENV by a new, empty virtual environment, refusing to touch
 # a directory that one of these scripts did not make (it carries their mark).
 new_venv() {
@@ -12,4 +13,12 @@ new_venv() {
   rm -rf "$env"
   "${PYTHON:-python3}" -m venv "$@" "$env"
   touch "$env/.r1kernels-env"
+}
+
+# DeepSpeed, for the environments that run TRL under ZeRO-3 (distributed_trl_env.sh, vllm_cpu_env.sh).
+DEEPSPEED=0.19.8
+# install_deepspeed ENV: built without isolation (its setup imports torch: an isolated build would fetch a
+# CUDA torch) and without its ops (compiled at first use)
+install_deepspeed() {
+  DS_BUILD_OPS=0 DS_ACCELERATOR=cpu "$1/bin/pip" install -q --no-build-isolation "deepspeed==$DEEPSPEED" >&2
 }

@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 import r1kernels  # noqa: E402
 import r1kernels.integrations.trl as r1k_trl  # noqa: E402
 from r1kernels.reference import grpo_loss_ref  # noqa: E402
+from trl_vllm_worker import IS_MODES  # noqa: E402
 
 
 def _tiny_model():
@@ -231,9 +232,9 @@ def _run_grpo_trainer(loss_type, beta, num_iterations, level, patched, directory
             rows)
 
 
-# TRL's vLLM importance-sampling correction (use_vllm=True): its modes; a (B, 1) ratio in the sequence_*
-# modes, (B, T) in the token_* ones. TRL refuses vespo with the sequence_* modes.
-IS_MODES = ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask")
+# TRL's vLLM importance-sampling correction (use_vllm=True): its modes (IS_MODES, from the real-vLLM runs'
+# worker); a (B, 1) ratio in the sequence_* modes, (B, T) in the token_* ones. TRL refuses vespo with the
+# sequence_* modes.
 # every loss type TRL admits with each mode, and GSPO (grpo with a sequence-level ratio, and the KL term)
 IS_CONFIGS = {**LOSS_CONFIGS, "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04)}
 IS_CASES = [(name, mode) for name in IS_CONFIGS for mode in IS_MODES

@@ -20,6 +20,7 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 pytest.importorskip("trl")
+from trl_vllm_worker import IS_MODES, ROUTES  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
 if not current_platform.is_cpu():
@@ -27,11 +28,10 @@ if not current_platform.is_cpu():
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "trl_vllm_worker.py")
-IS_MODES = ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask")
 # the loss route of TRL's default mode first, on a fresh engine: the runs after it share that engine, and
 # their equal generations and parameters show that sharing it changes nothing
 RUN_ORDER = ",".join([f"{IS_MODES[0]}/loss", f"{IS_MODES[0]}/plain", f"{IS_MODES[0]}/kernel"]
-                     + [f"{mode}/{route}" for mode in IS_MODES[1:] for route in ("plain", "kernel", "loss")])
+                     + [f"{mode}/{route}" for mode in IS_MODES[1:] for route in ROUTES])
 # (worker options, processes)
 SETUPS = {
     "synced": ((), 1),
@@ -108,7 +108,7 @@ def test_patched_trl_with_vllm_rollouts_equals_plain_trl(setup, mode, tmp_path_f
     else:
         assert drift < 0.01, "a synced sampler differs from the trainer by rounding alone"
         assert low != high, "the ratio must be computed and logged"
-    for route in ("kernel", "loss"):
+    for route in ROUTES[1:]:
         ours = runs[f"{mode}/{route}"]
         _assert_same_run(ours, plain)
         assert ours["fused_calls"] == (2 if route == "loss" else 0)

@@ -34,6 +34,7 @@ from trl_distributed_worker import full_parameters  # noqa: E402  (this folder i
 # vLLM's CPU attention needs a head dim of at least 32 (hidden 64, 2 heads); under ZeRO-3 the lm_head must be
 # partitioned, so larger than DeepSpeed's persistence threshold (1e5 elements): 2048 x 64
 VOCAB, HIDDEN, HEADS = 2048, 64, 2
+# TRL's vllm_importance_sampling_mode values, its default first (the tests take them from here)
 IS_MODES = ("sequence_mask", "sequence_truncate", "token_truncate", "token_mask")
 ROUTES = ("plain", "kernel", "loss")
 

@@ -172,15 +172,13 @@ def _is_ratio_from_verl(weights, response_mask, rollout_is, loss_type):
     folds it into the sequence's weight (the per-token ratios' product), where r on each of L tokens would
     count r^L: it must be told the level. At "sequence" each row's one value is taken (a row whose tokens
     differ raises: those are per-token weights)."""
-    if rollout_is is None:
-        if LOSS_TYPES[loss_type].whole_sequence:
-            raise ValueError("vespo folds verl's rollout_is_weights into each sequence's weight, and verl hands "
-                             "them as [B, R] at both of its levels (algorithm.rollout_correction.rollout_is "
-                             "token or sequence): say which, registering the loss with "
-                             "r1kernels.integrations.verl.register_policy_loss(name, loss_type='vespo', "
-                             "rollout_is='token' or 'sequence')")
-        return weights
-    if rollout_is == "token":
+    if rollout_is is None and LOSS_TYPES[loss_type].whole_sequence:
+        raise ValueError("vespo folds verl's rollout_is_weights into each sequence's weight, and verl hands "
+                         "them as [B, R] at both of its levels (algorithm.rollout_correction.rollout_is "
+                         "token or sequence): say which, registering the loss with "
+                         "r1kernels.integrations.verl.register_policy_loss(name, loss_type='vespo', "
+                         "rollout_is='token' or 'sequence')")
+    if rollout_is != "sequence":            # per token, or the same for a type that scales each token's loss
         return weights
     mask = response_mask.bool()
     per_sequence = (weights * mask).amax(-1, keepdim=True)       # weights are >= 0
